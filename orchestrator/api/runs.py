@@ -1,0 +1,230 @@
+"""``/v1/runs``: submit, read, list, cancel, steps and the event stream of runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from orchestrator.api.schemas import (
+    ERROR_RESPONSES, Page, RunCreate, RunEventObject, RunObject, StepObject, WorkflowObject, run_object,
+)
+from orchestrator.auth import Tenant, authenticate
+from orchestrator.errors import InvalidRequest, NotFound, ValidationFailed
+from orchestrator.ids import is_valid_id
+from orchestrator.runs.states import FINAL_EVENT, RunStatus
+from orchestrator.runs.store import NewRun, RunStore, request_hash, run_channel
+
+router = APIRouter(prefix="/v1", tags=["runs"], responses=ERROR_RESPONSES)
+FINAL_TYPES = frozenset(FINAL_EVENT.values())
+REPLAY_BATCH = 500
+
+TenantDep = Annotated[Tenant, Depends(authenticate)]
+
+
+def _store(request: Request) -> RunStore:
+    return request.app.state.store
+
+
+def _check_id(run_id: str) -> None:
+    if not is_valid_id("run", run_id):
+        raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
+
+
+@router.post("/runs", status_code=201, response_model=RunObject, summary="Submit a run")
+async def create_run(
+    body: RunCreate,
+    request: Request,
+    response: Response,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> RunObject:
+    """Queue a workflow run. With ``Idempotency-Key``, a retry with the same body returns the
+    original run (header ``Idempotent-Replayed: true``); a different body answers ``409``."""
+    state = request.app.state
+    defn = state.registry.get(body.workflow)
+    if defn is None:
+        raise ValidationFailed(
+            f"Unknown workflow {body.workflow!r}; known: {', '.join(state.registry.names())}.",
+            code="unknown_workflow", param="workflow",
+        )
+    try:
+        defn.input_model.model_validate(body.input)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in ("input", *first["loc"]))
+        raise ValidationFailed(f"Invalid input for workflow {body.workflow!r}: {first['msg']} at {loc}.",
+                               code="invalid_input", param=loc) from None
+    payload = body.model_dump(mode="json")
+    new = NewRun(
+        tenant=tenant.name, workflow=body.workflow, input=body.input, metadata=body.metadata,
+        priority=body.priority, timeout_seconds=body.timeout_seconds, idempotency_key=idempotency_key,
+        request_hash=request_hash(payload),
+    )
+    try:
+        row, created = await _store(request).create(new, max_active=tenant.limits.max_concurrent_runs)
+    except Exception as exc:
+        if getattr(exc, "code", None) == "too_many_concurrent_runs":
+            state.metrics.rate_limited.labels("concurrent_runs").inc()
+        raise
+    response.headers["Location"] = f"/v1/runs/{row['id']}"
+    if created:
+        state.metrics.runs_submitted.labels(body.workflow).inc()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return run_object(row)
+
+
+@router.get("/runs", response_model=Page[RunObject], summary="List runs, newest first")
+async def list_runs(
+    request: Request,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    status: Annotated[list[RunStatus] | None, Query(description="Filter by status (repeat or comma-separate)")] = None,
+    workflow: Annotated[str | None, Query(max_length=128)] = None,
+) -> Page[RunObject]:
+    if after is not None and not is_valid_id("run", after):
+        raise InvalidRequest(f"Invalid cursor {after!r}.", code="invalid_cursor", param="after")
+    rows, more = await _store(request).list(
+        tenant.name, limit=limit, after=after, status=[s.value for s in status] if status else None,
+        workflow=workflow,
+    )
+    return Page[RunObject](data=[run_object(r) for r in rows], has_more=more,
+                           next_cursor=rows[-1]["id"] if more else None)
+
+
+@router.get("/runs/{run_id}", response_model=RunObject, summary="Get a run")
+async def get_run(
+    run_id: str,
+    request: Request,
+    tenant: TenantDep,
+    wait: Annotated[float, Query(ge=0, description="Long-poll up to this many seconds for the run to finish")] = 0,
+) -> RunObject:
+    _check_id(run_id)
+    store = _store(request)
+    row = await store.get(tenant.name, run_id)
+    wait = min(wait, request.app.state.settings.max_wait_seconds)
+    if wait > 0 and not RunStatus(row["status"]).terminal:
+        deadline = time.monotonic() + wait
+        async with store.bus.subscribe(run_channel(run_id)) as sub:
+            row = await store.get(tenant.name, run_id)
+            while not RunStatus(row["status"]).terminal:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                msg = await sub.get(timeout=min(left, 1.0))
+                if msg is None or msg.get("type") in FINAL_TYPES or sub.lagged:
+                    row = await store.get(tenant.name, run_id)
+    return run_object(row)
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunObject, summary="Cancel a run (idempotent)")
+async def cancel_run(run_id: str, request: Request, tenant: TenantDep) -> RunObject:
+    _check_id(run_id)
+    return run_object(await _store(request).request_cancel(tenant.name, run_id))
+
+
+@router.get("/runs/{run_id}/steps", response_model=Page[StepObject], summary="Checkpointed steps of a run")
+async def list_steps(run_id: str, request: Request, tenant: TenantDep) -> Page[StepObject]:
+    _check_id(run_id)
+    store = _store(request)
+    await store.get(tenant.name, run_id)
+    steps = await store.steps(run_id)
+    return Page[StepObject](data=[StepObject(**s) for s in steps], has_more=False)
+
+
+@router.get(
+    "/runs/{run_id}/events",
+    response_model=Page[RunEventObject],
+    summary="Events of a run: SSE stream, or a JSON page",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or SSE with `Accept: text/event-stream`"}},
+)
+async def run_events(
+    run_id: str,
+    request: Request,
+    tenant: TenantDep,
+    starting_after: Annotated[int, Query(ge=0, description="Return events with a larger sequence number")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    last_event_id: Annotated[str | None, Header(description="SSE resume point (sequence number)")] = None,
+) -> Any:
+    """With ``Accept: text/event-stream``: replay from the durable log after ``starting_after``
+    (or ``Last-Event-ID``), then tail live; keep-alive comments; closes after the final event.
+    Otherwise: a page of events as JSON."""
+    _check_id(run_id)
+    store = _store(request)
+    await store.get(tenant.name, run_id)
+    if last_event_id is not None:
+        try:
+            starting_after = int(last_event_id)
+        except ValueError:
+            raise InvalidRequest("Last-Event-ID must be an event sequence number.", code="invalid_cursor",
+                                 param="Last-Event-ID") from None
+        if starting_after < 0:
+            raise InvalidRequest("Last-Event-ID must be >= 0.", code="invalid_cursor", param="Last-Event-ID")
+    if "text/event-stream" in request.headers.get("accept", ""):
+        state = request.app.state
+        if starting_after > 0:
+            state.metrics.sse_resumes.inc()
+        return StreamingResponse(
+            _sse(store, run_id, starting_after, state.settings.sse_keepalive_seconds, state.metrics),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    events = await store.events(run_id, after=starting_after, limit=limit + 1)
+    more = len(events) > limit
+    events = events[:limit]
+    return Page[RunEventObject](data=[RunEventObject(**e) for e in events], has_more=more,
+                                next_cursor=str(events[-1]["seq"]) if more else None)
+
+
+def _frame(ev: dict[str, Any]) -> str:
+    body = RunEventObject(**ev).model_dump_json()
+    return f"id: {ev['seq']}\nevent: {ev['type']}\ndata: {body}\n\n"
+
+
+async def _sse(store: RunStore, run_id: str, after: int, keepalive: float, metrics: Any) -> AsyncIterator[str]:
+    """Subscribe first, then replay the log, then tail: no event can fall between the two."""
+    metrics.sse_streams.inc()
+    last = after
+    try:
+        async with store.bus.subscribe(run_channel(run_id)) as sub:
+            yield "retry: 1000\n\n"
+            while True:  # replay (and catch up after a gap)
+                batch = await store.events(run_id, after=last, limit=REPLAY_BATCH)
+                for ev in batch:
+                    yield _frame(ev)
+                    last = ev["seq"]
+                    if ev["type"] in FINAL_TYPES:
+                        return
+                if len(batch) < REPLAY_BATCH:
+                    break
+            while True:  # tail
+                msg = await sub.get(timeout=keepalive)
+                if msg is None:
+                    yield ": keep-alive\n\n"
+                new = sorted((m for m in ([msg, *sub.drain()] if msg else []) if m["seq"] > last),
+                             key=lambda m: m["seq"])
+                contiguous = all(m["seq"] == last + 1 + i for i, m in enumerate(new))
+                if msg is None or sub.lagged or not contiguous:  # missed something: read the log
+                    sub.lagged = False
+                    new = await store.events(run_id, after=last, limit=REPLAY_BATCH)
+                for ev in new:
+                    yield _frame(ev)
+                    last = ev["seq"]
+                    if ev["type"] in FINAL_TYPES:
+                        return
+    finally:
+        metrics.sse_streams.dec()
+
+
+@router.get("/workflows", response_model=Page[WorkflowObject], tags=["workflows"], summary="Workflows this service runs")
+async def list_workflows(request: Request, tenant: TenantDep) -> Page[WorkflowObject]:
+    reg = request.app.state.registry
+    data = [WorkflowObject(name=d.name, description=d.description, input_schema=d.input_model.model_json_schema())
+            for d in reg]
+    return Page[WorkflowObject](data=data, has_more=False)
+

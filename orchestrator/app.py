@@ -1,0 +1,116 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` wires one service process: database engine and
+migrations, event bus, rate limiter, workflow registry, metrics, and the worker
+that executes runs. Everything lives on ``app.state``; nothing is module-global.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orchestrator.api import health, runs
+from orchestrator.auth import KeyRing
+from orchestrator.db import create_engine, migrate
+from orchestrator.errors import APIError, InvalidRequest, ValidationFailed
+from orchestrator.events import create_bus
+from orchestrator.metrics import Metrics
+from orchestrator.middleware import RequestContextMiddleware
+from orchestrator.quotas import create_rate_limiter
+from orchestrator.runs.store import RunStore
+from orchestrator.runs.worker import Worker
+from orchestrator.settings import DEV_API_KEY, Settings
+from orchestrator.workflows import default_registry
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url)
+        await migrate(engine)
+        bus = create_bus(settings.redis_url)
+        await bus.start()
+        store = RunStore(engine, bus)
+        app.state.store = store
+        app.state.bus = bus
+        app.state.rate_limiter = create_rate_limiter(settings.redis_url)
+        worker = Worker(store, app.state.registry, settings, metrics) if settings.worker_enabled else None
+        app.state.worker = worker
+        if DEV_API_KEY in settings.api_keys:
+            log.warning("the development API key is enabled; set ORCH_API_KEYS in production")
+        if worker is not None:
+            await worker.start()
+        log.info("service ready", extra={"database": engine.dialect.name, "bus": bus.name,
+                                         "worker": worker.id if worker else None})
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await worker.stop()
+            await app.state.rate_limiter.close()
+            await bus.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Agentic orchestrator",
+        version="0.1.0",
+        description="Program-aware control plane for LLM agent workflows in front of SGLang backends.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.keyring = KeyRing(settings.api_keys)
+    app.state.registry = default_registry(settings.workflow_modules)
+    app.include_router(runs.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    _install_error_handlers(app)
+    return app
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(p) for p in first.get("loc", ())]
+        if first.get("type") == "json_invalid":
+            return _error_response(InvalidRequest("Request body is not valid JSON.", code="invalid_json"))
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]
+        param = ".".join(loc) or None
+        return _error_response(ValidationFailed(f"{first.get('msg', 'invalid')}" + (f" at {param}" if param else ""),
+                                                param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cls = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
+        type_, code = cls.get(exc.status_code, ("invalid_request_error", "http_error"))
+        err = APIError(str(exc.detail), code=code)
+        err.type, err.status_code = type_, exc.status_code
+        return _error_response(err)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(APIError("Internal error; the request id identifies it in the logs."))

@@ -1,0 +1,92 @@
+"""What a workflow sees while it runs: checkpointed steps, durable events and waits.
+
+Replay works like DBOS: a workflow function is deterministic in the order of its
+``step`` / ``emit`` / ``sleep`` calls, so the n-th call of a replay maps to the
+n-th call of the first execution. A step whose checkpoint says ``completed`` is
+not run again; its stored output is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+from orchestrator.runs.store import Lease, RunStore
+
+T = TypeVar("T")
+
+
+class StepError(Exception):
+    """A step raised; the run fails unless the workflow catches this."""
+
+    def __init__(self, name: str, error: dict[str, Any]) -> None:
+        super().__init__(f"step {name!r} failed: {error.get('message')}")
+        self.name = name
+        self.error = error
+
+
+class RunContext:
+    def __init__(
+        self,
+        store: RunStore,
+        lease: Lease,
+        run: dict[str, Any],
+        completed: dict[int, dict[str, Any]],
+        on_step: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.lease = lease
+        self.run_id: str = run["id"]
+        self.tenant: str = run["tenant"]
+        self.workflow: str = run["workflow"]
+        self.attempt: int = run["attempt"]
+        self.metadata: dict[str, Any] = run["metadata"] or {}
+        self._completed = completed
+        self._next_step = 0
+        self._next_emit = 0
+        self._on_step = on_step or (lambda _status: None)
+
+    async def step(self, name: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` once; its JSON-serialisable result is checkpointed before this returns."""
+        step_id = self._next_step
+        self._next_step += 1
+        done = self._completed.get(step_id)
+        if done is not None:
+            self._on_step("replayed")
+            return done["output"]
+        await self.store.start_step(self.lease, step_id, name, self.attempt)
+        try:
+            output = await fn(*args, **kwargs)
+            json.dumps(output)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = {"code": "step_error", "type": type(exc).__name__, "message": str(exc)}
+            await self.store.end_step(self.lease, step_id, name, error=error)
+            self._on_step("failed")
+            raise StepError(name, error) from exc
+        await self.store.end_step(self.lease, step_id, name, output=output)
+        self._on_step("completed")
+        return output
+
+    async def emit(self, type_: str, data: dict[str, Any]) -> None:
+        """Append an event to the run's stream; a replay does not write it twice."""
+        key = f"emit:{self._next_emit}"
+        self._next_emit += 1
+        await self.store.emit(self.lease, type_, data, op_key=key)
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait in state ``waiting``; the wake-up time is a checkpoint, so a restart waits only the rest."""
+        wake_at = await self.step("sleep", _now_plus, seconds)
+        remaining = wake_at - time.time()
+        if remaining <= 0:
+            return
+        await self.store.set_waiting(self.lease, True, {"until": wake_at})
+        await asyncio.sleep(remaining)
+        await self.store.set_waiting(self.lease, False, {})
+
+
+async def _now_plus(seconds: float) -> float:
+    return time.time() + seconds

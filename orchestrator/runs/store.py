@@ -1,0 +1,463 @@
+"""Durable run state: every read and write of runs, steps and the event log.
+
+Writes made by the worker that owns a run carry its fencing ``epoch``: each one
+is an ``UPDATE ... WHERE epoch = :epoch`` and raises ``LeaseLost`` when another
+worker has claimed the run since, so a stale owner can never overwrite a newer
+one. Events are numbered per run from ``runs.last_seq`` inside the same
+transaction that appends them, which makes the sequence gap-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from orchestrator.db.models import Run, RunEvent, RunStep, Worker
+from orchestrator.errors import Conflict, NotFound, RateLimited
+from orchestrator.events.bus import EventBus
+from orchestrator.ids import new_id
+from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
+
+runs_t = Run.__table__
+events_t = RunEvent.__table__
+steps_t = RunStep.__table__
+workers_t = Worker.__table__
+
+CONTROL_CHANNEL = "control"
+
+
+def run_channel(run_id: str) -> str:
+    return f"run:{run_id}"
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class LeaseLost(Exception):
+    """This worker no longer owns the run: another claimed it with a newer epoch."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    run_id: str
+    epoch: int
+    owner: str
+
+
+@dataclass
+class NewRun:
+    tenant: str
+    workflow: str
+    input: Any
+    metadata: dict[str, Any]
+    priority: int = 0
+    timeout_seconds: float | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+
+
+def event_dict(run_id: str, row: Any) -> dict[str, Any]:
+    return {"run_id": run_id, "seq": row.seq, "type": row.type, "data": row.data, "created_at": row.created_at}
+
+
+class RunStore:
+    """Run persistence plus bus notifications after each commit."""
+
+    def __init__(self, engine: AsyncEngine, bus: EventBus) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.dialect = engine.dialect.name
+
+    # ---- helpers -----------------------------------------------------------------
+
+    async def _append(
+        self,
+        conn: AsyncConnection,
+        run_id: str,
+        type_: str,
+        data: dict[str, Any],
+        *,
+        epoch: int | None = None,
+        op_key: str | None = None,
+        now: float | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Append one event (and apply ``values`` to the run row) in the caller's transaction.
+
+        With ``epoch`` the write is fenced. With ``op_key`` an event already written
+        by an earlier attempt is not written again (returns ``None``).
+        """
+        now = time.time() if now is None else now
+        if op_key is not None:
+            exists = await conn.scalar(
+                select(events_t.c.seq).where(events_t.c.run_id == run_id, events_t.c.op_key == op_key)
+            )
+            if exists is not None:
+                return None
+        cond = [runs_t.c.id == run_id]
+        if epoch is not None:
+            cond.append(runs_t.c.epoch == epoch)
+        stmt = (
+            update(runs_t)
+            .where(*cond)
+            .values(last_seq=runs_t.c.last_seq + 1, updated_at=now, **(values or {}))
+            .returning(runs_t.c.last_seq)
+        )
+        seq = (await conn.execute(stmt)).scalar_one_or_none()
+        if seq is None:
+            if epoch is not None:
+                raise LeaseLost(run_id)
+            raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
+        await conn.execute(
+            insert(events_t).values(run_id=run_id, seq=seq, type=type_, data=data, created_at=now, op_key=op_key)
+        )
+        return {"run_id": run_id, "seq": seq, "type": type_, "data": data, "created_at": now}
+
+    async def _publish(self, events: Sequence[dict[str, Any] | None]) -> None:
+        for ev in events:
+            if ev is not None:
+                await self.bus.publish(run_channel(ev["run_id"]), ev)
+
+    # ---- API side ------------------------------------------------------------------
+
+    async def create(self, new: NewRun, *, max_active: int | None) -> tuple[dict[str, Any], bool]:
+        """Insert a queued run. Returns ``(run, created)``; ``created`` is False for an idempotent replay."""
+        now = time.time()
+        run_id = new_id("run")
+        try:
+            async with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": new.tenant})
+                await conn.execute(
+                    insert(runs_t).values(
+                        id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED.value,
+                        input=new.input, metadata=new.metadata, priority=new.priority,
+                        idempotency_key=new.idempotency_key, request_hash=new.request_hash,
+                        timeout_seconds=new.timeout_seconds, created_at=now, updated_at=now,
+                        attempt=0, epoch=0, cancel_requested=False, last_seq=0,
+                    )
+                )
+                if max_active is not None:
+                    active = await conn.scalar(
+                        select(func.count()).select_from(runs_t).where(
+                            runs_t.c.tenant == new.tenant, runs_t.c.status.in_([s.value for s in ACTIVE])
+                        )
+                    )
+                    if active > max_active:
+                        raise RateLimited(
+                            f"Tenant has {active - 1} active runs; the limit is {max_active}.",
+                            retry_after=1.0, code="too_many_concurrent_runs",
+                        )
+                ev = await self._append(conn, run_id, "run.queued", {"status": "queued", "workflow": new.workflow}, now=now)
+        except IntegrityError:
+            if new.idempotency_key is None:
+                raise
+            existing = await self._by_idempotency_key(new.tenant, new.idempotency_key)
+            if existing is None:  # pragma: no cover - deleted between the two statements
+                raise
+            if existing["request_hash"] != new.request_hash:
+                raise Conflict(
+                    "This Idempotency-Key was already used with a different request body.",
+                    code="idempotency_key_reused", param="Idempotency-Key",
+                ) from None
+            return existing, False
+        await self._publish([ev])
+        await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
+        run = await self.get(new.tenant, run_id)
+        return run, True
+
+    async def _by_idempotency_key(self, tenant: str, key: str) -> dict[str, Any] | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                select(runs_t).where(runs_t.c.tenant == tenant, runs_t.c.idempotency_key == key)
+            )).first()
+        return dict(row._mapping) if row else None
+
+    async def get(self, tenant: str | None, run_id: str) -> dict[str, Any]:
+        cond = [runs_t.c.id == run_id]
+        if tenant is not None:
+            cond.append(runs_t.c.tenant == tenant)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(runs_t).where(*cond))).first()
+        if row is None:
+            raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
+        return dict(row._mapping)
+
+    async def list(
+        self, tenant: str, *, limit: int, after: str | None, status: list[str] | None, workflow: str | None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first; ``after`` is the id of the last run of the previous page."""
+        cond = [runs_t.c.tenant == tenant]
+        if after is not None:
+            cond.append(runs_t.c.id < after)
+        if status:
+            cond.append(runs_t.c.status.in_(status))
+        if workflow is not None:
+            cond.append(runs_t.c.workflow == workflow)
+        stmt = select(runs_t).where(*cond).order_by(runs_t.c.id.desc()).limit(limit + 1)
+        async with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in await conn.execute(stmt)]
+        return rows[:limit], len(rows) > limit
+
+    async def request_cancel(self, tenant: str, run_id: str) -> dict[str, Any]:
+        """Idempotent: a queued run is cancelled at once, a leased one moves to ``cancelling``."""
+        run = await self.get(tenant, run_id)
+        status = RunStatus(run["status"])
+        events: list[dict[str, Any] | None] = []
+        if status is RunStatus.QUEUED:
+            now = time.time()
+            async with self.engine.begin() as conn:
+                res = await conn.execute(
+                    update(runs_t).where(runs_t.c.id == run_id, runs_t.c.status == RunStatus.QUEUED.value)
+                    .values(status=RunStatus.CANCELLED.value, cancel_requested=True, finished_at=now, updated_at=now,
+                            error={"code": "cancelled", "message": "Cancelled before it started."})
+                )
+                if res.rowcount == 1:
+                    events.append(await self._append(conn, run_id, "run.cancelled", {"status": "cancelled"}, now=now))
+            if not events:  # claimed meanwhile: cancel the running one
+                return await self.request_cancel(tenant, run_id)
+        elif status in (RunStatus.RUNNING, RunStatus.WAITING):
+            async with self.engine.begin() as conn:
+                res = await conn.execute(
+                    update(runs_t).where(runs_t.c.id == run_id, runs_t.c.status.in_([RunStatus.RUNNING.value, RunStatus.WAITING.value]))
+                    .values(status=RunStatus.CANCELLING.value, cancel_requested=True)
+                )
+                if res.rowcount == 1:
+                    events.append(await self._append(conn, run_id, "run.cancelling", {"status": "cancelling"}))
+            if not events:
+                return await self.request_cancel(tenant, run_id)
+            await self.bus.publish(CONTROL_CHANNEL, {"type": "cancel", "run_id": run_id, "owner": run["lease_owner"]})
+        await self._publish(events)
+        return await self.get(tenant, run_id)
+
+    async def events(self, run_id: str, *, after: int, limit: int) -> list[dict[str, Any]]:
+        stmt = (
+            select(events_t.c.seq, events_t.c.type, events_t.c.data, events_t.c.created_at)
+            .where(events_t.c.run_id == run_id, events_t.c.seq > after)
+            .order_by(events_t.c.seq)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [event_dict(run_id, r) for r in await conn.execute(stmt)]
+
+    async def steps(self, run_id: str) -> list[dict[str, Any]]:
+        stmt = select(steps_t).where(steps_t.c.run_id == run_id).order_by(steps_t.c.step_id)
+        async with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(stmt)]
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(select(1))
+
+    # ---- worker side ---------------------------------------------------------------
+
+    async def claim_queued(self, owner: str, limit: int, lease_seconds: float) -> list[tuple[Lease, dict[str, Any]]]:
+        """Claim up to ``limit`` queued runs, highest priority then oldest first."""
+        now = time.time()
+        stmt = (
+            select(runs_t.c.id, runs_t.c.epoch)
+            .where(runs_t.c.status == RunStatus.QUEUED.value)
+            .order_by(runs_t.c.priority.desc(), runs_t.c.id)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        claimed: list[tuple[Lease, dict[str, Any]]] = []
+        events = []
+        async with self.engine.begin() as conn:
+            for run_id, epoch in (await conn.execute(stmt)).all():
+                res = await conn.execute(
+                    update(runs_t)
+                    .where(runs_t.c.id == run_id, runs_t.c.status == RunStatus.QUEUED.value, runs_t.c.epoch == epoch)
+                    .values(status=RunStatus.RUNNING.value, epoch=epoch + 1, lease_owner=owner,
+                            lease_expires_at=now + lease_seconds, attempt=runs_t.c.attempt + 1,
+                            started_at=func.coalesce(runs_t.c.started_at, now), updated_at=now,
+                            deadline_at=func.coalesce(runs_t.c.deadline_at, runs_t.c.timeout_seconds + now))
+                )
+                if res.rowcount != 1:
+                    continue
+                lease = Lease(run_id, epoch + 1, owner)
+                events.append(await self._append(conn, run_id, "run.started", {"status": "running", "attempt": 1, "worker": owner}, epoch=lease.epoch, now=now))
+                row = (await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).first()
+                claimed.append((lease, dict(row._mapping)))
+        await self._publish(events)
+        return claimed
+
+    async def reclaim_expired(
+        self, owner: str, limit: int, lease_seconds: float, max_attempts: int
+    ) -> tuple[list[tuple[Lease, dict[str, Any]]], int]:
+        """Take over leased runs whose owner stopped heart-beating.
+
+        Runs that used up ``max_attempts`` fail with ``worker_lost``; runs with a
+        pending cancel are finished as cancelled. Returns the claimed runs and how
+        many expired leases were found.
+        """
+        now = time.time()
+        stmt = (
+            select(runs_t.c.id, runs_t.c.epoch, runs_t.c.attempt, runs_t.c.status)
+            .where(runs_t.c.status.in_([s.value for s in LEASED]), runs_t.c.lease_expires_at < now)
+            .order_by(runs_t.c.priority.desc(), runs_t.c.id)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            stmt = stmt.with_for_update(skip_locked=True)
+        claimed: list[tuple[Lease, dict[str, Any]]] = []
+        events = []
+        expired = 0
+        async with self.engine.begin() as conn:
+            for run_id, epoch, attempt, status in (await conn.execute(stmt)).all():
+                res = await conn.execute(
+                    update(runs_t)
+                    .where(runs_t.c.id == run_id, runs_t.c.epoch == epoch, runs_t.c.lease_expires_at < now)
+                    .values(epoch=epoch + 1, lease_owner=owner, lease_expires_at=now + lease_seconds, updated_at=now)
+                )
+                if res.rowcount != 1:
+                    continue
+                expired += 1
+                lease = Lease(run_id, epoch + 1, owner)
+                if status == RunStatus.CANCELLING.value:
+                    events.append(await self._finish(conn, lease, RunStatus.CANCELLED, now=now,
+                                                     error={"code": "cancelled", "message": "Cancelled."}))
+                elif attempt >= max_attempts:
+                    events.append(await self._finish(conn, lease, RunStatus.FAILED, now=now, error={
+                        "code": "worker_lost",
+                        "message": f"The worker executing this run was lost {attempt} times (limit {max_attempts}).",
+                    }))
+                else:
+                    await conn.execute(update(runs_t).where(runs_t.c.id == run_id).values(
+                        attempt=attempt + 1, status=RunStatus.RUNNING.value))
+                    events.append(await self._append(conn, run_id, "run.recovered", {
+                        "status": "running", "attempt": attempt + 1, "worker": owner, "reason": "lease_expired",
+                    }, epoch=lease.epoch, now=now))
+                    row = (await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).first()
+                    claimed.append((lease, dict(row._mapping)))
+        await self._publish(events)
+        return claimed, expired
+
+    async def heartbeat(self, owner: str, leases: Sequence[Lease], lease_seconds: float) -> tuple[set[str], set[str]]:
+        """Extend the leases; returns ``(lost, cancel_requested)`` run ids."""
+        now = time.time()
+        lost: set[str] = set()
+        cancel: set[str] = set()
+        async with self.engine.begin() as conn:
+            await conn.execute(update(workers_t).where(workers_t.c.id == owner).values(heartbeat_at=now))
+            for lease in leases:
+                res = await conn.execute(
+                    update(runs_t).where(runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch)
+                    .values(lease_expires_at=now + lease_seconds)
+                )
+                if res.rowcount != 1:
+                    lost.add(lease.run_id)
+            ids = [lease.run_id for lease in leases if lease.run_id not in lost]
+            if ids:
+                rows = await conn.execute(
+                    select(runs_t.c.id).where(runs_t.c.id.in_(ids), runs_t.c.cancel_requested.is_(True))
+                )
+                cancel = {r.id for r in rows}
+        return lost, cancel
+
+    async def emit(self, lease: Lease, type_: str, data: dict[str, Any], op_key: str | None = None) -> None:
+        async with self.engine.begin() as conn:
+            ev = await self._append(conn, lease.run_id, type_, data, epoch=lease.epoch, op_key=op_key)
+        await self._publish([ev])
+
+    async def completed_steps(self, run_id: str) -> dict[int, dict[str, Any]]:
+        stmt = select(steps_t).where(steps_t.c.run_id == run_id, steps_t.c.status == "completed")
+        async with self.engine.connect() as conn:
+            return {r.step_id: dict(r._mapping) for r in await conn.execute(stmt)}
+
+    async def start_step(self, lease: Lease, step_id: int, name: str, attempt: int) -> None:
+        now = time.time()
+        async with self.engine.begin() as conn:
+            ev = await self._append(conn, lease.run_id, "step.started",
+                                    {"step_id": step_id, "name": name, "attempt": attempt},
+                                    epoch=lease.epoch, now=now)
+            existing = await conn.scalar(select(steps_t.c.step_id).where(
+                steps_t.c.run_id == lease.run_id, steps_t.c.step_id == step_id))
+            if existing is None:
+                await conn.execute(insert(steps_t).values(
+                    run_id=lease.run_id, step_id=step_id, name=name, status="running",
+                    attempt=attempt, started_at=now))
+            else:
+                await conn.execute(update(steps_t).where(
+                    steps_t.c.run_id == lease.run_id, steps_t.c.step_id == step_id
+                ).values(name=name, status="running", attempt=attempt, started_at=now, error=None, finished_at=None))
+        await self._publish([ev])
+
+    async def end_step(
+        self, lease: Lease, step_id: int, name: str, *, output: Any = None, error: dict[str, Any] | None = None,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
+        """Checkpoint a step's result and its event in one fenced transaction."""
+        now = time.time()
+        status = "failed" if error else "completed"
+        data: dict[str, Any] = {"step_id": step_id, "name": name}
+        if error:
+            data["error"] = error
+        if summary:
+            data.update(summary)
+        async with self.engine.begin() as conn:
+            ev = await self._append(conn, lease.run_id, f"step.{status}", data, epoch=lease.epoch, now=now)
+            await conn.execute(update(steps_t).where(
+                steps_t.c.run_id == lease.run_id, steps_t.c.step_id == step_id
+            ).values(status=status, output=output, error=error, finished_at=now))
+        await self._publish([ev])
+
+    async def set_waiting(self, lease: Lease, waiting: bool, data: dict[str, Any]) -> None:
+        """``running <-> waiting``; a run being cancelled stays ``cancelling``."""
+        src, dst = (RunStatus.RUNNING, RunStatus.WAITING) if waiting else (RunStatus.WAITING, RunStatus.RUNNING)
+        async with self.engine.begin() as conn:
+            res = await conn.execute(update(runs_t).where(
+                runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch, runs_t.c.status == src.value
+            ).values(status=dst.value))
+            ev = None
+            if res.rowcount == 1:
+                ev = await self._append(conn, lease.run_id, f"run.{dst.value}", {"status": dst.value, **data},
+                                        epoch=lease.epoch)
+        await self._publish([ev])
+
+    async def _finish(
+        self, conn: AsyncConnection, lease: Lease, status: RunStatus, *, now: float,
+        output: Any = None, error: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        data: dict[str, Any] = {"status": status.value}
+        if error is not None:
+            data["error"] = error
+        return await self._append(
+            conn, lease.run_id, FINAL_EVENT[status], data, epoch=lease.epoch, now=now,
+            values={"status": status.value, "output": output, "error": error, "finished_at": now,
+                    "lease_owner": None, "lease_expires_at": None},
+        )
+
+    async def finish(self, lease: Lease, status: RunStatus, *, output: Any = None,
+                     error: dict[str, Any] | None = None) -> None:
+        async with self.engine.begin() as conn:
+            ev = await self._finish(conn, lease, status, now=time.time(), output=output, error=error)
+        await self._publish([ev])
+
+    async def register_worker(self, owner: str, hostname: str, pid: int) -> None:
+        now = time.time()
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(workers_t).values(
+                id=owner, hostname=hostname, pid=pid, started_at=now, heartbeat_at=now, status="active"))
+
+    async def retire_worker(self, owner: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(workers_t).where(workers_t.c.id == owner).values(
+                status="stopped", heartbeat_at=time.time()))
+
+    async def release(self, leases: Sequence[Lease]) -> None:
+        """Hand runs back on a clean shutdown so another worker takes them at once."""
+        async with self.engine.begin() as conn:
+            for lease in leases:
+                await conn.execute(update(runs_t).where(
+                    runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch
+                ).values(lease_expires_at=0.0))

@@ -1,0 +1,93 @@
+"""Service settings, read from the environment (``ORCH_*``) or passed in directly.
+
+The defaults are the embedded profile: a SQLite file and an in-process event bus,
+so one command starts a working service. Setting ``ORCH_DATABASE_URL`` to
+PostgreSQL and ``ORCH_REDIS_URL`` turns on the multi-replica profile.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEV_API_KEY = "sk-orch-dev"
+
+
+class TenantLimits(BaseModel):
+    """Per-tenant quotas. ``None`` means unlimited."""
+
+    max_concurrent_runs: int | None = Field(default=100, ge=1)
+    requests_per_second: float | None = Field(default=50.0, gt=0)
+    burst: int | None = Field(default=100, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./var/orchestrator.db"
+    redis_url: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    # API keys: "key=tenant,key2=tenant2" or a JSON object {"key": "tenant"}.
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: {DEV_API_KEY: "default"})
+    # Per-tenant overrides as JSON: {"tenant": {"max_concurrent_runs": 5, ...}}.
+    tenant_limits: Annotated[dict[str, TenantLimits], NoDecode] = Field(default_factory=dict)
+    default_limits: TenantLimits = Field(default_factory=TenantLimits)
+
+    max_body_bytes: int = 1_048_576
+
+    # Worker / durability.
+    worker_enabled: bool = True
+    worker_concurrency: int = Field(default=16, ge=1)
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    lease_seconds: float = Field(default=15.0, gt=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+    # Streaming.
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0)
+    max_wait_seconds: float = Field(default=60.0, gt=0)
+
+    # Extra workflow modules to load: each exposes ``register(registry)``.
+    workflow_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("{"):
+                return json.loads(value)
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+                raise ValueError("ORCH_API_KEYS must look like 'key=tenant,key2=tenant2'")
+            return {k.strip(): t.strip() for k, t in pairs}
+        return value
+
+    @field_validator("tenant_limits", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("workflow_modules", mode="before")
+    @classmethod
+    def _parse_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self.tenant_limits.get(tenant, self.default_limits)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

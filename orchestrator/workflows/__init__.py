@@ -1,0 +1,15 @@
+"""Workflow registry and the built-in workflows."""
+
+from orchestrator.workflows.registry import WorkflowDef, WorkflowRegistry
+
+__all__ = ["WorkflowDef", "WorkflowRegistry", "default_registry"]
+
+
+def default_registry(extra_modules: list[str] | None = None) -> WorkflowRegistry:
+    from orchestrator.workflows import builtin
+
+    registry = WorkflowRegistry()
+    builtin.register(registry)
+    for name in extra_modules or []:
+        registry.load_module(name)
+    return registry
