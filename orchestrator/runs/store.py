@@ -9,6 +9,8 @@ transaction that appends them, which makes the sequence gap-free.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -75,6 +77,9 @@ class RunStore:
         self.engine = engine
         self.bus = bus
         self.dialect = engine.dialect.name
+        # SQLite has no SKIP LOCKED: concurrent claimers would all pick the same candidates
+        # and all but one come back empty. One process per SQLite file, so a lock suffices.
+        self._claim_lock = asyncio.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -272,7 +277,7 @@ class RunStore:
             stmt = stmt.with_for_update(skip_locked=True)
         claimed: list[tuple[Lease, dict[str, Any]]] = []
         events = []
-        async with self.engine.begin() as conn:
+        async with self._claim_lock, self.engine.begin() as conn:
             for run_id, epoch in (await conn.execute(stmt)).all():
                 res = await conn.execute(
                     update(runs_t)
@@ -312,7 +317,7 @@ class RunStore:
         claimed: list[tuple[Lease, dict[str, Any]]] = []
         events = []
         expired = 0
-        async with self.engine.begin() as conn:
+        async with self._claim_lock, self.engine.begin() as conn:
             for run_id, epoch, attempt, status in (await conn.execute(stmt)).all():
                 res = await conn.execute(
                     update(runs_t)
@@ -365,8 +370,13 @@ class RunStore:
         return lost, cancel
 
     async def emit(self, lease: Lease, type_: str, data: dict[str, Any], op_key: str | None = None) -> None:
-        async with self.engine.begin() as conn:
-            ev = await self._append(conn, lease.run_id, type_, data, epoch=lease.epoch, op_key=op_key)
+        try:
+            async with self.engine.begin() as conn:
+                ev = await self._append(conn, lease.run_id, type_, data, epoch=lease.epoch, op_key=op_key)
+        except IntegrityError:
+            if op_key is None:
+                raise
+            return  # a concurrent emit wrote the same op_key first
         await self._publish([ev])
 
     async def completed_steps(self, run_id: str) -> dict[int, dict[str, Any]]:
