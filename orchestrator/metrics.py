@@ -34,7 +34,6 @@ class Metrics:
         self.lease_expiries = Counter("orchestrator_lease_expiries_total", "Expired leases found.", registry=r)
         self.leases_lost = Counter("orchestrator_leases_lost_total", "Runs this process lost to a newer owner.",
                                    registry=r)
-        self.events_appended = Counter("orchestrator_events_appended_total", "Run events written.", registry=r)
         self.sse_streams = Gauge("orchestrator_sse_streams_active", "Open event streams.", registry=r)
         self.sse_resumes = Counter("orchestrator_sse_resumes_total", "Event streams resumed from a sequence number.",
                                    registry=r)
