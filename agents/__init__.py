@@ -1,1 +1,1 @@
-"""Placeholder package; see DESIGN.md."""
+"""Agent workflows and multi-agent pipelines (not built yet; see DESIGN.md)."""

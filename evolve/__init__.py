@@ -1,1 +1,1 @@
-"""Placeholder package; see DESIGN.md."""
+"""Squeeze-Evolve multi-model evolutionary inference (not built yet; see DESIGN.md)."""

@@ -1,1 +1,1 @@
-"""Placeholder package; see DESIGN.md."""
+"""The program-aware co-scheduler and the LLM backends (not built yet; see DESIGN.md)."""

@@ -1,1 +1,1 @@
-"""Placeholder package; see DESIGN.md."""
+"""Tool registry and sandboxes for agent tool calls (not built yet; see DESIGN.md)."""

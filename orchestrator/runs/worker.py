@@ -34,6 +34,7 @@ class _Execution:
     lease: Lease
     task: asyncio.Task[None]
     stop_reason: str | None = None  # "cancel", "lost" or "shutdown"
+    finishing: bool = False  # the outcome is being written: too late to interrupt
     started: float = field(default_factory=time.time)
 
 
@@ -144,7 +145,7 @@ class Worker:
 
     def _stop(self, run_id: str, reason: str) -> None:
         ex = self._running.get(run_id)
-        if ex is not None and ex.stop_reason is None:
+        if ex is not None and ex.stop_reason is None and not ex.finishing:
             ex.stop_reason = reason
             ex.task.cancel()
 
@@ -167,8 +168,10 @@ class Worker:
             log.warning("lease lost", extra={"run_id": lease.run_id})
             return
         ex = self._running.get(lease.run_id)
-        if ex is not None and ex.stop_reason in ("lost", "shutdown"):
-            return
+        if ex is not None:
+            if ex.stop_reason in ("lost", "shutdown"):
+                return
+            ex.finishing = True
         try:
             await self.store.finish(lease, status, output=output, error=error)
         except LeaseLost:
