@@ -128,3 +128,32 @@ def test_run_fails_with_worker_lost_after_max_attempts(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+def test_clean_shutdown_hands_runs_over_at_once(tmp_path):
+    # A 60 s lease: only an explicit hand-over lets the next process continue quickly.
+    env = {**ENV, "ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/orch.db", "ORCH_LEASE_SECONDS": "60",
+           "ORCH_HEARTBEAT_SECONDS": "5"}
+    journal = tmp_path / "journal.txt"
+    first = ServiceProcess(env, tmp_path / "first.log").start()
+    second = None
+    try:
+        run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json={
+            "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 0.3}}).json()["id"]
+        deadline = time.monotonic() + 10
+        while not journal.exists() or "end 0" not in journal_lines(journal):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first.stop()  # SIGTERM
+        t0 = time.monotonic()
+        second = ServiceProcess(env, tmp_path / "second.log").start()
+        run = httpx.get(f"{second.url}/v1/runs/{run_id}", params={"wait": 30}, headers=A, timeout=40).json()
+        assert run["status"] == "succeeded" and time.monotonic() - t0 < 20
+        events = httpx.get(f"{second.url}/v1/runs/{run_id}/events", headers=A).json()["data"]
+        recovered = [e for e in events if e["type"] == "run.recovered"]
+        assert len(recovered) == 1 and recovered[0]["data"]["reason"] == "released"
+        assert journal_lines(journal).count("end 0") == 1
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

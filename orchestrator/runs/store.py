@@ -307,7 +307,7 @@ class RunStore:
         """
         now = time.time()
         stmt = (
-            select(runs_t.c.id, runs_t.c.epoch, runs_t.c.attempt, runs_t.c.status)
+            select(runs_t.c.id, runs_t.c.epoch, runs_t.c.attempt, runs_t.c.status, runs_t.c.lease_owner)
             .where(runs_t.c.status.in_([s.value for s in LEASED]), runs_t.c.lease_expires_at < now)
             .order_by(runs_t.c.priority.desc(), runs_t.c.id)
             .limit(limit)
@@ -318,7 +318,7 @@ class RunStore:
         events = []
         expired = 0
         async with self._claim_lock, self.engine.begin() as conn:
-            for run_id, epoch, attempt, status in (await conn.execute(stmt)).all():
+            for run_id, epoch, attempt, status, old_owner in (await conn.execute(stmt)).all():
                 res = await conn.execute(
                     update(runs_t)
                     .where(runs_t.c.id == run_id, runs_t.c.epoch == epoch, runs_t.c.lease_expires_at < now)
@@ -340,7 +340,8 @@ class RunStore:
                     await conn.execute(update(runs_t).where(runs_t.c.id == run_id).values(
                         attempt=attempt + 1, status=RunStatus.RUNNING.value))
                     events.append(await self._append(conn, run_id, "run.recovered", {
-                        "status": "running", "attempt": attempt + 1, "worker": owner, "reason": "lease_expired",
+                        "status": "running", "attempt": attempt + 1, "worker": owner,
+                        "reason": "released" if old_owner is None else "lease_expired",
                     }, epoch=lease.epoch, now=now))
                     row = (await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).first()
                     claimed.append((lease, dict(row._mapping)))
@@ -470,4 +471,4 @@ class RunStore:
             for lease in leases:
                 await conn.execute(update(runs_t).where(
                     runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch
-                ).values(lease_expires_at=0.0))
+                ).values(lease_expires_at=0.0, lease_owner=None))
