@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -77,9 +77,16 @@ class RunStore:
         self.engine = engine
         self.bus = bus
         self.dialect = engine.dialect.name
-        # SQLite has no SKIP LOCKED: concurrent claimers would all pick the same candidates
-        # and all but one come back empty. One process per SQLite file, so a lock suffices.
-        self._claim_lock = asyncio.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        # SQLite allows one writer at a time and makes the others retry with sleeps (seconds
+        # at the tail under load), and it has no SKIP LOCKED for claims. One process owns a
+        # SQLite file, so queueing its write transactions on a lock is both faster and fair.
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (serialised in-process on SQLite)."""
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
 
     # ---- helpers -----------------------------------------------------------------
 
@@ -138,7 +145,7 @@ class RunStore:
         now = time.time()
         run_id = new_id("run")
         try:
-            async with self.engine.begin() as conn:
+            async with self._write() as conn:
                 if self.dialect == "postgresql":
                     await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": new.tenant})
                 await conn.execute(
@@ -219,7 +226,7 @@ class RunStore:
         events: list[dict[str, Any] | None] = []
         if status is RunStatus.QUEUED:
             now = time.time()
-            async with self.engine.begin() as conn:
+            async with self._write() as conn:
                 res = await conn.execute(
                     update(runs_t).where(runs_t.c.id == run_id, runs_t.c.status == RunStatus.QUEUED.value)
                     .values(status=RunStatus.CANCELLED.value, cancel_requested=True, finished_at=now, updated_at=now,
@@ -230,7 +237,7 @@ class RunStore:
             if not events:  # claimed meanwhile: cancel the running one
                 return await self.request_cancel(tenant, run_id)
         elif status in (RunStatus.RUNNING, RunStatus.WAITING):
-            async with self.engine.begin() as conn:
+            async with self._write() as conn:
                 res = await conn.execute(
                     update(runs_t).where(runs_t.c.id == run_id, runs_t.c.status.in_([RunStatus.RUNNING.value, RunStatus.WAITING.value]))
                     .values(status=RunStatus.CANCELLING.value, cancel_requested=True)
@@ -277,7 +284,7 @@ class RunStore:
             stmt = stmt.with_for_update(skip_locked=True)
         claimed: list[tuple[Lease, dict[str, Any]]] = []
         events = []
-        async with self._claim_lock, self.engine.begin() as conn:
+        async with self._write() as conn:
             for run_id, epoch in (await conn.execute(stmt)).all():
                 res = await conn.execute(
                     update(runs_t)
@@ -317,7 +324,7 @@ class RunStore:
         claimed: list[tuple[Lease, dict[str, Any]]] = []
         events = []
         expired = 0
-        async with self._claim_lock, self.engine.begin() as conn:
+        async with self._write() as conn:
             for run_id, epoch, attempt, status, old_owner in (await conn.execute(stmt)).all():
                 res = await conn.execute(
                     update(runs_t)
@@ -353,7 +360,7 @@ class RunStore:
         now = time.time()
         lost: set[str] = set()
         cancel: set[str] = set()
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(update(workers_t).where(workers_t.c.id == owner).values(heartbeat_at=now))
             for lease in leases:
                 res = await conn.execute(
@@ -372,7 +379,7 @@ class RunStore:
 
     async def emit(self, lease: Lease, type_: str, data: dict[str, Any], op_key: str | None = None) -> None:
         try:
-            async with self.engine.begin() as conn:
+            async with self._write() as conn:
                 ev = await self._append(conn, lease.run_id, type_, data, epoch=lease.epoch, op_key=op_key)
         except IntegrityError:
             if op_key is None:
@@ -387,7 +394,7 @@ class RunStore:
 
     async def start_step(self, lease: Lease, step_id: int, name: str, attempt: int) -> None:
         now = time.time()
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             ev = await self._append(conn, lease.run_id, "step.started",
                                     {"step_id": step_id, "name": name, "attempt": attempt},
                                     epoch=lease.epoch, now=now)
@@ -415,7 +422,7 @@ class RunStore:
             data["error"] = error
         if summary:
             data.update(summary)
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             ev = await self._append(conn, lease.run_id, f"step.{status}", data, epoch=lease.epoch, now=now)
             await conn.execute(update(steps_t).where(
                 steps_t.c.run_id == lease.run_id, steps_t.c.step_id == step_id
@@ -425,7 +432,7 @@ class RunStore:
     async def set_waiting(self, lease: Lease, waiting: bool, data: dict[str, Any]) -> None:
         """``running <-> waiting``; a run being cancelled stays ``cancelling``."""
         src, dst = (RunStatus.RUNNING, RunStatus.WAITING) if waiting else (RunStatus.WAITING, RunStatus.RUNNING)
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             res = await conn.execute(update(runs_t).where(
                 runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch, runs_t.c.status == src.value
             ).values(status=dst.value))
@@ -450,24 +457,24 @@ class RunStore:
 
     async def finish(self, lease: Lease, status: RunStatus, *, output: Any = None,
                      error: dict[str, Any] | None = None) -> None:
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             ev = await self._finish(conn, lease, status, now=time.time(), output=output, error=error)
         await self._publish([ev])
 
     async def register_worker(self, owner: str, hostname: str, pid: int) -> None:
         now = time.time()
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(insert(workers_t).values(
                 id=owner, hostname=hostname, pid=pid, started_at=now, heartbeat_at=now, status="active"))
 
     async def retire_worker(self, owner: str) -> None:
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(update(workers_t).where(workers_t.c.id == owner).values(
                 status="stopped", heartbeat_at=time.time()))
 
     async def release(self, leases: Sequence[Lease]) -> None:
         """Hand runs back on a clean shutdown so another worker takes them at once."""
-        async with self.engine.begin() as conn:
+        async with self._write() as conn:
             for lease in leases:
                 await conn.execute(update(runs_t).where(
                     runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch
