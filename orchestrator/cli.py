@@ -1,0 +1,159 @@
+"""The ``orchestrator`` command: ``serve``, ``migrate`` and ``runs ...`` (on the SDK)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from typing import Any, Sequence
+
+from orchestrator.client import Client, OrchestratorError, RunEvent
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _progress_line(ev: RunEvent) -> str:
+    at = datetime.fromtimestamp(ev.created_at).strftime("%H:%M:%S.%f")[:-3]
+    data = json.dumps(ev.data, separators=(",", ":"), default=str)
+    return f"{at} [{ev.seq:>3}] {ev.type:<16} {data}"
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(base_url=args.base_url, api_key=args.api_key)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from orchestrator.server import serve
+    from orchestrator.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve(Settings(**overrides))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply database migrations and exit (for a pre-deploy job)."""
+    import asyncio
+
+    from orchestrator.db import create_engine, migrate
+    from orchestrator.settings import Settings
+
+    async def run() -> None:
+        engine = create_engine(Settings().database_url)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    print("migrations applied")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    raw = sys.stdin.read() if args.file == "-" else open(args.file).read()
+    try:
+        spec = json.loads(raw)
+    except ValueError as exc:
+        raise SystemExit(f"error: {args.file} is not valid JSON: {exc}") from None
+    if not isinstance(spec, dict) or "workflow" not in spec:
+        raise SystemExit('error: the run file must be a JSON object with a "workflow" field')
+    with _client(args) as client:
+        run = client.runs.create(spec["workflow"], spec.get("input"), metadata=spec.get("metadata"),
+                                 priority=spec.get("priority", 0), timeout_seconds=spec.get("timeout_seconds"))
+        if not args.follow:
+            _print_json(run.model_dump())
+            return 0
+        print(f"submitted {run.id} ({run.workflow})", flush=True)
+        for ev in client.runs.stream(run.id):
+            print(_progress_line(ev), flush=True)
+        final = client.runs.get(run.id)
+        _print_json({"id": final.id, "status": final.status, "output": final.output, "error": final.error})
+        return 0 if final.status == "succeeded" else 1
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.runs.get(args.run_id, wait=args.wait).model_dump())
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = client.runs.list(limit=args.limit, status=args.status, workflow=args.workflow, after=args.after)
+    for run in page.data:
+        print(f"{run.id}  {run.workflow:<16} {run.status:<10} attempt={run.attempt}")
+    if page.has_more:
+        print(f"more: --after {page.next_cursor}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        run = client.runs.cancel(args.run_id)
+    print(f"{run.id} {run.status}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        events = client.runs.stream(args.run_id) if args.follow else client.runs.events(
+            args.run_id, limit=1000).data
+        for ev in events:
+            print(_progress_line(ev), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestrator", description="Agentic orchestrator service and client.")
+    p.add_argument("--base-url", help="service URL (env ORCH_BASE_URL, default http://127.0.0.1:8080)")
+    p.add_argument("--api-key", help="API key (env ORCH_API_KEY)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the service (settings from ORCH_* variables)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.set_defaults(fn=cmd_serve)
+    sub.add_parser("migrate", help="apply database migrations and exit").set_defaults(fn=cmd_migrate)
+
+    runs = sub.add_parser("runs", help="submit and inspect runs").add_subparsers(dest="runs_command", required=True)
+    submit = runs.add_parser("submit", help="submit a run from a JSON file ('-' for stdin)")
+    submit.add_argument("file")
+    submit.add_argument("--follow", action="store_true", help="stream its events until it finishes")
+    submit.set_defaults(fn=cmd_submit)
+    get = runs.add_parser("get", help="show a run")
+    get.add_argument("run_id")
+    get.add_argument("--wait", type=float, help="long-poll up to this many seconds for it to finish")
+    get.set_defaults(fn=cmd_get)
+    lst = runs.add_parser("list", help="list runs, newest first")
+    lst.add_argument("--status", action="append", help="filter by status (repeatable)")
+    lst.add_argument("--workflow")
+    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--after", help="cursor from a previous page")
+    lst.set_defaults(fn=cmd_list)
+    cancel = runs.add_parser("cancel", help="cancel a run")
+    cancel.add_argument("run_id")
+    cancel.set_defaults(fn=cmd_cancel)
+    events = runs.add_parser("events", help="print a run's events")
+    events.add_argument("run_id")
+    events.add_argument("--follow", action="store_true", help="stream until the run finishes")
+    events.set_defaults(fn=cmd_events)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except OrchestratorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""Python SDK of the orchestrator: ``Client`` and ``AsyncClient`` over httpx.
+
+Typed models, a typed error hierarchy, retries with backoff that honour
+``Retry-After``, an idempotency key per create reused across its retries, and
+event streams that resume by themselves after a dropped connection.
+"""
+
+from orchestrator.client._async import AsyncClient
+from orchestrator.client._errors import (
+    APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
+    InternalServerError, NotFoundError, OrchestratorError, PayloadTooLargeError, RateLimitError, StreamError,
+    UnprocessableEntityError,
+)
+from orchestrator.client._models import Page, Run, RunEvent, Step, Workflow
+from orchestrator.client._sync import Client
+
+__all__ = [
+    "APIConnectionError", "APIStatusError", "APITimeoutError", "AsyncClient", "AuthenticationError",
+    "BadRequestError", "Client", "ConflictError", "InternalServerError", "NotFoundError", "OrchestratorError",
+    "Page", "PayloadTooLargeError", "RateLimitError", "Run", "RunEvent", "Step", "StreamError",
+    "UnprocessableEntityError", "Workflow",
+]

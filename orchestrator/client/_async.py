@@ -1,0 +1,166 @@
+"""The asynchronous client: the same API as ``Client``, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator
+
+import httpx
+
+from orchestrator.client._base import (
+    ClientConfig, SSEParser, list_params, new_idempotency_key, retry_delay, run_create_body, should_retry,
+)
+from orchestrator.client._errors import APIConnectionError, APITimeoutError, StreamError, error_for
+from orchestrator.client._models import Page, Run, RunEvent, Step, Workflow
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = ClientConfig.build(base_url, api_key, timeout, max_retries)
+        self._http = httpx.AsyncClient(base_url=self.config.base_url, headers=self.config.headers,
+                                       timeout=timeout, transport=transport)
+        self.runs = AsyncRuns(self)
+        self.workflows = AsyncWorkflows(self)
+
+    async def request(self, method: str, path: str, *, json: Any = None, params: Any = None,
+                      headers: dict[str, str] | None = None, timeout: float | None = None) -> Any:
+        attempt = 0
+        while True:
+            response: httpx.Response | None = None
+            try:
+                response = await self._http.request(method, path, json=json, params=params, headers=headers,
+                                                    timeout=timeout if timeout is not None else self.config.timeout)
+            except httpx.TimeoutException as exc:
+                error: Exception = APITimeoutError(str(exc) or "request timed out")
+            except httpx.TransportError as exc:
+                error = APIConnectionError(str(exc) or type(exc).__name__)
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                error = error_for(response)
+            if attempt >= self.config.max_retries or not should_retry(response):
+                raise error
+            await asyncio.sleep(retry_delay(attempt, response))
+            attempt += 1
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncRuns:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, workflow: str, input: Any = None, *, metadata: dict[str, Any] | None = None,
+                     priority: int = 0, timeout_seconds: float | None = None,
+                     idempotency_key: str | None = None) -> Run:
+        key = idempotency_key or new_idempotency_key()
+        body = run_create_body(workflow, input, metadata, priority, timeout_seconds)
+        return Run.model_validate(await self._c.request("POST", "/v1/runs", json=body,
+                                                        headers={"Idempotency-Key": key}))
+
+    async def get(self, run_id: str, *, wait: float | None = None) -> Run:
+        params = {"wait": wait} if wait else None
+        timeout = self._c.config.timeout + (wait or 0)
+        return Run.model_validate(await self._c.request("GET", f"/v1/runs/{run_id}", params=params,
+                                                        timeout=timeout))
+
+    async def list(self, *, limit: int = 20, after: str | None = None, status: list[str] | str | None = None,
+                   workflow: str | None = None) -> Page[Run]:
+        data = await self._c.request("GET", "/v1/runs", params=list_params(limit, after, status, workflow))
+        return Page[Run].model_validate(data)
+
+    async def list_all(self, *, page_size: int = 100, status: list[str] | str | None = None,
+                       workflow: str | None = None) -> AsyncIterator[Run]:
+        after = None
+        while True:
+            page = await self.list(limit=page_size, after=after, status=status, workflow=workflow)
+            for run in page.data:
+                yield run
+            if not page.has_more:
+                return
+            after = page.next_cursor
+
+    async def cancel(self, run_id: str) -> Run:
+        return Run.model_validate(await self._c.request("POST", f"/v1/runs/{run_id}/cancel"))
+
+    async def wait(self, run_id: str, *, timeout: float | None = None, poll: float = 30.0) -> Run:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = poll if deadline is None else min(poll, deadline - time.monotonic())
+            run = await self.get(run_id, wait=max(left, 0.0) or None)
+            if run.finished or (deadline is not None and time.monotonic() >= deadline):
+                return run
+
+    async def steps(self, run_id: str) -> list[Step]:
+        return Page[Step].model_validate(await self._c.request("GET", f"/v1/runs/{run_id}/steps")).data
+
+    async def events(self, run_id: str, *, starting_after: int = 0, limit: int = 100) -> Page[RunEvent]:
+        data = await self._c.request("GET", f"/v1/runs/{run_id}/events",
+                                     params={"starting_after": starting_after, "limit": limit})
+        return Page[RunEvent].model_validate(data)
+
+    async def stream(self, run_id: str, *, starting_after: int = 0,
+                     max_reconnects: int = 10) -> AsyncIterator[RunEvent]:
+        """See ``Runs.stream``."""
+        last = starting_after
+        failures = 0
+        while True:
+            response: httpx.Response | None = None
+            error: Exception | None = None
+            headers = {"Accept": "text/event-stream"}
+            if last:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                read_timeout = max(self._c.config.timeout, 60.0)
+                async with self._c._http.stream("GET", f"/v1/runs/{run_id}/events", headers=headers,
+                                                timeout=httpx.Timeout(self._c.config.timeout,
+                                                                      read=read_timeout)) as r:
+                    if r.status_code >= 400:
+                        await r.aread()
+                        response, error = r, error_for(r)
+                    else:
+                        parser = SSEParser()
+                        async for line in r.aiter_lines():
+                            frame = parser.feed(line)
+                            if frame is None:
+                                continue
+                            event = RunEvent.model_validate_json(frame[2])
+                            if event.seq <= last:
+                                continue
+                            last, failures = event.seq, 0
+                            yield event
+                            if event.final:
+                                return
+            except httpx.TransportError as exc:
+                error = APIConnectionError(str(exc) or type(exc).__name__)
+            if response is not None and not should_retry(response):
+                assert error is not None
+                raise error
+            failures += 1
+            if failures > max_reconnects:
+                raise StreamError(f"event stream of {run_id} lost after {max_reconnects} reconnects: {error}")
+            await asyncio.sleep(retry_delay(failures - 1, response))
+
+
+class AsyncWorkflows:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self) -> list[Workflow]:
+        return Page[Workflow].model_validate(await self._c.request("GET", "/v1/workflows")).data

@@ -1,0 +1,110 @@
+"""What the sync and async clients share: configuration, retry policy, SSE parsing.
+
+Retries follow openai-python: connection errors, 408, 429 and 5xx are retried
+with exponential backoff (0.5 s doubling to 8 s, with jitter); a ``Retry-After``
+header wins. 409 and other 4xx are never retried: they are answers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8080"
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+INITIAL_BACKOFF = 0.5
+MAX_BACKOFF = 8.0
+
+
+@dataclass
+class ClientConfig:
+    base_url: str
+    api_key: str | None
+    timeout: float
+    max_retries: int
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, base_url: str | None, api_key: str | None, timeout: float, max_retries: int) -> "ClientConfig":
+        url = (base_url or os.environ.get("ORCH_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("ORCH_API_KEY")
+        headers = {"User-Agent": "orchestrator-python"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return cls(url, key, timeout, max_retries, headers)
+
+
+def new_idempotency_key() -> str:
+    return f"sdk-{uuid.uuid4()}"
+
+
+def should_retry(response: httpx.Response | None) -> bool:
+    return response is None or response.status_code in RETRY_STATUSES
+
+
+def retry_delay(attempt: int, response: httpx.Response | None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based)."""
+    if response is not None:
+        header = response.headers.get("retry-after")
+        if header:
+            try:
+                return min(max(float(header), 0.0), 60.0)
+            except ValueError:
+                pass
+    delay = min(INITIAL_BACKOFF * (2**attempt), MAX_BACKOFF)
+    return delay * (1 - 0.25 * random.random())
+
+
+def run_create_body(
+    workflow: str, input: Any, metadata: dict[str, Any] | None, priority: int, timeout_seconds: float | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"workflow": workflow, "input": input, "metadata": metadata or {}, "priority": priority}
+    if timeout_seconds is not None:
+        body["timeout_seconds"] = timeout_seconds
+    return body
+
+
+def list_params(limit: int, after: str | None, status: list[str] | str | None, workflow: str | None) -> list[tuple[str, Any]]:
+    params: list[tuple[str, Any]] = [("limit", limit)]
+    if after:
+        params.append(("after", after))
+    if isinstance(status, str):
+        status = [status]
+    params += [("status", s) for s in status or []]
+    if workflow:
+        params.append(("workflow", workflow))
+    return params
+
+
+class SSEParser:
+    """Incremental Server-Sent Events parser: feed lines, get ``(id, event, data)`` per event."""
+
+    def __init__(self) -> None:
+        self._id: str | None = None
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str | None, str | None, str] | None:
+        if line == "":
+            if not self._data:
+                self._event = None
+                return None
+            out = (self._id, self._event, "\n".join(self._data))
+            self._event, self._data = None, []
+            return out
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "id":
+            self._id = value
+        elif name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        return None

@@ -1,0 +1,72 @@
+"""Typed objects returned by the SDK (mirrors of the service's response bodies)."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+FINAL_EVENT_TYPES = frozenset(f"run.{s}" for s in TERMINAL_STATUSES)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Run(_Model):
+    id: str
+    workflow: str
+    status: str
+    input: Any = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: int = 0
+    output: Any = None
+    error: dict[str, Any] | None = None
+    attempt: int = 0
+    timeout_seconds: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_event_seq: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class RunEvent(_Model):
+    run_id: str
+    seq: int
+    type: str
+    data: dict[str, Any] = Field(default_factory=dict)
+    created_at: float
+
+    @property
+    def final(self) -> bool:
+        return self.type in FINAL_EVENT_TYPES
+
+
+class Step(_Model):
+    step_id: int
+    name: str
+    status: str
+    output: Any = None
+    error: dict[str, Any] | None = None
+    attempt: int
+    started_at: float
+    finished_at: float | None = None
+
+
+class Workflow(_Model):
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] = Field(default_factory=dict)
+
+
+class Page(_Model, Generic[T]):
+    data: list[T]
+    has_more: bool = False
+    next_cursor: str | None = None

@@ -1,0 +1,166 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import httpx
+
+from orchestrator.client._base import (
+    ClientConfig, SSEParser, list_params, new_idempotency_key, retry_delay, run_create_body, should_retry,
+)
+from orchestrator.client._errors import APIConnectionError, APITimeoutError, StreamError, error_for
+from orchestrator.client._models import Page, Run, RunEvent, Step, Workflow
+
+
+class Client:
+    """``Client(base_url, api_key)``; both default to ``ORCH_BASE_URL`` / ``ORCH_API_KEY``."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 2,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.config = ClientConfig.build(base_url, api_key, timeout, max_retries)
+        self._http = httpx.Client(base_url=self.config.base_url, headers=self.config.headers, timeout=timeout,
+                                  transport=transport)
+        self.runs = Runs(self)
+        self.workflows = Workflows(self)
+
+    def request(self, method: str, path: str, *, json: Any = None, params: Any = None,
+                headers: dict[str, str] | None = None, timeout: float | None = None) -> Any:
+        """Send with retries; returns the decoded JSON body or raises a typed error."""
+        attempt = 0
+        while True:
+            response: httpx.Response | None = None
+            try:
+                response = self._http.request(method, path, json=json, params=params, headers=headers,
+                                              timeout=timeout if timeout is not None else self.config.timeout)
+            except httpx.TimeoutException as exc:
+                error: Exception = APITimeoutError(str(exc) or "request timed out")
+            except httpx.TransportError as exc:
+                error = APIConnectionError(str(exc) or type(exc).__name__)
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                error = error_for(response)
+            if attempt >= self.config.max_retries or not should_retry(response):
+                raise error
+            time.sleep(retry_delay(attempt, response))
+            attempt += 1
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Runs:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(self, workflow: str, input: Any = None, *, metadata: dict[str, Any] | None = None,
+               priority: int = 0, timeout_seconds: float | None = None, idempotency_key: str | None = None) -> Run:
+        """Submit a run. One idempotency key serves every retry, so a retry never makes a second run."""
+        key = idempotency_key or new_idempotency_key()
+        body = run_create_body(workflow, input, metadata, priority, timeout_seconds)
+        return Run.model_validate(self._c.request("POST", "/v1/runs", json=body, headers={"Idempotency-Key": key}))
+
+    def get(self, run_id: str, *, wait: float | None = None) -> Run:
+        params = {"wait": wait} if wait else None
+        timeout = self._c.config.timeout + (wait or 0)
+        return Run.model_validate(self._c.request("GET", f"/v1/runs/{run_id}", params=params, timeout=timeout))
+
+    def list(self, *, limit: int = 20, after: str | None = None, status: list[str] | str | None = None,
+             workflow: str | None = None) -> Page[Run]:
+        data = self._c.request("GET", "/v1/runs", params=list_params(limit, after, status, workflow))
+        return Page[Run].model_validate(data)
+
+    def list_all(self, *, page_size: int = 100, status: list[str] | str | None = None,
+                 workflow: str | None = None) -> Iterator[Run]:
+        """Every run, newest first, fetching pages as the iteration needs them."""
+        after = None
+        while True:
+            page = self.list(limit=page_size, after=after, status=status, workflow=workflow)
+            yield from page.data
+            if not page.has_more:
+                return
+            after = page.next_cursor
+
+    def cancel(self, run_id: str) -> Run:
+        return Run.model_validate(self._c.request("POST", f"/v1/runs/{run_id}/cancel"))
+
+    def wait(self, run_id: str, *, timeout: float | None = None, poll: float = 30.0) -> Run:
+        """Long-poll until the run finishes (or ``timeout`` seconds pass: the run as it is then)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = poll if deadline is None else min(poll, deadline - time.monotonic())
+            run = self.get(run_id, wait=max(left, 0.0) or None)
+            if run.finished or (deadline is not None and time.monotonic() >= deadline):
+                return run
+
+    def steps(self, run_id: str) -> list[Step]:
+        return Page[Step].model_validate(self._c.request("GET", f"/v1/runs/{run_id}/steps")).data
+
+    def events(self, run_id: str, *, starting_after: int = 0, limit: int = 100) -> Page[RunEvent]:
+        data = self._c.request("GET", f"/v1/runs/{run_id}/events",
+                               params={"starting_after": starting_after, "limit": limit})
+        return Page[RunEvent].model_validate(data)
+
+    def stream(self, run_id: str, *, starting_after: int = 0, max_reconnects: int = 10) -> Iterator[RunEvent]:
+        """Events as they happen; reconnects with ``Last-Event-ID`` after a dropped connection
+        and ends after the run's final event."""
+        last = starting_after
+        failures = 0
+        while True:
+            response: httpx.Response | None = None
+            error: Exception | None = None
+            headers = {"Accept": "text/event-stream"}
+            if last:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                read_timeout = max(self._c.config.timeout, 60.0)
+                with self._c._http.stream("GET", f"/v1/runs/{run_id}/events", headers=headers,
+                                          timeout=httpx.Timeout(self._c.config.timeout, read=read_timeout)) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        response, error = r, error_for(r)
+                    else:
+                        parser = SSEParser()
+                        for line in r.iter_lines():
+                            frame = parser.feed(line)
+                            if frame is None:
+                                continue
+                            event = RunEvent.model_validate_json(frame[2])
+                            if event.seq <= last:
+                                continue
+                            last, failures = event.seq, 0
+                            yield event
+                            if event.final:
+                                return
+            except httpx.TransportError as exc:
+                error = APIConnectionError(str(exc) or type(exc).__name__)
+            if response is not None and not should_retry(response):
+                assert error is not None
+                raise error
+            failures += 1
+            if failures > max_reconnects:
+                raise StreamError(f"event stream of {run_id} lost after {max_reconnects} reconnects: {error}")
+            time.sleep(retry_delay(failures - 1, response))
+
+
+class Workflows:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> list[Workflow]:
+        return Page[Workflow].model_validate(self._c.request("GET", "/v1/workflows")).data
