@@ -1,0 +1,67 @@
+"""The ``orchestrator`` CLI as a user runs it: a subprocess against a live service process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ROOT, ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("cli")
+    proc = ServiceProcess({"ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/orch.db",
+                           "ORCH_API_KEYS": "sk-cli=cli", "ORCH_WORKER_POLL_SECONDS": "0.2"}, tmp / "svc.log").start()
+    yield proc
+    proc.stop()
+
+
+def cli(service: ServiceProcess, *args: str, key: str = "sk-cli", stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--base-url", service.url, "--api-key", key, *args],
+                          capture_output=True, text=True, input=stdin, timeout=60, cwd=ROOT)
+
+
+def test_submit_follow_prints_live_progress_and_exits_0(service, tmp_path: Path):
+    spec = tmp_path / "run.json"
+    spec.write_text(json.dumps({"workflow": "demo", "input": {"steps": 2, "step_seconds": 0.1}}))
+    out = cli(service, "runs", "submit", str(spec), "--follow")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("submitted run_")
+    assert any("step.completed" in line for line in lines) and any("run.succeeded" in line for line in lines)
+    final = json.loads(out.stdout[out.stdout.index("{\n"):])
+    assert final["status"] == "succeeded" and final["output"] == {"steps": 2, "total": 1}
+
+
+def test_failed_run_exits_1(service):
+    out = cli(service, "runs", "submit", "-", "--follow",
+              stdin=json.dumps({"workflow": "demo", "input": {"steps": 2, "step_seconds": 0, "fail_at_step": 0}}))
+    assert out.returncode == 1 and "run.failed" in out.stdout
+
+
+def test_get_list_cancel_events(service):
+    out = cli(service, "runs", "submit", "-", stdin=json.dumps({"workflow": "sleep", "input": {"seconds": 60}}))
+    assert out.returncode == 0, out.stderr
+    run_id = json.loads(out.stdout)["id"]
+    assert run_id in cli(service, "runs", "list", "--workflow", "sleep").stdout
+    cancelled = cli(service, "runs", "cancel", run_id)
+    assert cancelled.returncode == 0 and run_id in cancelled.stdout
+    got = json.loads(cli(service, "runs", "get", run_id, "--wait", "10").stdout)
+    assert got["status"] == "cancelled"
+    events = cli(service, "runs", "events", run_id).stdout
+    assert "run.queued" in events and "run.cancelled" in events
+
+
+def test_errors_are_one_line_and_exit_2(service):
+    bad_key = cli(service, "runs", "list", key="nope")
+    assert bad_key.returncode == 2 and bad_key.stderr.strip().count("\n") == 0
+    assert "invalid_api_key" in bad_key.stderr and "Traceback" not in bad_key.stderr
+    missing = cli(service, "runs", "get", "run_00000000000000000000000000")
+    assert missing.returncode == 2 and "run_not_found" in missing.stderr
