@@ -1,0 +1,12 @@
+"""LLM backends behind one interface (see ``base.py``)."""
+
+from scheduler.backends.base import (
+    Backend, BackendError, BackendHTTPError, BackendTimeout, BackendUnavailable, Capacity, GenerateRequest,
+    Generation, GenerationChunk, Load, StreamInterrupted, TokenLogprob, ToolCall, Usage, new_rid,
+)
+
+__all__ = [
+    "Backend", "BackendError", "BackendHTTPError", "BackendTimeout", "BackendUnavailable", "Capacity",
+    "GenerateRequest", "Generation", "GenerationChunk", "Load", "StreamInterrupted", "TokenLogprob", "ToolCall",
+    "Usage", "new_rid",
+]
