@@ -13,7 +13,7 @@ from orchestrator.api.schemas import (
     ERROR_RESPONSES, Page, RunCreate, RunEventObject, RunObject, StepObject, WorkflowObject, run_object,
 )
 from orchestrator.auth import Tenant, authenticate
-from orchestrator.errors import InvalidRequest, NotFound, ValidationFailed
+from orchestrator.errors import InvalidRequest, NotFound, RateLimited, ValidationFailed
 from orchestrator.ids import is_valid_id
 from orchestrator.runs.states import FINAL_EVENT, RunStatus
 from orchestrator.runs.store import NewRun, RunStore, request_hash, run_channel
@@ -66,9 +66,8 @@ async def create_run(
     )
     try:
         row, created = await _store(request).create(new, max_active=tenant.limits.max_concurrent_runs)
-    except Exception as exc:
-        if getattr(exc, "code", None) == "too_many_concurrent_runs":
-            state.metrics.rate_limited.labels("concurrent_runs").inc()
+    except RateLimited:
+        state.metrics.rate_limited.labels("concurrent_runs").inc()
         raise
     response.headers["Location"] = f"/v1/runs/{row['id']}"
     if created:

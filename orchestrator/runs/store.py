@@ -286,20 +286,22 @@ class RunStore:
         events = []
         async with self._write() as conn:
             for run_id, epoch in (await conn.execute(stmt)).all():
-                res = await conn.execute(
+                row = (await conn.execute(
                     update(runs_t)
                     .where(runs_t.c.id == run_id, runs_t.c.status == RunStatus.QUEUED.value, runs_t.c.epoch == epoch)
                     .values(status=RunStatus.RUNNING.value, epoch=epoch + 1, lease_owner=owner,
                             lease_expires_at=now + lease_seconds, attempt=runs_t.c.attempt + 1,
                             started_at=func.coalesce(runs_t.c.started_at, now), updated_at=now,
                             deadline_at=func.coalesce(runs_t.c.deadline_at, runs_t.c.timeout_seconds + now))
-                )
-                if res.rowcount != 1:
+                    .returning(*runs_t.c)
+                )).first()
+                if row is None:
                     continue
+                run = dict(row._mapping)
                 lease = Lease(run_id, epoch + 1, owner)
-                events.append(await self._append(conn, run_id, "run.started", {"status": "running", "attempt": 1, "worker": owner}, epoch=lease.epoch, now=now))
-                row = (await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).first()
-                claimed.append((lease, dict(row._mapping)))
+                events.append(await self._append(conn, run_id, "run.started", {
+                    "status": "running", "attempt": run["attempt"], "worker": owner}, epoch=lease.epoch, now=now))
+                claimed.append((lease, run))
         await self._publish(events)
         return claimed
 
@@ -344,13 +346,12 @@ class RunStore:
                         "message": f"The worker executing this run was lost {attempt} times (limit {max_attempts}).",
                     }))
                 else:
-                    await conn.execute(update(runs_t).where(runs_t.c.id == run_id).values(
-                        attempt=attempt + 1, status=RunStatus.RUNNING.value))
+                    row = (await conn.execute(update(runs_t).where(runs_t.c.id == run_id).values(
+                        attempt=attempt + 1, status=RunStatus.RUNNING.value).returning(*runs_t.c))).one()
                     events.append(await self._append(conn, run_id, "run.recovered", {
                         "status": "running", "attempt": attempt + 1, "worker": owner,
                         "reason": "released" if old_owner is None else "lease_expired",
                     }, epoch=lease.epoch, now=now))
-                    row = (await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).first()
                     claimed.append((lease, dict(row._mapping)))
         await self._publish(events)
         return claimed, expired
