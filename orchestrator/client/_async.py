@@ -9,9 +9,10 @@ from typing import Any, AsyncIterator
 import httpx
 
 from orchestrator.client._base import (
-    ClientConfig, SSEParser, list_params, new_idempotency_key, retry_delay, run_create_body, should_retry,
+    ClientConfig, SSEParser, StreamCursor, list_params, new_idempotency_key, retry_delay, run_create_body,
+    should_retry,
 )
-from orchestrator.client._errors import APIConnectionError, APITimeoutError, StreamError, error_for
+from orchestrator.client._errors import APIConnectionError, APITimeoutError, error_for
 from orchestrator.client._models import Page, Run, RunEvent, Step, Workflow
 
 
@@ -118,19 +119,14 @@ class AsyncRuns:
     async def stream(self, run_id: str, *, starting_after: int = 0,
                      max_reconnects: int = 10) -> AsyncIterator[RunEvent]:
         """See ``Runs.stream``."""
-        last = starting_after
-        failures = 0
+        cursor = StreamCursor(run_id, starting_after, max_reconnects)
+        timeout = httpx.Timeout(self._c.config.timeout, read=max(self._c.config.timeout, 60.0))
         while True:
             response: httpx.Response | None = None
             error: Exception | None = None
-            headers = {"Accept": "text/event-stream"}
-            if last:
-                headers["Last-Event-ID"] = str(last)
             try:
-                read_timeout = max(self._c.config.timeout, 60.0)
-                async with self._c._http.stream("GET", f"/v1/runs/{run_id}/events", headers=headers,
-                                                timeout=httpx.Timeout(self._c.config.timeout,
-                                                                      read=read_timeout)) as r:
+                async with self._c._http.stream("GET", f"/v1/runs/{run_id}/events", headers=cursor.headers(),
+                                                timeout=timeout) as r:
                     if r.status_code >= 400:
                         await r.aread()
                         response, error = r, error_for(r)
@@ -138,24 +134,15 @@ class AsyncRuns:
                         parser = SSEParser()
                         async for line in r.aiter_lines():
                             frame = parser.feed(line)
-                            if frame is None:
+                            event = cursor.accept(frame[2]) if frame is not None else None
+                            if event is None:
                                 continue
-                            event = RunEvent.model_validate_json(frame[2])
-                            if event.seq <= last:
-                                continue
-                            last, failures = event.seq, 0
                             yield event
                             if event.final:
                                 return
             except httpx.TransportError as exc:
                 error = APIConnectionError(str(exc) or type(exc).__name__)
-            if response is not None and not should_retry(response):
-                assert error is not None
-                raise error
-            failures += 1
-            if failures > max_reconnects:
-                raise StreamError(f"event stream of {run_id} lost after {max_reconnects} reconnects: {error}")
-            await asyncio.sleep(retry_delay(failures - 1, response))
+            await asyncio.sleep(cursor.next_delay(error, response))
 
 
 class AsyncWorkflows:

@@ -11,9 +11,12 @@ import os
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from orchestrator.client._models import RunEvent
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -79,6 +82,45 @@ def list_params(limit: int, after: str | None, status: list[str] | str | None, w
     if workflow:
         params.append(("workflow", workflow))
     return params
+
+
+class StreamCursor:
+    """Where a resuming event stream stands: the last sequence number seen and the
+    reconnects since the last event. Shared by the sync and async iterators."""
+
+    def __init__(self, run_id: str, starting_after: int, max_reconnects: int) -> None:
+        self.run_id = run_id
+        self.last = starting_after
+        self.failures = 0
+        self.max_reconnects = max_reconnects
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream"}
+        if self.last:
+            headers["Last-Event-ID"] = str(self.last)
+        return headers
+
+    def accept(self, data: str) -> "RunEvent | None":
+        """The event in an SSE data field, or ``None`` when it was already delivered."""
+        from orchestrator.client._models import RunEvent
+
+        event = RunEvent.model_validate_json(data)
+        if event.seq <= self.last:
+            return None
+        self.last, self.failures = event.seq, 0
+        return event
+
+    def next_delay(self, error: Exception | None, response: httpx.Response | None) -> float:
+        """After a broken or refused connection: seconds to wait, or raise when it is final."""
+        from orchestrator.client._errors import StreamError
+
+        if response is not None and not should_retry(response):
+            assert error is not None
+            raise error
+        self.failures += 1
+        if self.failures > self.max_reconnects:
+            raise StreamError(f"event stream of {self.run_id} lost after {self.max_reconnects} reconnects: {error}")
+        return retry_delay(self.failures - 1, response)
 
 
 class SSEParser:
