@@ -1,0 +1,50 @@
+"""HTTP plumbing shared by backends that speak to a server: error mapping and SSE lines."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import httpx
+
+from scheduler.backends.base import BackendHTTPError, BackendTimeout, BackendUnavailable, StreamInterrupted
+
+
+@asynccontextmanager
+async def mapped_errors(backend: str, *, streamed: list[bool] | None = None) -> AsyncIterator[None]:
+    """Turn httpx failures into the typed backend errors.
+
+    ``streamed`` is a one-item flag the caller sets once output has been yielded: a
+    failure after that point is ``StreamInterrupted`` (not safe to retry blindly).
+    """
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        if streamed and streamed[0]:
+            raise StreamInterrupted(f"{backend}: stream timed out: {exc}", backend=backend) from exc
+        raise BackendTimeout(f"{backend}: timed out: {exc}", backend=backend) from exc
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        if streamed and streamed[0]:
+            raise StreamInterrupted(f"{backend}: stream broke: {exc}", backend=backend) from exc
+        raise BackendUnavailable(f"{backend}: {type(exc).__name__}: {exc}", backend=backend) from exc
+    except httpx.TransportError as exc:
+        raise BackendUnavailable(f"{backend}: {type(exc).__name__}: {exc}", backend=backend) from exc
+
+
+async def raise_for_status(response: httpx.Response, backend: str) -> None:
+    if response.status_code >= 400:
+        body = (await response.aread()).decode(errors="replace")[:500]
+        raise BackendHTTPError(f"{backend}: HTTP {response.status_code}: {body}", status=response.status_code,
+                               backend=backend)
+
+
+async def sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of an SSE response, up to ``data: [DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)

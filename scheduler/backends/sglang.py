@@ -1,0 +1,252 @@
+"""SGLang over its native HTTP API (verified against real SGLang 0.5.23, see tests/backends).
+
+Chat goes to ``/v1/chat/completions`` (streamed, with ``include_usage`` so the final
+chunk carries cached tokens); raw prompts and token ids go to ``/generate``, whose
+streamed ``text`` is cumulative and is turned into deltas here. Every request
+carries ``rid`` so the scheduler can abort it on the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from scheduler.backends._http import mapped_errors, raise_for_status, sse_json
+from scheduler.backends.base import (
+    Backend, Capacity, FinishReason, GenerateRequest, GenerationChunk, Load, StreamInterrupted, TokenLogprob,
+    ToolCall, Usage,
+)
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "tool_calls"}
+
+
+def _finish(value: Any) -> FinishReason | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else value
+    return _FINISH.get(kind, "stop")  # type: ignore[return-value]
+
+
+def _generate_logprobs(entries: list[Any] | None, tops: list[Any] | None = None) -> list[TokenLogprob]:
+    """``[[logprob, token_id, text], ...]`` (+ optional top lists) -> TokenLogprob list."""
+    out = []
+    for i, entry in enumerate(entries or []):
+        if entry is None or entry[0] is None:
+            continue
+        top = []
+        if tops and i < len(tops) and tops[i]:
+            top = [(t[2] or "", t[0]) for t in tops[i] if t and t[0] is not None]
+        out.append(TokenLogprob(token=entry[2] or "", token_id=entry[1], logprob=entry[0], top=top))
+    return out
+
+
+class SGLangBackend(Backend):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        name: str | None = None,
+        model: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 120.0,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.name = name or self.base_url
+        self.model = model or "default"
+        self._http = http_client or httpx.AsyncClient(
+            base_url=self.base_url, timeout=httpx.Timeout(read_timeout, connect=connect_timeout))
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        source = self._chat if request.messages is not None else self._generate
+        async for chunk in source(request):
+            yield chunk
+
+    # ---- chat ------------------------------------------------------------------
+
+    def _chat_body(self, r: GenerateRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": r.model or self.model, "messages": r.messages, "max_tokens": r.max_tokens,
+            "temperature": r.temperature, "top_p": r.top_p, "stream": True,
+            "stream_options": {"include_usage": True}, "rid": r.rid,
+        }
+        if r.stop:
+            body["stop"] = r.stop
+        if r.seed is not None:
+            body["seed"] = r.seed
+        if r.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = r.top_logprobs
+        if r.tools:
+            body["tools"] = r.tools
+            body["tool_choice"] = r.tool_choice if r.tool_choice is not None else "auto"
+        if r.priority is not None:
+            body["priority"] = r.priority
+        return {**body, **r.extra_body}
+
+    async def _chat(self, r: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        if r.prompt_logprobs:
+            raise ValueError("prompt logprobs need a raw prompt: render the chat template and send `prompt`")
+        streamed = [False]
+        calls: dict[int, dict[str, str]] = {}
+        finish: FinishReason | None = None
+        async with mapped_errors(self.name, streamed=streamed):
+            async with self._http.stream("POST", "/v1/chat/completions", json=self._chat_body(r)) as resp:
+                await raise_for_status(resp, self.name)
+                async for data in sse_json(resp):
+                    usage = data.get("usage")
+                    for choice in data.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        for tc in delta.get("tool_calls") or []:
+                            slot = calls.setdefault(tc.get("index", 0), {"id": "", "name": "", "arguments": ""})
+                            slot["id"] = tc.get("id") or slot["id"]
+                            fn = tc.get("function") or {}
+                            slot["name"] += fn.get("name") or ""
+                            slot["arguments"] += fn.get("arguments") or ""
+                        finish = _finish(choice.get("finish_reason")) or finish
+                        lps = [TokenLogprob(token=c["token"], logprob=c["logprob"],
+                                            top=[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
+                               for c in ((choice.get("logprobs") or {}).get("content") or [])]
+                        text = delta.get("content") or ""
+                        if text or lps:
+                            streamed[0] = True
+                            yield GenerationChunk(rid=r.rid, text=text, logprobs=lps)
+                    if usage:
+                        details = usage.get("prompt_tokens_details") or {}
+                        tool_calls = [ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
+                                      for i, c in sorted(calls.items())]
+                        yield GenerationChunk(
+                            rid=r.rid, tool_calls=tool_calls,
+                            finish_reason="tool_calls" if tool_calls and finish == "stop" else (finish or "stop"),
+                            usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0),
+                                        completion_tokens=usage.get("completion_tokens", 0),
+                                        cached_tokens=details.get("cached_tokens") or 0))
+                        return
+        raise StreamInterrupted(f"{self.name}: stream of {r.rid} ended without a final chunk", backend=self.name)
+
+    # ---- raw prompt / token ids ------------------------------------------------
+
+    def _generate_body(self, r: GenerateRequest) -> dict[str, Any]:
+        sampling: dict[str, Any] = {"max_new_tokens": r.max_tokens, "temperature": r.temperature, "top_p": r.top_p}
+        if r.stop:
+            sampling["stop"] = r.stop
+        if r.seed is not None:
+            sampling["sampling_seed"] = r.seed
+        body: dict[str, Any] = {"rid": r.rid, "sampling_params": sampling, "stream": True}
+        if r.prompt is not None:
+            body["text"] = r.prompt
+        else:
+            body["input_ids"] = r.input_ids
+        if r.logprobs or r.prompt_logprobs:
+            body["return_logprob"] = True
+            body["top_logprobs_num"] = max(r.top_logprobs, r.prompt_top_logprobs)
+            body["return_text_in_logprobs"] = True
+            body["logprob_start_len"] = 0 if r.prompt_logprobs else -1
+        if r.priority is not None:
+            body["priority"] = r.priority
+        return {**body, **r.extra_body}
+
+    async def _generate(self, r: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        streamed = [False]
+        text_so_far = ""
+        ids_so_far = 0
+        lps_so_far = 0
+        async with mapped_errors(self.name, streamed=streamed):
+            async with self._http.stream("POST", "/generate", json=self._generate_body(r)) as resp:
+                await raise_for_status(resp, self.name)
+                async for data in sse_json(resp):
+                    meta = data.get("meta_info") or {}
+                    text = data.get("text") or ""
+                    delta, text_so_far = text[len(text_so_far):], text
+                    ids = data.get("output_ids") or []
+                    new_ids, ids_so_far = ids[ids_so_far:], max(ids_so_far, len(ids))
+                    lps: list[TokenLogprob] = []
+                    if r.logprobs:
+                        entries = meta.get("output_token_logprobs") or []
+                        tops = meta.get("output_top_logprobs") or []
+                        lps = _generate_logprobs(entries[lps_so_far:], tops[lps_so_far:])
+                        lps_so_far = max(lps_so_far, len(entries))
+                    finish = _finish(meta.get("finish_reason"))
+                    if delta or lps or new_ids:
+                        streamed[0] = True
+                    if finish is None:
+                        if delta or lps:
+                            yield GenerationChunk(rid=r.rid, text=delta, token_ids=new_ids, logprobs=lps)
+                        continue
+                    prompt_lps = None
+                    if r.prompt_logprobs:
+                        prompt_lps = _generate_logprobs(meta.get("input_token_logprobs"),
+                                                        meta.get("input_top_logprobs"))
+                    yield GenerationChunk(
+                        rid=r.rid, text=delta, token_ids=new_ids, logprobs=lps, finish_reason=finish,
+                        prompt_logprobs=prompt_lps,
+                        usage=Usage(prompt_tokens=meta.get("prompt_tokens", 0),
+                                    completion_tokens=meta.get("completion_tokens", 0),
+                                    cached_tokens=meta.get("cached_tokens", 0)))
+                    return
+        raise StreamInterrupted(f"{self.name}: stream of {r.rid} ended without a final chunk", backend=self.name)
+
+    # ---- control ---------------------------------------------------------------
+
+    async def abort(self, rid: str) -> None:
+        async with mapped_errors(self.name):
+            resp = await self._http.post("/abort_request", json={"rid": rid})
+            await raise_for_status(resp, self.name)
+
+    async def _get_json(self, path: str) -> Any:
+        async with mapped_errors(self.name):
+            resp = await self._http.get(path)
+            await raise_for_status(resp, self.name)
+            return resp.json()
+
+    async def capacity(self) -> Capacity:
+        info = await self._get_json("/get_server_info")
+        return Capacity(max_total_tokens=info["max_total_num_tokens"],
+                        max_context_tokens=info.get("max_req_input_len") or info.get("context_length"))
+
+    async def load(self) -> Load:
+        try:
+            data = await self._get_json("/v1/loads")
+            entry = data["loads"][0]
+        except Exception as exc:  # older releases: /get_load
+            if getattr(exc, "status", None) != 404:
+                raise
+            data = await self._get_json("/get_load")
+            entry = data[0] if isinstance(data, list) else data
+        return Load(running=entry.get("num_running_reqs", 0),
+                    queued=entry.get("num_waiting_reqs", entry.get("num_queue_reqs", 0)),
+                    used_tokens=entry.get("num_used_tokens", 0),
+                    total_tokens=entry.get("max_total_num_tokens"))
+
+    async def health(self) -> bool:
+        try:
+            async with mapped_errors(self.name):
+                return (await self._http.get("/health")).status_code == 200
+        except Exception:
+            return False
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self._get_json("/get_model_info")
+
+    async def flush_cache(self) -> None:
+        async with mapped_errors(self.name):
+            await raise_for_status(await self._http.post("/flush_cache"), self.name)
+
+    async def metrics(self) -> dict[str, float]:
+        """``sglang:*`` samples as ``{"name{label=..}": value}`` (label sets sorted)."""
+        async with mapped_errors(self.name):
+            resp = await self._http.get("/metrics")
+            await raise_for_status(resp, self.name)
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(resp.text):
+            for s in family.samples:
+                if s.name.startswith("sglang:"):
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
+                    out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    async def close(self) -> None:
+        await self._http.aclose()
+

@@ -1,0 +1,87 @@
+"""Backend failures over real loopback HTTP: down, 5xx, hang, a stream cut half way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from scheduler.backends import (
+    BackendHTTPError, BackendTimeout, BackendUnavailable, GenerateRequest, StreamInterrupted,
+)
+from scheduler.backends.sglang import SGLangBackend
+from tests.servers import free_port
+
+
+def misbehaving_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def generate(body: dict) -> object:
+        mode = body["text"]
+        if mode == "500":
+            return JSONResponse({"error": "boom"}, status_code=500)
+        if mode == "hang":
+            await asyncio.sleep(30)
+
+        async def cut() -> AsyncIterator[str]:
+            for i in range(3):
+                yield "data: " + json.dumps({"text": "x" * (i + 1), "meta_info": {"finish_reason": None}}) + "\n\n"
+                await asyncio.sleep(0.05)
+            raise RuntimeError("server dies mid-stream")
+
+        return StreamingResponse(cut(), media_type="text/event-stream")
+
+    return app
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        server.force_exit = True
+        await task
+
+
+async def test_backend_down_is_unavailable():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connection refused
+        backend = SGLangBackend(f"http://127.0.0.1:{port}")
+        with pytest.raises(BackendUnavailable) as exc:
+            await backend.generate(GenerateRequest(prompt="hi"))
+        assert exc.value.retryable
+        assert not await backend.health()
+        await backend.close()
+
+
+async def test_5xx_hang_and_cut_stream():
+    async with serve(misbehaving_app()) as url:
+        backend = SGLangBackend(url, read_timeout=0.5)
+        with pytest.raises(BackendHTTPError) as err:
+            await backend.generate(GenerateRequest(prompt="500"))
+        assert err.value.status == 500 and err.value.retryable
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(BackendTimeout):
+            await backend.generate(GenerateRequest(prompt="hang"))
+        assert asyncio.get_running_loop().time() - t0 < 5  # bounded: the stream never hangs
+        got = []
+        with pytest.raises(StreamInterrupted) as cut:
+            async for chunk in backend.stream(GenerateRequest(prompt="cut")):
+                got.append(chunk.text)
+        assert "".join(got) == "xxx" and not cut.value.retryable  # deltas from cumulative text
+        await backend.close()
