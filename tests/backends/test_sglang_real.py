@@ -1,0 +1,114 @@
+"""The SGLang and OpenAI-compatible backends against real SGLang (tier `sglang`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from scheduler.backends import GenerateRequest
+from scheduler.backends.openai_compat import OpenAICompatBackend
+from scheduler.backends.sglang import SGLangBackend
+
+pytestmark = pytest.mark.sglang
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+
+@pytest.fixture
+async def backend(sglang_url):
+    b = SGLangBackend(sglang_url, read_timeout=120)
+    yield b
+    await b.close()
+
+
+async def test_chat_stream_usage_and_cached_tokens(backend):
+    long_ctx = [{"role": "system", "content": "You are a terse geography assistant. " * 20}, *QUESTION]
+    chunks = [c async for c in backend.stream(GenerateRequest(messages=long_ctx, max_tokens=8, logprobs=True,
+                                                               top_logprobs=2))]
+    first = chunks[-1]
+    text = "".join(c.text for c in chunks)
+    assert "Paris" in text
+    assert first.finish_reason in ("stop", "length") and first.usage.prompt_tokens > 100
+    lps = [lp for c in chunks for lp in c.logprobs]
+    assert lps and all(lp.logprob <= 0 for lp in lps) and len(lps[0].top) == 2
+    again = await backend.generate(GenerateRequest(messages=long_ctx, max_tokens=8))
+    assert again.text == text  # greedy
+    assert again.usage.cached_tokens >= first.usage.prompt_tokens - 8  # the whole prefix came from cache
+
+
+async def test_generate_stream_deltas_and_prompt_logprobs(backend):
+    prompt = "The quick brown fox jumps over the lazy"
+    chunks = [c async for c in backend.stream(GenerateRequest(prompt=prompt, max_tokens=6, logprobs=True,
+                                                               prompt_logprobs=True))]
+    final = chunks[-1]
+    whole = await backend.generate(GenerateRequest(prompt=prompt, max_tokens=6))
+    assert "".join(c.text for c in chunks) == whole.text and len(chunks) > 1
+    assert final.usage.completion_tokens == 6 and final.finish_reason == "length"
+    gen_lps = [lp for c in chunks for lp in c.logprobs]
+    assert len(gen_lps) == 6 and all(lp.token_id is not None for lp in gen_lps)
+    assert final.prompt_logprobs is not None
+    # The first prompt token has no logprob; every later one has a real (negative) value.
+    assert len(final.prompt_logprobs) == final.usage.prompt_tokens - 1
+    assert all(lp.logprob <= 0 for lp in final.prompt_logprobs)
+
+
+async def test_abort_stops_a_long_generation(backend):
+    req = GenerateRequest(prompt="Count from one to one thousand:", max_tokens=2000, priority=1)
+    got: list[str] = []
+
+    async def consume():
+        async for c in backend.stream(req):
+            got.append(c.text)
+            if c.finish_reason:
+                return c
+
+    task = asyncio.create_task(consume())
+    while len(got) < 3:
+        await asyncio.sleep(0.05)
+    load = await backend.load()
+    assert load.running >= 1 and load.total_tokens == 16384 and load.used_tokens > 0
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await backend.abort(req.rid)
+    last = await asyncio.wait_for(task, 10)
+    assert last.finish_reason == "abort" and loop.time() - t0 < 3
+
+
+async def test_tool_call_capacity_info_and_metrics(backend):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    gen = await backend.generate(GenerateRequest(
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=tools,
+        tool_choice="required", max_tokens=40))
+    assert gen.finish_reason == "tool_calls" and gen.tool_calls[0].name == "get_weather"
+    assert isinstance(json.loads(gen.tool_calls[0].arguments), dict)
+    cap = await backend.capacity()
+    assert cap.max_total_tokens == 16384 and cap.max_context_tokens
+    assert await backend.health()
+    assert (await backend.model_info())["served_model_name"] == "SmolLM2-135M-Instruct"
+    metrics = await backend.metrics()
+    assert "sglang:num_running_reqs" in metrics and metrics["sglang:max_total_num_tokens"] == 16384
+    assert metrics["sglang:num_requests_total"] >= 1
+
+
+async def test_openai_compatible_backend_on_sglang_v1(sglang_url):
+    b = OpenAICompatBackend(f"{sglang_url}/v1", model="SmolLM2-135M-Instruct", capacity_tokens=16384)
+    try:
+        gen = await b.generate(GenerateRequest(messages=QUESTION, max_tokens=8, logprobs=True, top_logprobs=1))
+        assert "Paris" in gen.text and gen.usage.prompt_tokens > 0 and gen.logprobs
+        again = await b.generate(GenerateRequest(messages=QUESTION, max_tokens=8))
+        assert again.usage.cached_tokens > 0
+        comp = await b.generate(GenerateRequest(prompt="One, two, three,", max_tokens=5))
+        assert comp.text and comp.usage.completion_tokens == 5
+        req = GenerateRequest(prompt="Count from one to one thousand:", max_tokens=2000)
+        chunks = []
+        async for c in b.stream(req):
+            chunks.append(c)
+            if len(chunks) == 3:
+                await b.abort(req.rid)
+        assert chunks[-1].finish_reason == "abort"
+        assert await b.health()
+    finally:
+        await b.close()
