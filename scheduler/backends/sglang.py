@@ -235,16 +235,19 @@ class SGLangBackend(Backend):
             await raise_for_status(await self._http.post("/flush_cache"), self.name)
 
     async def metrics(self) -> dict[str, float]:
-        """``sglang:*`` samples as ``{"name{label=..}": value}`` (label sets sorted)."""
+        """``sglang:*`` samples by name, summed over label sets (engine ranks, priorities).
+
+        Histogram buckets are left out (a sum over ``le`` means nothing); their
+        ``_sum`` and ``_count`` stay.
+        """
         async with mapped_errors(self.name):
             resp = await self._http.get("/metrics")
             await raise_for_status(resp, self.name)
         out: dict[str, float] = {}
         for family in text_string_to_metric_families(resp.text):
             for s in family.samples:
-                if s.name.startswith("sglang:"):
-                    labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name")
-                    out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+                if s.name.startswith("sglang:") and "le" not in s.labels and "quantile" not in s.labels:
+                    out[s.name] = out.get(s.name, 0.0) + s.value
         return out
 
     async def close(self) -> None:

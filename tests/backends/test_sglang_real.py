@@ -66,8 +66,13 @@ async def test_abort_stops_a_long_generation(backend):
     task = asyncio.create_task(consume())
     while len(got) < 3:
         await asyncio.sleep(0.05)
-    load = await backend.load()
-    assert load.running >= 1 and load.total_tokens == 16384 and load.used_tokens > 0
+    # /v1/loads is a snapshot the scheduler refreshes every few decode steps: poll it.
+    for _ in range(40):
+        load = await backend.load()
+        if load.running >= 1:
+            break
+        await asyncio.sleep(0.1)
+    assert load.running == 1 and load.total_tokens == 16384 and load.used_tokens > 0
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     await backend.abort(req.rid)
