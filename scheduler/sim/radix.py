@@ -1,0 +1,193 @@
+"""A radix prefix cache over token ids, shaped like SGLang's RadixCache.
+
+Why a compressed radix tree: agent prompts are long and share long prefixes (system prompt,
+earlier turns); one node per edge segment keeps matching to a few slice comparisons instead of
+a Python step per token. Eviction, like SGLang's, removes whole unreferenced leaves in LRU order,
+so a prefix that a running request holds (``lock``) is never evicted. LRU order uses a logical
+tick, not a clock, so the cache behaves identically in virtual and real time.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass(eq=False)
+class RadixNode:
+    key: tuple[int, ...]
+    parent: "RadixNode | None"
+    children: dict[int, "RadixNode"] = field(default_factory=dict)
+    ref: int = 0
+    last_access: int = 0
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """``length`` tokens of the query are cached; ``node`` ends exactly there (lock it)."""
+
+    length: int
+    node: RadixNode
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix, by binary search over C-speed slice comparisons."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo], a[:hi+1] != b[:hi+1] unless hi is the end
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class RadixCache:
+    """Token-id prefix tree with a fixed token capacity.
+
+    ``size`` counts stored tokens; ``evictable_size`` those in no locked path. Locks count
+    references from a node up to the root, so locking a match protects the whole prefix.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self.size = 0
+        self.evictable_size = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop everything (``/flush_cache``); like SGLang, refused while a prefix is locked."""
+        if self.size != self.evictable_size:
+            raise RuntimeError("cannot reset while prefixes are locked")
+        self.root = RadixNode(key=(), parent=None)
+        self.root.ref = 1  # the root is never evicted
+        self.size = 0
+        self.evictable_size = 0
+        self._tick = 0
+        self._lru: list[tuple[int, int, RadixNode]] = []
+        self._seq = 0
+
+    # ---- lookup -------------------------------------------------------------------------
+
+    def match_prefix(self, tokens: Sequence[int]) -> PrefixMatch:
+        """Longest cached prefix of ``tokens``; splits a node so the match ends on a node."""
+        tick = self._next_tick()
+        tokens = tokens if isinstance(tokens, tuple) else tuple(tokens)  # keys are tuples
+        node, pos = self.root, 0
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                break
+            n = _common_prefix(child.key, tokens[pos:pos + len(child.key)])
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access = tick
+            self._offer(child)
+            node, pos = child, pos + n
+        return PrefixMatch(length=pos, node=node)
+
+    # ---- references ---------------------------------------------------------------------
+
+    def lock(self, node: RadixNode) -> None:
+        while node is not None and node is not self.root:
+            if node.ref == 0:
+                self.evictable_size -= len(node.key)
+            node.ref += 1
+            node = node.parent  # type: ignore[assignment]
+
+    def unlock(self, node: RadixNode) -> None:
+        while node is not None and node is not self.root:
+            node.ref -= 1
+            if node.ref < 0:
+                raise RuntimeError("unlock without lock")
+            if node.ref == 0:
+                self.evictable_size += len(node.key)
+                self._offer(node)
+            node = node.parent  # type: ignore[assignment]
+
+    # ---- insert / evict -----------------------------------------------------------------
+
+    def insert(self, tokens: Sequence[int]) -> int:
+        """Store ``tokens``; evicts LRU leaves to make room and, if the locked part leaves too
+        little, stores only the prefix that fits. Returns how many new tokens were stored."""
+        match = self.match_prefix(tokens)
+        missing = len(tokens) - match.length
+        if missing == 0:
+            return 0
+        over = self.size + missing - self.capacity
+        if over > 0:
+            self.lock(match.node)
+            self.evict(over)
+            self.unlock(match.node)
+            missing = min(missing, self.capacity - self.size)
+            if missing <= 0:
+                return 0
+        key = tuple(tokens[match.length:match.length + missing])
+        leaf = RadixNode(key=key, parent=match.node, last_access=self._next_tick())
+        match.node.children[key[0]] = leaf
+        self.size += len(key)
+        self.evictable_size += len(key)
+        self._offer(leaf)
+        return len(key)
+
+    def evict(self, n: int) -> int:
+        """Free at least ``n`` tokens if unlocked leaves allow; least recently used first."""
+        freed = 0
+        while freed < n and self._lru:
+            stamp, _, node = heapq.heappop(self._lru)
+            if node.last_access != stamp or not self._evictable_leaf(node):
+                continue  # stale entry: touched, locked, grown or already gone since pushed
+            parent = node.parent
+            assert parent is not None
+            del parent.children[node.key[0]]
+            node.parent = None
+            self.size -= len(node.key)
+            self.evictable_size -= len(node.key)
+            freed += len(node.key)
+            self._offer(parent)
+        return freed
+
+    # ---- inspection ---------------------------------------------------------------------
+
+    def sequences(self) -> list[tuple[int, ...]]:
+        """Every stored root-to-leaf token sequence (tests and debugging)."""
+        out: list[tuple[int, ...]] = []
+        stack: list[tuple[RadixNode, tuple[int, ...]]] = [(self.root, ())]
+        while stack:
+            node, prefix = stack.pop()
+            path = prefix + node.key
+            if not node.children and node is not self.root:
+                out.append(path)
+            stack.extend((c, path) for c in node.children.values())
+        return out
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    def _evictable_leaf(self, node: RadixNode) -> bool:
+        return node is not self.root and node.parent is not None and not node.children and node.ref == 0
+
+    def _offer(self, node: RadixNode) -> None:
+        """Queue ``node`` for eviction if it is an unlocked leaf now (entries go stale lazily)."""
+        if self._evictable_leaf(node):
+            self._seq += 1
+            heapq.heappush(self._lru, (node.last_access, self._seq, node))
+
+    def _split(self, child: RadixNode, n: int) -> RadixNode:
+        """Cut ``child`` after ``n`` tokens; returns the new upper node."""
+        parent = child.parent
+        assert parent is not None
+        upper = RadixNode(key=child.key[:n], parent=parent, ref=child.ref, last_access=child.last_access)
+        parent.children[upper.key[0]] = upper
+        child.key = child.key[n:]
+        child.parent = upper
+        upper.children[child.key[0]] = child
+        return upper
