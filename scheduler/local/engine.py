@@ -179,6 +179,9 @@ class LocalEngine(Backend):
         if active is not None:
             active.aborted = True
 
+    def active_rids(self) -> list[str]:
+        return list(self._active)
+
     async def capacity(self) -> Capacity:
         return Capacity(max_total_tokens=self.cache_tokens, max_context_tokens=self.loaded.max_context_tokens)
 
