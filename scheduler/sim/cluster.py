@@ -87,6 +87,11 @@ class VirtualCluster:
         self.engines = [SimEngine(self.clock, config, script=script, name=f"engine-{i}") for i in range(n_engines)]
         self.finished: list[SimRequest] = []
         self.agent_steps = 0
+        self._next_token = VOCAB  # above every tokenizer id, so fresh ids never collide
+
+    def fresh_tokens(self, n: int) -> list[int]:
+        start, self._next_token = self._next_token, self._next_token + n
+        return list(range(start, start + n))
 
     def submit(self, request: SimRequest, at: float | None = None, engine: int = 0,
                on_finish: Callable[[SimRequest], None] | None = None) -> None:
@@ -130,7 +135,7 @@ class VirtualCluster:
         """Run ``workload`` for ``duration_s`` virtual seconds; program i stays on engine
         i mod N (sticky placement, what a cache-aware router does when load is balanced)."""
         rng = random.Random(self.seed)
-        system = [rng.getrandbits(31) % VOCAB for _ in range(workload.system_prompt_tokens)]
+        system = self.fresh_tokens(workload.system_prompt_tokens)
         for i in range(workload.programs):
             _AgentProgram(self, workload, system, i, random.Random(f"{self.seed}/{i}")).start(
                 rng.uniform(0, workload.start_spread_s))
@@ -150,8 +155,8 @@ class _AgentProgram:
         self.context: list[int] = []
 
     def _tokens(self, bounds: tuple[int, int]) -> list[int]:
-        bits = self.rng.getrandbits
-        return [bits(31) for _ in range(self.rng.randint(*bounds))]
+        """Fresh token ids never seen before (tool output and tasks are unique text)."""
+        return self.cluster.fresh_tokens(self.rng.randint(*bounds))
 
     def start(self, at: float) -> None:
         self.episode += 1

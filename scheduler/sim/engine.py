@@ -101,8 +101,9 @@ class SimRequest:
         return list(self.plan.tool_calls) if done and self.plan else []
 
     def full_ids(self) -> list[int]:
-        """Prompt plus generated tokens: what a (re-)prefill has to cover."""
-        return self.input_ids + self.output_ids[: self.generated]
+        """Prompt plus generated tokens: what a (re-)prefill has to cover (not a copy when
+        nothing was generated yet: prompts of agents are long)."""
+        return self.input_ids + self.output_ids[: self.generated] if self.generated else self.input_ids
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Sequence
 
 @dataclass(eq=False)
 class RadixNode:
-    key: tuple[int, ...]
+    key: list[int]
     parent: "RadixNode | None"
     children: dict[int, "RadixNode"] = field(default_factory=dict)
     ref: int = 0
@@ -64,7 +64,7 @@ class RadixCache:
         """Drop everything (``/flush_cache``); like SGLang, refused while a prefix is locked."""
         if self.size != self.evictable_size:
             raise RuntimeError("cannot reset while prefixes are locked")
-        self.root = RadixNode(key=(), parent=None)
+        self.root = RadixNode(key=[], parent=None)
         self.root.ref = 1  # the root is never evicted
         self.size = 0
         self.evictable_size = 0
@@ -77,7 +77,7 @@ class RadixCache:
     def match_prefix(self, tokens: Sequence[int]) -> PrefixMatch:
         """Longest cached prefix of ``tokens``; splits a node so the match ends on a node."""
         tick = self._next_tick()
-        tokens = tokens if isinstance(tokens, tuple) else tuple(tokens)  # keys are tuples
+        tokens = tokens if isinstance(tokens, list) else list(tokens)  # keys are lists: slices compare
         node, pos = self.root, 0
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
@@ -127,7 +127,7 @@ class RadixCache:
             missing = min(missing, self.capacity - self.size)
             if missing <= 0:
                 return 0
-        key = tuple(tokens[match.length:match.length + missing])
+        key = list(tokens[match.length:match.length + missing])
         leaf = RadixNode(key=key, parent=match.node, last_access=self._next_tick())
         match.node.children[key[0]] = leaf
         self.size += len(key)
@@ -154,10 +154,10 @@ class RadixCache:
 
     # ---- inspection ---------------------------------------------------------------------
 
-    def sequences(self) -> list[tuple[int, ...]]:
+    def sequences(self) -> list[list[int]]:
         """Every stored root-to-leaf token sequence (tests and debugging)."""
-        out: list[tuple[int, ...]] = []
-        stack: list[tuple[RadixNode, tuple[int, ...]]] = [(self.root, ())]
+        out: list[list[int]] = []
+        stack: list[tuple[RadixNode, list[int]]] = [(self.root, [])]
         while stack:
             node, prefix = stack.pop()
             path = prefix + node.key

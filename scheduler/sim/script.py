@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
 
@@ -42,8 +43,11 @@ def _hash(*parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")
 
 
+_WORDS = tuple(" " + w for w in _SYLLABLES)
+
+
 def _words(n: int, key: int) -> list[str]:
-    return [" " + _SYLLABLES[_hash(key, i) % len(_SYLLABLES)] for i in range(n)]
+    return random.Random(key).choices(_WORDS, k=n)
 
 
 def _with_logprobs(pieces: list[str], key: int, request: "SimRequest") -> tuple[list[float], list[list[tuple[str, float]]]]:

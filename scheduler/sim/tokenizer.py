@@ -22,10 +22,14 @@ VOCAB = 1 << 31
 class SimTokenizer:
     def __init__(self) -> None:
         self._pieces: dict[int, str] = {}
+        self._ids: dict[str, int] = {}
 
     def piece_id(self, piece: str) -> int:
-        token = int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=4).digest(), "big") % VOCAB
-        self._pieces[token] = piece
+        token = self._ids.get(piece)
+        if token is None:
+            token = int.from_bytes(hashlib.blake2b(piece.encode(), digest_size=4).digest(), "big") % VOCAB
+            self._ids[piece] = token
+            self._pieces[token] = piece
         return token
 
     def split(self, text: str) -> list[str]:
