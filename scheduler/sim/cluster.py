@@ -85,8 +85,9 @@ class VirtualCluster:
         config = EngineConfig(cost=cost, enable_priority_scheduling=enable_priority_scheduling,
                               kv_capacity_tokens=kv_capacity_tokens)
         self.engines = [SimEngine(self.clock, config, script=script, name=f"engine-{i}") for i in range(n_engines)]
-        self.finished: list[SimRequest] = []
         self.agent_steps = 0
+        self._totals = {"requests": 0, "prompt": 0, "cached": 0, "generated": 0}
+        self._ttfts: list[float] = []  # aggregates only: finished requests hold long prompts
         self._next_token = VOCAB  # above every tokenizer id, so fresh ids never collide
 
     def fresh_tokens(self, n: int) -> list[int]:
@@ -98,7 +99,8 @@ class VirtualCluster:
         """Deliver ``request`` to ``engine`` at virtual time ``at`` (now when None)."""
 
         def finished(req: SimRequest) -> None:
-            self.finished.append(req)
+            if req.finish_reason != "abort":
+                self._record(req)
             if on_finish is not None:
                 on_finish(req)
 
@@ -113,18 +115,26 @@ class VirtualCluster:
     def run(self, until: float | None = None) -> None:
         self.clock.run(until)
 
+    def _record(self, req: SimRequest) -> None:
+        t = self._totals
+        t["requests"] += 1
+        t["prompt"] += req.prompt_tokens
+        t["cached"] += req.cached_tokens
+        t["generated"] += req.completion_tokens
+        if req.ttft is not None:
+            self._ttfts.append(req.ttft)
+
     def metrics(self) -> ClusterMetrics:
-        done = [r for r in self.finished if r.finish_reason != "abort"]
-        ttfts = [r.ttft for r in done if r.ttft is not None]
+        t = self._totals
         return ClusterMetrics(
             sim_seconds=self.clock.now(),
-            requests_finished=len(done),
-            prompt_tokens=sum(r.prompt_tokens for r in done),
-            cached_tokens=sum(r.cached_tokens for r in done),
-            generation_tokens=sum(r.completion_tokens for r in done),
+            requests_finished=t["requests"],
+            prompt_tokens=t["prompt"],
+            cached_tokens=t["cached"],
+            generation_tokens=t["generated"],
             retractions=sum(e.stats.retractions for e in self.engines),
-            ttft_p50_s=percentile(ttfts, 50),
-            ttft_p99_s=percentile(ttfts, 99),
+            ttft_p50_s=percentile(self._ttfts, 50),
+            ttft_p99_s=percentile(self._ttfts, 99),
             events=self.clock.events_run,
             agent_steps=self.agent_steps,
         )
@@ -177,7 +187,8 @@ class _AgentProgram:
         if self.turn >= self.w.max_turns or req.finish_reason == "abort":  # done, or context too long
             self.start(now + tool_s)
             return
-        self.context = req.full_ids() + self._tokens(self.w.tool_result_tokens)
+        self.context = req.input_ids + req.output_ids[: req.generated]
+        self.context += self._tokens(self.w.tool_result_tokens)
         self.cluster.clock.call_at(now + tool_s, self._tool_done)
 
     def _tool_done(self) -> None:

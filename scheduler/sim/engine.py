@@ -26,9 +26,8 @@ from typing import Any, Callable, Literal
 from scheduler.backends.base import ToolCall
 from scheduler.sim.clock import Clock, Timer
 from scheduler.sim.cost import CostModel
-from scheduler.sim.radix import RadixCache, RadixNode
+from scheduler.sim.radix import PrefixMatch, RadixCache
 from scheduler.sim.script import Plan, PseudoScript, Script
-from scheduler.sim.tokenizer import SimTokenizer
 
 SimFinish = Literal["stop", "length", "tool_calls", "abort"]
 
@@ -68,7 +67,7 @@ class SimRequest:
     output_ids: list[int] = field(default_factory=list)
     # --- engine state ---
     _seq: int = 0
-    _node: RadixNode | None = None
+    _match: PrefixMatch | None = None  # locked cache prefix
     _kv: int = 0  # tokens with KV (prefix in cache + own)
     _own: int = 0  # KV tokens allocated to this request outside the cache
     _admitted: bool = False
@@ -139,8 +138,7 @@ class _Decode:
 class SimEngine:
     """One simulated SGLang engine on a ``Clock``."""
 
-    def __init__(self, clock: Clock, config: EngineConfig, script: Script | None = None,
-                 tokenizer: SimTokenizer | None = None, name: str = "sim") -> None:
+    def __init__(self, clock: Clock, config: EngineConfig, script: Script | None = None, name: str = "sim") -> None:
         self.clock = clock
         self.cost = config.cost
         self.capacity = config.kv_capacity_tokens or self.cost.kv_capacity_tokens
@@ -149,7 +147,6 @@ class SimEngine:
         self.priority_scheduling = config.enable_priority_scheduling
         self.max_macro_steps = max(1, config.max_macro_steps)
         self.script: Script = script or PseudoScript()
-        self.tokenizer = tokenizer or SimTokenizer()
         self.name = name
         self.cache = RadixCache(self.capacity)
         self.stats = EngineStats()
@@ -177,6 +174,12 @@ class SimEngine:
     def num_running(self) -> int:
         return len(self.running) + (1 if self._chunked is not None else 0)
 
+    def is_live(self, rid: str) -> bool:
+        return rid in self._by_rid
+
+    def live_rids(self) -> list[str]:
+        return list(self._by_rid)
+
     def submit(self, req: SimRequest) -> None:
         if req.rid in self._by_rid:
             raise ValueError(f"duplicate rid {req.rid}")
@@ -184,7 +187,7 @@ class SimEngine:
         self._seq += 1
         req._seq = self._seq
         req.plan = self.script.plan(req)
-        req.output_ids = [self.tokenizer.piece_id(p) for p in req.plan.pieces]
+        req.output_ids = req.plan.token_ids
         self._by_rid[req.rid] = req
         if req.prompt_tokens + 1 > min(self.capacity, self.cost.context_length):
             self._finish(req, "abort")  # SGLang rejects it too: it could never be scheduled
@@ -275,6 +278,8 @@ class SimEngine:
         return math.ceil(self._ratio * max(0, req.max_new_tokens - req.generated))
 
     def _start_prefill(self) -> bool:
+        if not self.waiting and self._chunked is None:
+            return False
         budget = self.chunk_size
         chunks: list[tuple[SimRequest, int, int]] = []  # (req, new tokens now, prefix before)
         if self._chunked is not None:
@@ -299,7 +304,7 @@ class SimEngine:
                 break  # FCFS/priority order: do not let later requests jump the queue
             pending += new + self._reserve(req)
             self.waiting.remove(req)
-            req._node, req._kv, req._admitted = match.node, length, True
+            req._match, req._kv, req._admitted = match, length, True
             if req.retractions == 0:
                 req.cached_tokens = length
             take = min(budget, new)
@@ -406,11 +411,13 @@ class SimEngine:
             return
         self._own_total -= req._own
         req._own = 0
-        assert req._node is not None
-        self.cache.unlock(req._node)
-        if keep_in_cache:
-            self.cache.insert(req.full_ids()[: req._kv])
-        req._node, req._kv, req._admitted = None, 0, False
+        match = req._match
+        assert match is not None
+        if keep_in_cache:  # before unlocking: the locked prefix is still there to start from
+            prompt, kv = len(req.input_ids), req._kv
+            self.cache.insert(req.input_ids + req.output_ids[: kv - prompt] if kv > prompt else req.input_ids[:kv], match)
+        self.cache.unlock(match.node)
+        req._match, req._kv, req._admitted = None, 0, False
 
     # ---- completion ---------------------------------------------------------------------
 

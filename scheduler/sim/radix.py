@@ -74,16 +74,19 @@ class RadixCache:
 
     # ---- lookup -------------------------------------------------------------------------
 
-    def match_prefix(self, tokens: Sequence[int]) -> PrefixMatch:
-        """Longest cached prefix of ``tokens``; splits a node so the match ends on a node."""
+    def match_prefix(self, tokens: Sequence[int], start: PrefixMatch | None = None) -> PrefixMatch:
+        """Longest cached prefix of ``tokens``; splits a node so the match ends on a node.
+
+        ``start``, a locked earlier match of a prefix of ``tokens``, skips re-comparing it."""
         tick = self._next_tick()
         tokens = tokens if isinstance(tokens, list) else list(tokens)  # keys are lists: slices compare
-        node, pos = self.root, 0
+        node, pos = (self.root, 0) if start is None else (start.node, start.length)
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:
                 break
-            n = _common_prefix(child.key, tokens[pos:pos + len(child.key)])
+            segment = tokens[pos:pos + len(child.key)]
+            n = len(segment) if segment == child.key else _common_prefix(child.key, segment)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = tick
@@ -112,10 +115,11 @@ class RadixCache:
 
     # ---- insert / evict -----------------------------------------------------------------
 
-    def insert(self, tokens: Sequence[int]) -> int:
+    def insert(self, tokens: Sequence[int], start: PrefixMatch | None = None) -> int:
         """Store ``tokens``; evicts LRU leaves to make room and, if the locked part leaves too
-        little, stores only the prefix that fits. Returns how many new tokens were stored."""
-        match = self.match_prefix(tokens)
+        little, stores only the prefix that fits. Returns how many new tokens were stored.
+        ``start`` as in ``match_prefix``."""
+        match = self.match_prefix(tokens, start)
         missing = len(tokens) - match.length
         if missing == 0:
             return 0
