@@ -90,6 +90,8 @@ def load_model() -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
+    with torch.inference_mode():  # touch every weight now: the file is memory-mapped, and the
+        model(input_ids=torch.tensor([[tokenizer.eos_token_id]]))  # first forward would page it in
     if not tokenizer.chat_template:
         raise RuntimeError("the converted tokenizer has no chat template")
     return LoadedModel(MODEL_NAME, model, tokenizer, int(model.config.max_position_embeddings),

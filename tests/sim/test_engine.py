@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from scheduler.sim.clock import VirtualClock
 from scheduler.sim.cost import preset
 from scheduler.sim.engine import EngineConfig, SimEngine, SimRequest
@@ -28,7 +26,7 @@ def test_repeated_prefix_is_cached_and_faster() -> None:
     prompt = list(range(3000))
     first = _run(clock, engine, SimRequest("a", prompt, max_new_tokens=20))
     second = _run(clock, engine, SimRequest("b", prompt + [7, 8, 9], max_new_tokens=20))
-    assert first.cached_tokens == 0 and first.finish_reason == "stop" or first.finish_reason == "length"
+    assert first.cached_tokens == 0 and first.finish_reason in ("stop", "length")
     assert second.cached_tokens == 3000
     assert second.ttft is not None and first.ttft is not None and second.ttft < first.ttft / 5
     assert 0 < first.completion_tokens <= 20
@@ -132,6 +130,5 @@ def test_scripts_tool_calls_logprobs_and_chunks() -> None:
 
     chunked = SimEngine(clock, EngineConfig(cost=COST), script=ChunkedScript(chunk_tokens=8, chunks=3))
     seen: list[str] = []
-    c = SimRequest("c", [9], max_new_tokens=100, on_tokens=lambda q: seen.append(q.text))
-    c = _run(clock, chunked, dataclasses.replace(c))
+    c = _run(clock, chunked, SimRequest("c", [9], max_new_tokens=100, on_tokens=lambda q: seen.append(q.text)))
     assert c.completion_tokens == 24 and c.text.count(" [") == 3 and seen[-1] == c.text

@@ -52,7 +52,9 @@ async def test_generate_stream_is_cumulative_and_repeat_is_cached() -> None:
             async for chunk in _sse(r):
                 texts.append(chunk["text"])
                 last = chunk
-        assert len(texts) == 12 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+        # one event per decode step; a slow reader may see several steps merged into one
+        assert len(texts) >= 2 and all(b.startswith(a) and b != a for a, b in zip(texts, texts[1:]))
+        assert len(texts[-1].split()) == 12
         meta = last["meta_info"]
         assert meta["finish_reason"]["type"] == "length" and meta["completion_tokens"] == 12
         assert meta["cached_tokens"] == 0 and meta["prompt_tokens"] > 100
@@ -63,10 +65,11 @@ async def test_generate_stream_is_cumulative_and_repeat_is_cached() -> None:
 async def test_abort_mid_stream_and_loads() -> None:
     async with sim_server() as client:
         body = {"text": "hello", "rid": "long-1", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}, "stream": True}
-        finish = None
+        finish, aborted = None, False
         async with client.stream("POST", "/generate", json=body) as r:
             async for chunk in _sse(r):
-                if chunk["meta_info"]["completion_tokens"] == 3:
+                if chunk["meta_info"]["completion_tokens"] >= 3 and not aborted:
+                    aborted = True
                     loads = (await client.get("/v1/loads")).json()["loads"][0]
                     assert loads["num_running_reqs"] == 1 and loads["num_used_tokens"] > 0
                     assert (await client.post("/abort_request", json={"rid": "long-1"})).status_code == 200
