@@ -197,8 +197,9 @@ class _AgentProgram:
         if self.turn >= self.w.max_turns or req.finish_reason == "abort":  # done, or context too long
             self.start(now + tool_s)
             return
-        self.context = req.input_ids + req.output_ids[: req.generated]
-        self.context += self._tokens(self.w.tool_result_tokens)
+        # in place: the engine is done with this prompt list and the cache holds copies
+        self.context.extend(req.output_ids[: req.generated])
+        self.context.extend(self._tokens(self.w.tool_result_tokens))
         self.cluster.clock.call_at(now + tool_s, self._tool_done)
 
     def _tool_done(self) -> None:

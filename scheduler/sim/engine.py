@@ -414,8 +414,9 @@ class SimEngine:
         match = req._match
         assert match is not None
         if keep_in_cache:  # before unlocking: the locked prefix is still there to start from
-            prompt, kv = len(req.input_ids), req._kv
-            self.cache.insert(req.input_ids + req.output_ids[: kv - prompt] if kv > prompt else req.input_ids[:kv], match)
+            prompt, kv, start = len(req.input_ids), req._kv, match.length
+            tail = req.input_ids[start:kv] + req.output_ids[: max(0, kv - prompt)]
+            self.cache.insert(tail, match)
         self.cache.unlock(match.node)
         req._match, req._kv, req._admitted = None, 0, False
 

@@ -77,10 +77,11 @@ class RadixCache:
     def match_prefix(self, tokens: Sequence[int], start: PrefixMatch | None = None) -> PrefixMatch:
         """Longest cached prefix of ``tokens``; splits a node so the match ends on a node.
 
-        ``start``, a locked earlier match of a prefix of ``tokens``, skips re-comparing it."""
+        With ``start``, a locked earlier match, ``tokens`` is only what follows that prefix (no
+        need to copy or re-compare a long prompt); the returned length still counts from the root."""
         tick = self._next_tick()
         tokens = tokens if isinstance(tokens, list) else list(tokens)  # keys are lists: slices compare
-        node, pos = (self.root, 0) if start is None else (start.node, start.length)
+        node, pos = (self.root, 0) if start is None else (start.node, 0)
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:
@@ -92,7 +93,7 @@ class RadixCache:
             child.last_access = tick
             self._offer(child)
             node, pos = child, pos + n
-        return PrefixMatch(length=pos, node=node)
+        return PrefixMatch(length=pos + (0 if start is None else start.length), node=node)
 
     # ---- references ---------------------------------------------------------------------
 
@@ -120,7 +121,8 @@ class RadixCache:
         little, stores only the prefix that fits. Returns how many new tokens were stored.
         ``start`` as in ``match_prefix``."""
         match = self.match_prefix(tokens, start)
-        missing = len(tokens) - match.length
+        offset = 0 if start is None else start.length  # tokens[0] sits at this depth
+        missing = len(tokens) + offset - match.length
         if missing == 0:
             return 0
         over = self.size + missing - self.capacity
@@ -131,7 +133,7 @@ class RadixCache:
             missing = min(missing, self.capacity - self.size)
             if missing <= 0:
                 return 0
-        key = list(tokens[match.length:match.length + missing])
+        key = list(tokens[match.length - offset:match.length - offset + missing])
         leaf = RadixNode(key=key, parent=match.node, last_access=self._next_tick())
         match.node.children[key[0]] = leaf
         self.size += len(key)

@@ -101,12 +101,13 @@ class PseudoScript:
             return self._p.plan(pieces, request, "tool_calls", [call], call_tokens=len(pieces))
         m = request.max_new_tokens
         n = m if request.ignore_eos else max(1, m // 2 + key % (m // 2 + 1))
-        if request.logprobs:
-            return self._p.plan(self._p.words(n, key), request, logprob=lambda i: -(_hash(key, i) % 2000) / 1000)
         self._grow_pool(4 * n)
         start = key % (len(self._pool) - n)
+        pieces = self._pool[start:start + n]
+        if request.logprobs:
+            return self._p.plan(pieces, request, logprob=lambda i: -(_hash(key, i) % 2000) / 1000)
         reason: Literal["stop", "length"] = "length" if n >= m else "stop"
-        return Plan(self._pool[start:start + n], self._pool_ids[start:start + n], reason)
+        return Plan(pieces, self._pool_ids[start:start + n], reason)
 
     def _grow_pool(self, size: int) -> None:
         if len(self._pool) < size:

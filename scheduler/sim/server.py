@@ -114,7 +114,7 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
             return _error(400, f"duplicate rid {body['rid']}")
         req, live = submit(body, list(input_ids), sp.get("max_new_tokens", 128), ignore_eos=bool(sp.get("ignore_eos")),
                            logprobs=bool(body.get("return_logprob")), top_logprobs=int(body.get("top_logprobs_num") or 0),
-                           seed=sp.get("seed"))
+                           seed=sp.get("sampling_seed", sp.get("seed")))
         t0 = time.monotonic()
 
         def payload() -> dict[str, Any]:

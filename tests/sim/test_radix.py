@@ -89,3 +89,14 @@ def test_shared_prefix_is_stored_once_and_split_on_partial_match() -> None:
     assert cache.size == 7
     assert cache.match_prefix([1, 2, 3, 4, 7]).length == 4
     assert sorted(cache.sequences()) == [[1, 2, 3, 4, 5], [1, 2, 3, 9, 9]]
+
+
+def test_match_and_insert_can_continue_from_a_locked_match() -> None:
+    cache = RadixCache(capacity=100)
+    cache.insert([1, 2, 3, 4])
+    m = cache.match_prefix([1, 2, 3, 4, 5])
+    cache.lock(m.node)
+    assert cache.insert([5, 6], start=m) == 2  # tokens after the matched prefix only
+    assert cache.match_prefix([7], start=m).length == 4
+    cache.unlock(m.node)
+    assert cache.sequences() == [[1, 2, 3, 4, 5, 6]] and cache.size == 6

@@ -107,3 +107,25 @@ async def test_chat_completions_usage_cached_tokens_and_tool_calls() -> None:
         usage = chunks[-1]["usage"]
         assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 8
         assert usage["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 2
+
+
+async def test_the_project_sglang_backend_works_against_the_simulator() -> None:
+    from scheduler.backends.base import GenerateRequest
+    from scheduler.backends.sglang import SGLangBackend
+
+    async with sim_server() as client:
+        backend = SGLangBackend(str(client.base_url))
+        try:
+            tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
+            chat = await backend.generate(GenerateRequest(messages=[{"role": "user", "content": "list files"}],
+                                                          tools=tools, tool_choice="required", max_tokens=64))
+            assert chat.finish_reason == "tool_calls" and chat.tool_calls[0].name == "bash"
+            prompt = "Summarise the repository layout in one line. " * 10
+            first = await backend.generate(GenerateRequest(prompt=prompt, max_tokens=8, logprobs=True, top_logprobs=2))
+            again = await backend.generate(GenerateRequest(prompt=prompt, max_tokens=8))
+            assert first.usage.completion_tokens == len(first.logprobs) > 0 and first.text
+            assert again.usage.cached_tokens == again.usage.prompt_tokens - 1 and again.text == first.text
+            assert (await backend.capacity()).max_total_tokens == SMOL.kv_capacity_tokens
+            assert (await backend.load()).running == 0 and await backend.health()
+        finally:
+            await backend.close()
