@@ -4,8 +4,8 @@ saves when a prompt extends a cached one (a program's next turn) against re-pref
     .venv/bin/python bench/backends.py --quick --json
 
 Side by side in one run: the cached and the uncached extension are timed alternately on
-the same prompts, so machine noise hits both. Simulator figures join this when the
-simulator exists.
+the same prompts, so machine noise hits both. The simulator part runs agent programs on a
+virtual-time cluster and reports how fast virtual time goes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scheduler.backends import GenerateRequest  # noqa: E402
 from scheduler.local import LocalEngine, load_model  # noqa: E402
+from scheduler.sim.cluster import AgentWorkload, VirtualCluster  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -89,7 +90,20 @@ async def run(quick: bool) -> dict:
         },
     }
     await engine.close()
+    result["simulator"] = simulate(quick)
     return result
+
+
+def simulate(quick: bool) -> dict:
+    """Agent programs on a virtual-time cluster (llama-3.1-8b-h100 preset)."""
+    engines, programs, seconds = (2, 40, 600) if quick else (8, 200, 3600)
+    cluster = VirtualCluster(engines, "llama-3.1-8b-h100", seed=1)
+    t0 = time.perf_counter()
+    m = cluster.run_agents(AgentWorkload(programs=programs), duration_s=seconds)
+    wall = time.perf_counter() - t0
+    return {"engines": engines, "programs": programs, "virtual_s": seconds, "wall_s": round(wall, 2),
+            "events": m.events, "events_per_s": round(m.events / wall), "virtual_s_per_wall_s": round(seconds / wall, 1),
+            "llm_calls": m.requests_finished, "cache_hit_ratio": round(m.cache_hit_ratio, 3)}
 
 
 def main() -> None:
