@@ -2,11 +2,11 @@
 
 from scheduler.backends.base import (
     Backend, BackendError, BackendHTTPError, BackendTimeout, BackendUnavailable, Capacity, GenerateRequest,
-    Generation, GenerationChunk, Load, StreamInterrupted, TokenLogprob, ToolCall, Usage, new_rid,
+    Generation, GenerationChunk, Load, StreamInterrupted, TokenLogprob, ToolCall, ToolCallBuffer, Usage, new_rid,
 )
 
 __all__ = [
     "Backend", "BackendError", "BackendHTTPError", "BackendTimeout", "BackendUnavailable", "Capacity",
     "GenerateRequest", "Generation", "GenerationChunk", "Load", "StreamInterrupted", "TokenLogprob", "ToolCall",
-    "Usage", "new_rid",
+    "ToolCallBuffer", "Usage", "new_rid",
 ]

@@ -69,6 +69,27 @@ class ToolCall(BaseModel):
     arguments: str = Field(description="JSON text, as the model wrote it")
 
 
+class ToolCallBuffer:
+    """Assembles streamed OpenAI-format tool-call deltas (by ``index``) into ``ToolCall``s."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, dict[str, str]] = {}
+
+    def add(self, index: int, id: str | None, name: str | None, arguments: str | None) -> None:
+        slot = self._slots.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        slot["id"] = id or slot["id"]
+        slot["name"] += name or ""
+        slot["arguments"] += arguments or ""
+
+    def calls(self) -> list[ToolCall]:
+        return [ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
+                for i, c in sorted(self._slots.items())]
+
+    def finish_reason(self, finish: "FinishReason | None") -> "FinishReason":
+        """A turn that produced tool calls and stopped normally finished *for* the tool calls."""
+        return "tool_calls" if self._slots and finish in (None, "stop") else (finish or "stop")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

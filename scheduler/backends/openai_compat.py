@@ -16,7 +16,7 @@ from openai import AsyncOpenAI
 
 from scheduler.backends.base import (
     Backend, BackendHTTPError, BackendTimeout, BackendUnavailable, Capacity, FinishReason, GenerateRequest,
-    GenerationChunk, Load, StreamInterrupted, TokenLogprob, ToolCall, Usage,
+    GenerationChunk, Load, StreamInterrupted, TokenLogprob, ToolCallBuffer, Usage,
 )
 
 
@@ -41,14 +41,15 @@ class OpenAICompatBackend(Backend):
         *,
         model: str,
         name: str | None = None,
-        prices: dict[str, ModelPrice] | None = None,
+        prices: dict[str, ModelPrice | tuple[float, ...]] | None = None,
         capacity_tokens: int | None = None,
         timeout: float = 120.0,
         max_retries: int = 0,
     ) -> None:
         self.model = model
         self.name = name or f"{base_url}#{model}"
-        self.prices = prices or {}
+        # {model: ModelPrice} or {model: (input_per_mtok, output_per_mtok[, cached_input_per_mtok])}
+        self.prices = {m: p if isinstance(p, ModelPrice) else ModelPrice(*p) for m, p in (prices or {}).items()}
         self._capacity = capacity_tokens
         self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self._inflight: dict[str, asyncio.Task[Any]] = {}
@@ -124,18 +125,15 @@ class OpenAICompatBackend(Backend):
         if r.tools:
             kw["tools"] = r.tools
             kw["tool_choice"] = r.tool_choice if r.tool_choice is not None else "auto"
-        calls: dict[int, dict[str, str]] = {}
+        calls = ToolCallBuffer()
         finish: FinishReason | None = None
         async with await self._client.chat.completions.create(messages=r.messages, **kw) as stream:
             async for chunk in stream:
                 for choice in chunk.choices:
                     delta = choice.delta
                     for tc in delta.tool_calls or []:
-                        slot = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
-                        slot["id"] = tc.id or slot["id"]
-                        if tc.function:
-                            slot["name"] += tc.function.name or ""
-                            slot["arguments"] += tc.function.arguments or ""
+                        fn = tc.function
+                        calls.add(tc.index, tc.id, fn.name if fn else None, fn.arguments if fn else None)
                     if choice.finish_reason:
                         finish = choice.finish_reason if choice.finish_reason in (
                             "stop", "length", "tool_calls") else "stop"  # type: ignore[assignment]
@@ -169,20 +167,17 @@ class OpenAICompatBackend(Backend):
                     if choice.text or lps:
                         yield GenerationChunk(rid=r.rid, text=choice.text, logprobs=lps)
                 if chunk.usage is not None:
-                    yield self._final(r.rid, chunk.usage, finish, {})
+                    yield self._final(r.rid, chunk.usage, finish, ToolCallBuffer())
                     return
-        yield self._final(r.rid, None, finish, {})
+        yield self._final(r.rid, None, finish, ToolCallBuffer())
 
     @staticmethod
-    def _final(rid: str, usage: Any, finish: FinishReason | None, calls: dict[int, dict[str, str]]) -> GenerationChunk:
-        tool_calls = [ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
-                      for i, c in sorted(calls.items())]
+    def _final(rid: str, usage: Any, finish: FinishReason | None, calls: ToolCallBuffer) -> GenerationChunk:
         cached = 0
         if usage is not None and getattr(usage, "prompt_tokens_details", None) is not None:
             cached = usage.prompt_tokens_details.cached_tokens or 0
         return GenerationChunk(
-            rid=rid, tool_calls=tool_calls,
-            finish_reason="tool_calls" if tool_calls and finish in (None, "stop") else (finish or "stop"),
+            rid=rid, tool_calls=calls.calls(), finish_reason=calls.finish_reason(finish),
             usage=Usage(prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                         completion_tokens=getattr(usage, "completion_tokens", 0) or 0, cached_tokens=cached))
 

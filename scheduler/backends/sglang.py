@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scheduler.backends._http import mapped_errors, raise_for_status, sse_json
 from scheduler.backends.base import (
     Backend, Capacity, FinishReason, GenerateRequest, GenerationChunk, Load, StreamInterrupted, TokenLogprob,
-    ToolCall, Usage,
+    ToolCallBuffer, Usage,
 )
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "tool_calls"}
@@ -90,7 +90,7 @@ class SGLangBackend(Backend):
         if r.prompt_logprobs:
             raise ValueError("prompt logprobs need a raw prompt: render the chat template and send `prompt`")
         streamed = [False]
-        calls: dict[int, dict[str, str]] = {}
+        calls = ToolCallBuffer()
         finish: FinishReason | None = None
         async with mapped_errors(self.name, streamed=streamed):
             async with self._http.stream("POST", "/v1/chat/completions", json=self._chat_body(r)) as resp:
@@ -100,11 +100,8 @@ class SGLangBackend(Backend):
                     for choice in data.get("choices") or []:
                         delta = choice.get("delta") or {}
                         for tc in delta.get("tool_calls") or []:
-                            slot = calls.setdefault(tc.get("index", 0), {"id": "", "name": "", "arguments": ""})
-                            slot["id"] = tc.get("id") or slot["id"]
                             fn = tc.get("function") or {}
-                            slot["name"] += fn.get("name") or ""
-                            slot["arguments"] += fn.get("arguments") or ""
+                            calls.add(tc.get("index", 0), tc.get("id"), fn.get("name"), fn.get("arguments"))
                         finish = _finish(choice.get("finish_reason")) or finish
                         lps = [TokenLogprob(token=c["token"], logprob=c["logprob"],
                                             top=[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
@@ -115,11 +112,8 @@ class SGLangBackend(Backend):
                             yield GenerationChunk(rid=r.rid, text=text, logprobs=lps)
                     if usage:
                         details = usage.get("prompt_tokens_details") or {}
-                        tool_calls = [ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
-                                      for i, c in sorted(calls.items())]
                         yield GenerationChunk(
-                            rid=r.rid, tool_calls=tool_calls,
-                            finish_reason="tool_calls" if tool_calls and finish == "stop" else (finish or "stop"),
+                            rid=r.rid, tool_calls=calls.calls(), finish_reason=calls.finish_reason(finish),
                             usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0),
                                         completion_tokens=usage.get("completion_tokens", 0),
                                         cached_tokens=details.get("cached_tokens") or 0))
