@@ -20,6 +20,7 @@ from scheduler.backends.base import (
 )
 from scheduler.local.model import LoadedModel, load_model
 from scheduler.local.prefix_cache import KV, PrefixKVCache
+from scheduler.local.tool_calls import CLOSE, ToolCallParser, forced_prefix, normalize_messages, with_tools
 
 
 @dataclass
@@ -50,12 +51,20 @@ class LocalEngine(Backend):
     # ---- tokens --------------------------------------------------------------------
 
     def encode(self, request: GenerateRequest) -> list[int]:
+        return self._prompt(request)[0]
+
+    def _prompt(self, request: GenerateRequest) -> tuple[list[int], str | None]:
+        """Prompt token ids, and the text a tool-call parser starts from (None: no tools)."""
         if request.input_ids is not None:
-            return list(request.input_ids)
-        if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+            return list(request.input_ids), None
+        if request.messages is None:
+            return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"], None
+        messages = normalize_messages(request.messages)
+        prefix: str | None = None
+        if request.tools and request.tool_choice != "none":
+            messages, prefix = with_tools(messages, request.tools), forced_prefix(request.tool_choice, request.tools)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text + (prefix or ""), add_special_tokens=False)["input_ids"], prefix
 
     # ---- model (worker thread) -----------------------------------------------------
 
@@ -74,7 +83,9 @@ class LocalEngine(Backend):
     # ---- generation ----------------------------------------------------------------
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        ids = self.encode(request)
+        ids, tool_prefix = self._prompt(request)
+        if tool_prefix:  # a forced call is one call: stop at its close tag, as a grammar would
+            request = request.model_copy(update={"stop": [*(request.stop or []), CLOSE]})
         limit = self.loaded.max_context_tokens
         if not ids or len(ids) + request.max_tokens > limit:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds the "
@@ -82,7 +93,10 @@ class LocalEngine(Backend):
         active = _Active(request.rid, len(ids))
         self._active[request.rid] = active
         try:
-            async for chunk in self._generate(request, ids, active):
+            chunks = self._generate(request, ids, active)
+            if tool_prefix is not None:
+                chunks = self._parse_tool_calls(chunks, ToolCallParser(tool_prefix))
+            async for chunk in chunks:
                 yield chunk
         finally:
             self._active.pop(request.rid, None)
@@ -135,6 +149,21 @@ class LocalEngine(Backend):
             yield GenerationChunk(rid=r.rid, finish_reason="abort", usage=usage, prompt_logprobs=prompt_lps)
             return
         yield last.model_copy(update={"finish_reason": finish, "usage": usage, "prompt_logprobs": prompt_lps})
+
+    @staticmethod
+    async def _parse_tool_calls(chunks: AsyncIterator[GenerationChunk],
+                                parser: ToolCallParser) -> AsyncIterator[GenerationChunk]:
+        async for chunk in chunks:
+            text = parser.feed(chunk.text)
+            if chunk.finish_reason is None:
+                if text or chunk.logprobs:
+                    yield chunk.model_copy(update={"text": text})
+                continue
+            rest, calls = parser.finish()
+            finish = chunk.finish_reason
+            yield chunk.model_copy(update={
+                "text": text + rest, "tool_calls": calls,
+                "finish_reason": "tool_calls" if calls and finish == "stop" else finish})
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from scheduler.backends.base import GenerateRequest, GenerationChunk, TokenLogprob
+from scheduler.backends.base import GenerateRequest, GenerationChunk, TokenLogprob, ToolCall
 from scheduler.local.engine import LocalEngine
 
 
@@ -88,7 +88,8 @@ def create_server(engine: LocalEngine) -> FastAPI:
                 temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
                 stop=[body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop"),
                 seed=body.get("seed"), logprobs=bool(body.get("logprobs")),
-                top_logprobs=body.get("top_logprobs") or 0, priority=body.get("priority"))
+                top_logprobs=body.get("top_logprobs") or 0, priority=body.get("priority"),
+                tools=body.get("tools") or None, tool_choice=body.get("tool_choice"))
         except (ValidationError, ValueError) as exc:
             return bad_request(str(exc))
         created = int(time.time())
@@ -98,8 +99,11 @@ def create_server(engine: LocalEngine) -> FastAPI:
 
             async def stream() -> AsyncIterator[str]:
                 async for chunk in engine.stream(req):
-                    choice: dict[str, Any] = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
-                                              "finish_reason": chunk.finish_reason}
+                    delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
+                    if chunk.tool_calls:
+                        delta["tool_calls"] = [{"index": i, **_openai_tool_call(tc)}
+                                               for i, tc in enumerate(chunk.tool_calls)]
+                    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
                     if req.logprobs:
                         choice["logprobs"] = {"content": _chat_logprobs(chunk.logprobs)}
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
@@ -110,7 +114,9 @@ def create_server(engine: LocalEngine) -> FastAPI:
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         gen = await engine.generate(req)
-        message: dict[str, Any] = {"role": "assistant", "content": gen.text}
+        message: dict[str, Any] = {"role": "assistant", "content": gen.text or (None if gen.tool_calls else "")}
+        if gen.tool_calls:
+            message["tool_calls"] = [_openai_tool_call(tc) for tc in gen.tool_calls]
         choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
         if req.logprobs:
             choice["logprobs"] = {"content": _chat_logprobs(gen.logprobs)}
@@ -200,6 +206,10 @@ def _generate_frame(req: GenerateRequest, text: str, ids: list[int], lps: list[T
 def _chat_logprobs(lps: list[TokenLogprob]) -> list[dict[str, Any]]:
     return [{"token": lp.token, "logprob": lp.logprob,
              "top_logprobs": [{"token": t, "logprob": v} for t, v in lp.top]} for lp in lps]
+
+
+def _openai_tool_call(tc: ToolCall) -> dict[str, Any]:
+    return {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
 
 
 def _openai_usage(chunk: GenerationChunk) -> dict[str, Any]:
