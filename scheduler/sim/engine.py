@@ -161,6 +161,7 @@ class SimEngine:
         self._decode: _Decode | None = None
         self._kick_pending = False
         self._by_rid: dict[str, SimRequest] = {}
+        self._pins: dict[str, PrefixMatch] = {}
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -209,6 +210,27 @@ class SimEngine:
         self._finish(req, "abort")
         self._interrupt()
         return True
+
+    def pin(self, key: str, tokens: list[int]) -> int:
+        """Lock the cached prefix of ``tokens`` so eviction cannot take it (a stand-in for
+        Continuum's KV pin; SGLang has no such endpoint). Returns the tokens pinned."""
+        self.unpin(key)
+        match = self.cache.match_prefix(tokens)
+        if match.length:
+            self.cache.lock(match.node)
+            self._pins[key] = match
+        return match.length
+
+    def unpin(self, key: str) -> None:
+        match = self._pins.pop(key, None)
+        if match is not None:
+            self.cache.unlock(match.node)
+            if self.waiting:
+                self._interrupt()
+
+    @property
+    def pinned_tokens(self) -> int:
+        return sum(m.length for m in self._pins.values())
 
     def flush_cache(self) -> bool:
         """Empty the radix cache; like SGLang, only when nothing is running or waiting."""

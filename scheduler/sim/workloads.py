@@ -1,0 +1,138 @@
+"""Agent trace generators for scheduler benchmarks: two documented families.
+
+Each program is a list of turns: the model writes ``output_tokens``, calls ``tool``,
+which takes ``tool_s`` seconds and returns ``result_tokens`` that join the context of
+the next turn. The last turn has no tool (the final answer). Every program shares one
+system prompt; each has its own task text. Draws are deterministic per (family, seed,
+index), so every policy sees the same programs in the same order.
+
+Parameters and where they come from (confidence in brackets):
+
+``coding``: mini-SWE-agent / OpenHands on SWE-bench Lite, as ThunderAgent evaluates them.
+- Shared system prompt 2,000 tokens: mini-SWE-agent's system + instance templates are
+  ~1-2 k tokens, OpenHands' several k [medium].
+- Task (issue text) 300-2,500 tokens uniform [medium: SWE-bench Lite problem statements
+  are a few hundred to a few thousand tokens].
+- Turns: log-normal, median 25, sigma 0.5, 5-80 [medium: mini-SWE-agent trajectories
+  usually end within tens of steps].
+- Output per turn: log-normal median 150 tokens (a THOUGHT and one bash command), 30-1,000
+  [medium].
+- Observation per turn: log-normal median 400 tokens, sigma 1.0, 20-4,000 (mini-SWE-agent
+  truncates long outputs) [medium]. Contexts reach tens of thousands of tokens, as the
+  issue and ThunderAgent describe.
+- Tools "short and stable" (ThunderAgent): bash 0.8 s (sigma 0.5), edit 0.3 s (sigma 0.3),
+  test runs 6 s (sigma 0.5) for 15 % of calls [medium: sandboxed shell commands].
+- Sandbox 2 GB (ThunderAgent: mini-SWE-agent ~2 GB, OpenHands > 10 GB) [high], ready 5 s
+  after it is prepared [low].
+
+``stochastic``: tool-using research agents whose tools call remote services or run
+simulations; ThunderAgent: "heavy-tailed (p99 tens to hundreds of seconds)".
+- System prompt 1,500 shared; task 200-800; turns median 12 (3-40); output median 250;
+  tool results median 800 tokens (sigma 0.8, 50-6,000: fetched pages, logs) [low-medium].
+- Tools: search 2 s (sigma 0.6) 35 %, fetch 4 s (sigma 1.0) 35 %, simulate 20 s (sigma 1.2,
+  p99 ~330 s) 15 %, python 3 s (sigma 1.5, p99 ~100 s) 15 % [low: shaped to the published
+  p99 range, not fitted to a trace].
+- Sandbox 1 GB, ready 5 s after it is prepared [low].
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    output_tokens: int
+    tool: str | None
+    tool_s: float = 0.0
+    result_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramTrace:
+    index: int
+    task_tokens: int
+    turns: tuple[Turn, ...]
+
+
+@dataclass(frozen=True)
+class ToolShape:
+    name: str
+    weight: float
+    median_s: float
+    sigma: float
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    system_tokens: int
+    task_tokens: tuple[int, int]
+    turns_median: float
+    turns_sigma: float
+    turns_bounds: tuple[int, int]
+    output_median: float
+    output_sigma: float
+    output_bounds: tuple[int, int]
+    result_median: float
+    result_sigma: float
+    result_bounds: tuple[int, int]
+    tools: tuple[ToolShape, ...]
+    sandbox_bytes: int
+    sandbox_ready_s: float
+    max_context_tokens: int = 100_000
+
+    def programs(self, seed: int = 0) -> Iterator[ProgramTrace]:
+        i = 0
+        while True:
+            yield self.program(seed, i)
+            i += 1
+
+    def program(self, seed: int, index: int) -> ProgramTrace:
+        rng = random.Random(f"{self.name}/{seed}/{index}")
+
+        def logn(median: float, sigma: float, bounds: tuple[int, int]) -> int:
+            return int(min(bounds[1], max(bounds[0], round(rng.lognormvariate(math.log(median), sigma)))))
+
+        n = logn(self.turns_median, self.turns_sigma, self.turns_bounds)
+        task = rng.randint(*self.task_tokens)
+        context = self.system_tokens + task
+        weights = [t.weight for t in self.tools]
+        turns: list[Turn] = []
+        for k in range(n):
+            out = logn(self.output_median, self.output_sigma, self.output_bounds)
+            context += out
+            last = k == n - 1 or context > self.max_context_tokens - 8_000
+            if last:
+                turns.append(Turn(out, None))
+                break
+            shape = rng.choices(self.tools, weights)[0]
+            result = logn(self.result_median, self.result_sigma, self.result_bounds)
+            context += result
+            turns.append(Turn(out, shape.name, rng.lognormvariate(math.log(shape.median_s), shape.sigma), result))
+        return ProgramTrace(index, task, tuple(turns))
+
+
+CODING = Family(
+    name="coding", system_tokens=2_000, task_tokens=(300, 2_500),
+    turns_median=25, turns_sigma=0.5, turns_bounds=(5, 80),
+    output_median=150, output_sigma=0.6, output_bounds=(30, 1_000),
+    result_median=400, result_sigma=1.0, result_bounds=(20, 4_000),
+    tools=(ToolShape("bash", 0.6, 0.8, 0.5), ToolShape("edit", 0.25, 0.3, 0.3), ToolShape("test", 0.15, 6.0, 0.5)),
+    sandbox_bytes=2 * 1024**3, sandbox_ready_s=5.0,
+)
+
+STOCHASTIC = Family(
+    name="stochastic", system_tokens=1_500, task_tokens=(200, 800),
+    turns_median=12, turns_sigma=0.5, turns_bounds=(3, 40),
+    output_median=250, output_sigma=0.6, output_bounds=(30, 1_500),
+    result_median=800, result_sigma=0.8, result_bounds=(50, 6_000),
+    tools=(ToolShape("search", 0.35, 2.0, 0.6), ToolShape("fetch", 0.35, 4.0, 1.0),
+           ToolShape("simulate", 0.15, 20.0, 1.2), ToolShape("python", 0.15, 3.0, 1.5)),
+    sandbox_bytes=1024**3, sandbox_ready_s=5.0,
+)
+
+FAMILIES = {f.name: f for f in (CODING, STOCHASTIC)}
