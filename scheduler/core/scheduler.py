@@ -32,6 +32,9 @@ class Scheduler:
         self.programs: dict[str, Program] = {}
         self.backends: dict[str, BackendView] = {b.name: b for b in backends}
         self.tools = ToolStats()
+        # indexes kept in step with status and placement, so policies never scan every program
+        self.resident: dict[str, dict[str, Program]] = {name: {} for name in self.backends}
+        self.waiting: dict[str, Program] = {}
         self._rid_program: dict[str, str] = {}
         self._rid_backend: dict[str, str] = {}
         self._out: list[Decision] = []
@@ -74,6 +77,7 @@ class Scheduler:
         if p is None or p.status is Status.FINISHED:
             p = self.programs[e.program_id] = Program(e.program_id, e.tenant, e.now, last_change=e.now,
                                                       prefix_key=e.prefix_key, prefix_tokens=e.prefix_tokens)
+            self.waiting[p.id] = p
             new = True
         else:
             new = False
@@ -129,7 +133,7 @@ class Scheduler:
         if p.pinned and p.backend:
             self.unpin(p)
         self.policy.on_release(p, now)
-        p.status = Status.FINISHED
+        self._place(p, Status.FINISHED, None)
         self.counters["released"] += 1
         for r in p.pending:
             self._rid_program.pop(r.rid, None)
@@ -142,15 +146,29 @@ class Scheduler:
         b = self.backends.get(e.backend)
         if b is None:
             b = self.backends[e.backend] = BackendView(e.backend, e.capacity_tokens)
+            self.resident[b.name] = {}
         b.capacity, b.used, b.running, b.queued = e.capacity_tokens, e.used_tokens, e.running, e.queued
         b.healthy, b.observed_at = e.healthy, e.now
         self.policy.on_backend(b, e.now)
 
     # ---- actions for policies --------------------------------------------------------------
 
+    def _place(self, p: Program, status: Status, backend: str | None) -> None:
+        """The one place where a program's status or backend changes (keeps the indexes)."""
+        if p.status is Status.ACTIVE and p.backend is not None:
+            self.resident[p.backend].pop(p.id, None)
+        elif p.status in (Status.WAITING, Status.PAUSED):
+            self.waiting.pop(p.id, None)
+        p.status, p.backend = status, backend if backend is not None else p.backend
+        if status is Status.ACTIVE and p.backend is not None:
+            self.resident[p.backend][p.id] = p
+        elif status in (Status.WAITING, Status.PAUSED):
+            self.waiting[p.id] = p
+
     def dispatch(self, p: Program, backend: str, priority: int | None = None) -> None:
         """Send every held request of ``p`` to ``backend`` (which then holds its KV)."""
-        p.backend = backend
+        if p.backend != backend:
+            self._place(p, p.status, backend)
         b = self.backends[backend]
         while p.pending:
             r = p.pending.popleft()
@@ -163,7 +181,8 @@ class Scheduler:
     def pause(self, p: Program) -> None:
         if p.status is Status.PAUSED:
             return
-        p.status, p.paused_at = Status.PAUSED, self.now
+        self._place(p, Status.PAUSED, None)
+        p.paused_at = self.now
         if p.pinned and p.backend:
             self.unpin(p)
         self.counters["pauses"] += 1
@@ -171,11 +190,11 @@ class Scheduler:
 
     def resume(self, p: Program, backend: str, priority: int | None = None) -> None:
         was = p.status
-        p.status, p.paused_at = Status.ACTIVE, None
+        self._place(p, Status.ACTIVE, backend)
+        p.paused_at = None
         if was is Status.PAUSED:
             self.counters["resumes"] += 1
             self._out.append(Resume(p.id, backend))
-        p.backend = backend
         if p.pending:
             self.dispatch(p, backend, priority)
 

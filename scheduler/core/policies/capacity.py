@@ -31,7 +31,7 @@ class CapacityPolicy(Policy):
         return p.tokens * self.weight(p, now)
 
     def resident(self, b: BackendView) -> list[Program]:
-        return [p for p in self.s.programs.values() if p.status is Status.ACTIVE and p.backend == b.name]
+        return list(self.s.resident[b.name].values())
 
     def footprint(self, b: BackendView, now: float) -> float:
         return sum(self.cost(p, now) for p in self.resident(b))
@@ -40,7 +40,7 @@ class CapacityPolicy(Policy):
         return b.capacity * self.capacity_fraction
 
     def waiting(self) -> list[Program]:
-        return [p for p in self.s.programs.values() if p.status in (Status.WAITING, Status.PAUSED)]
+        return list(self.s.waiting.values())
 
     # ---- hooks ---------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
 
 - **Admission per request, not per tick.** A request whose program's KV is not counted
   (new, paused, or released during its tool call) is admitted only if it fits; else it
-  waits. Overload never reaches the engine as retraction and re-prefill storms.
+  waits. Overload never reaches the engine as eviction, retraction and re-prefill.
+- **Two watermarks.** Admission fills a backend up to ``admit_fraction`` of its KV;
+  only growth past the capacity itself makes it pause programs, and then down to the
+  admission mark, so contexts that grow a little do not trip pause/resume churn.
 - **Keep or release at tool start, from learned tool durations.** An acting program's KV
   is kept (counted) while keeping costs less than recomputing: c·R(t) < prefill(c)·M,
   with R(t) the tool's expected remaining time given the time already spent (from its
@@ -15,10 +18,10 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
 - **Decode headroom**: a reasoning program counts its context plus the output it is
   likely to add (twice its mean completion so far, at most its ``max_tokens``).
 - **Shared prefixes counted once** per backend (one system prompt across programs).
-- **Restore order**: least-attained-service tenant first, then reasoning programs, new
-  programs, acting ones; first come first served within (completion time, not packing,
-  is what users see), with backfill of smaller programs when the head does not fit.
-- **Affinity**: a program resumes on the backend that holds its KV when it fits there.
+- **Restore order**: programs waiting longer than ``starvation_s`` first, then the
+  least-attained-service tenant, paused programs before new ones, smallest first
+  (cheapest to rebuild, quickest to finish a step). Affinity: a program resumes on the
+  backend that holds its KV when it fits there, else by best fit.
 - **Sandboxes** of the next programs to be restored are prepared before they resume.
 """
 
@@ -35,10 +38,12 @@ from scheduler.core.state import BackendView, Phase, Program, Status
 class ProgramPolicy(CapacityPolicy):
     check_interval_s = 1.0
 
-    def __init__(self, check_interval_s: float | None = None, capacity_fraction: float = 0.95,
-                 prepare_ahead: int = 4) -> None:
+    def __init__(self, check_interval_s: float | None = None, capacity_fraction: float = 1.0,
+                 admit_fraction: float = 0.9, prepare_ahead: int = 4, starvation_s: float = 300.0) -> None:
         super().__init__(check_interval_s, capacity_fraction)
+        self.admit_fraction = admit_fraction
         self.prepare_ahead = prepare_ahead
+        self.starvation_s = starvation_s
 
     # ---- accounting -------------------------------------------------------------------
 
@@ -57,46 +62,53 @@ class ProgramPolicy(CapacityPolicy):
 
     def footprint(self, b: BackendView, now: float) -> float:
         total = 0.0
-        shared: dict[str, int] = defaultdict(int)
-        for p in self.resident(b):
+        shared: dict[str, int] = {}
+        for p in self.s.resident[b.name].values():
             c = self.cost(p, now)
             if c and p.prefix_key is not None:
-                shared[p.prefix_key] = max(shared[p.prefix_key], p.prefix_tokens)
+                shared[p.prefix_key] = max(shared.get(p.prefix_key, 0), p.prefix_tokens)
                 c -= min(p.prefix_tokens, c)
             total += c
         return total + sum(shared.values())
 
-    def need(self, p: Program, b: BackendView) -> float:
+    def need(self, p: Program, b: BackendView, prefixes: set[str] | None = None) -> float:
+        """What admitting ``p`` on ``b`` adds; its shared prefix is free where already present."""
         own = p.tokens + self.headroom(p)
-        if p.prefix_key is not None and any(q.prefix_key == p.prefix_key for q in self.resident(b) if q is not p):
-            own -= p.prefix_tokens  # the shared prefix is already there
+        if p.prefix_key is not None:
+            present = (p.prefix_key in prefixes if prefixes is not None else
+                       any(q.prefix_key == p.prefix_key for q in self.s.resident[b.name].values() if q is not p))
+            if present:
+                own -= p.prefix_tokens
         return own
+
+    def admit_limit(self, b: BackendView) -> float:
+        return b.capacity * self.admit_fraction
 
     def demand(self) -> bool:
         """Is any program waiting with a request to run?"""
-        return any(p.pending for p in self.waiting())
+        return any(p.pending for p in self.s.waiting.values())
+
+    def running_tokens(self, b: BackendView) -> int:
+        return sum(q.tokens for q in self.s.resident[b.name].values() if q.phase is Phase.REASONING)
 
     # ---- keep or release during a tool call ------------------------------------------------
 
-    def worth_keeping(self, p: Program, now: float) -> bool:
+    def worth_keeping(self, p: Program, now: float, *, demand: bool | None = None,
+                      running: int | None = None) -> bool:
         b = self.s.backends.get(p.backend or "")
         if b is None or p.tool is None:
             return False
-        if not self.demand():
+        if not (self.demand() if demand is None else demand):
             return True  # nobody wants the memory
         remaining = self.s.tools[p.tool].expected_remaining(p.time_in_tool(now))
-        running = sum(q.tokens for q in self.resident(b) if q.phase is Phase.REASONING)
-        recompute_s = b.prefill_s_per_token * p.tokens
-        return p.tokens * remaining < recompute_s * max(running, p.tokens)
+        stalled = self.running_tokens(b) if running is None else running
+        return p.tokens * remaining < b.prefill_s_per_token * p.tokens * max(stalled, p.tokens)
 
     def on_tool_start(self, p: Program, now: float) -> None:
         if p.status is Status.ACTIVE:
             p.kept = self.worth_keeping(p, now)
             if not p.kept:
                 self.restore(now)
-
-    def on_tool_end(self, p: Program, now: float) -> None:
-        pass  # the next request decides (on_request)
 
     def on_finished(self, p: Program, now: float) -> None:
         self.restore(now)  # its output is known now; headroom it reserved may be free
@@ -112,11 +124,14 @@ class ProgramPolicy(CapacityPolicy):
             # released during its tool call: admitted again only if it fits
             b = self.s.backends[p.backend]
             others = self.footprint(b, now) - self.cost(p, now)  # p already counts as reasoning
-            if others + self.need(p, b) <= self.limit(b):
+            if others + self.need(p, b) <= self.admit_limit(b):
                 p.kept = True
                 self.s.dispatch(p, p.backend)
                 return
             self.s.pause(p)
+        self.restore(now)
+
+    def after_release(self, now: float) -> None:
         self.restore(now)
 
     # ---- relieve and restore -----------------------------------------------------------------
@@ -125,72 +140,78 @@ class ProgramPolicy(CapacityPolicy):
         if now - self._last_check < self.check_interval_s:
             return
         self._last_check = now
-        waiting = self.demand()
-        for p in self.s.programs.values():  # re-evaluate kept KV as tools run on
-            if p.status is Status.ACTIVE and p.phase is Phase.ACTING and p.kept and waiting:
-                p.kept = self.worth_keeping(p, now)
+        demand = self.demand()
+        if demand:  # re-evaluate kept KV as tools run on
+            for b in self.s.healthy_backends():
+                running = self.running_tokens(b)
+                for p in self.s.resident[b.name].values():
+                    if p.phase is Phase.ACTING and p.kept:
+                        p.kept = self.worth_keeping(p, now, demand=True, running=running)
         for b in self.s.healthy_backends():
             self.relieve(b, now)
         self.restore(now)
 
     def relieve(self, b: BackendView, now: float) -> None:
-        programs = self.resident(b)
+        """Over capacity (contexts grew): bring the backend back under the *admission*
+        watermark, so that growth does not trip it again at once. Stop keeping KV that is
+        not worth keeping, then pause acting programs, then reasoning ones (their current
+        call finishes; the next waits), shortest first: recomputing them costs least."""
         total = self.footprint(b, now)
-        limit = self.limit(b)
-        if total <= limit:
+        if total <= self.limit(b):
             return
-        # first stop keeping idle KV (costliest first), then pause the shortest reasoning
-        # programs (their current call finishes; the next one waits)
-        acting = sorted((p for p in programs if p.phase is Phase.ACTING and p.kept),
-                        key=lambda p: p.tokens * self.s.tools[p.tool or ""].expected_remaining(p.time_in_tool(now)),
-                        reverse=True)
-        for p in acting:
-            if total <= limit:
-                return
-            p.kept = False
-            total -= p.tokens
-        for p in sorted((p for p in programs if p.phase is Phase.REASONING), key=lambda p: p.tokens):
-            if total <= limit:
-                return
-            total -= self.cost(p, now)
-            self.s.pause(p)
+        programs = list(self.s.resident[b.name].values())
+        running = self.running_tokens(b)
+        target = self.admit_limit(b)
+        for p in programs:
+            if p.phase is Phase.ACTING and p.kept and not self.worth_keeping(p, now, running=running):
+                p.kept = False
+                total -= p.tokens
+        for phase in (Phase.ACTING, Phase.REASONING):
+            for p in sorted((p for p in programs if p.phase is phase), key=lambda p: p.tokens):
+                if total <= target:
+                    return
+                total -= self.cost(p, now)
+                self.s.pause(p)
 
     def restore(self, now: float) -> None:
-        queue = self.waiting()
+        queue = [p for p in self.s.waiting.values() if p.pending]  # acting programs wait for their tool
         if not queue:
             return
+        tenants = {p.tenant for p in queue}
         tenant_service: dict[str, float] = defaultdict(float)
-        for q in self.s.programs.values():
-            tenant_service[q.tenant] += q.attained
+        if len(tenants) > 1:
+            for q in self.s.programs.values():
+                tenant_service[q.tenant] += q.attained
 
-        def klass(p: Program) -> int:
-            if p.phase is Phase.REASONING and p.pending and p.status is Status.PAUSED:
-                return 0
-            if p.status is Status.WAITING:
-                return 1
-            return 2
+        def key(p: Program) -> tuple[float, ...]:
+            waited = now - (p.paused_at if p.paused_at is not None else p.created)
+            return (0 if waited > self.starvation_s else 1, tenant_service[p.tenant],
+                    0 if p.status is Status.PAUSED else 1, p.tokens)
 
-        order = sorted(queue, key=lambda p: (tenant_service[p.tenant], klass(p), p.paused_at or p.created))
         backends = {b.name: b for b in self.s.healthy_backends()}
-        room = {name: self.limit(b) - self.footprint(b, now) for name, b in backends.items()}
+        room = {name: self.admit_limit(b) - self.footprint(b, now) for name, b in backends.items()}
+        prefixes = {name: {q.prefix_key for q in self.s.resident[name].values() if q.prefix_key is not None}
+                    for name in backends}
+        smallest = min(p.tokens for p in queue)
         prepared = 0
-        for p in order:
-            if p.phase is Phase.ACTING and not p.pending:
-                # an acting program waits for its tool; restoring it early would count memory
-                # it does not use yet. Its sandbox stays; it is admitted when it asks.
-                continue
+        for p in sorted(queue, key=key):
+            if max(room.values(), default=0.0) < smallest:
+                break
             target = None
-            if p.backend in backends and room[p.backend] >= self.need(p, backends[p.backend]):
+            if p.backend in backends and room[p.backend] >= self.need(p, backends[p.backend], prefixes[p.backend]):
                 target = p.backend  # affinity: its KV may still be there
             else:
-                fits = [(room[n] - self.need(p, b), n) for n, b in backends.items() if room[n] >= self.need(p, b)]
+                fits = [(room[n] - self.need(p, b, prefixes[n]), n) for n, b in backends.items()
+                        if room[n] >= self.need(p, b, prefixes[n])]
                 if fits:
-                    target = max(fits)[1]  # the most room left: least likely to pause again
+                    target = min(fits)[1]  # best fit: keep big holes for big programs
             if target is None:
                 if prepared < self.prepare_ahead:
                     self.s.prepare_sandbox(p)
                     prepared += 1
                 continue
-            room[target] -= self.need(p, backends[target])
+            room[target] -= self.need(p, backends[target], prefixes[target])
+            if p.prefix_key is not None:
+                prefixes[target].add(p.prefix_key)
             p.kept = True
             self.admit(p, target)

@@ -5,7 +5,7 @@ first served; the engine's LRU decides whose KV survives a tool call."""
 from __future__ import annotations
 
 from scheduler.core.policies.base import Policy, cache_aware_pick, register
-from scheduler.core.state import Program, Status
+from scheduler.core.state import Program
 
 
 @register("request")
@@ -14,5 +14,4 @@ class RequestPolicy(Policy):
         b = cache_aware_pick(p, self.s.healthy_backends())
         if new:
             self.s.prepare_sandbox(p)
-        p.status = Status.ACTIVE
-        self.s.dispatch(p, b.name)
+        self.s.resume(p, b.name)

@@ -13,7 +13,7 @@ simulator's radix lock stands in for Continuum's vLLM pin (SGLang has none).
 from __future__ import annotations
 
 from scheduler.core.policies.base import Policy, cache_aware_pick, register
-from scheduler.core.state import BackendView, Program, Status
+from scheduler.core.state import BackendView, Program
 
 _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
@@ -30,8 +30,7 @@ class TTLPolicy(Policy):
             self.s.prepare_sandbox(p)
         b = (self.s.backends[p.backend] if p.pinned and p.backend in self.s.backends
              else cache_aware_pick(p, self.s.healthy_backends()))
-        p.status = Status.ACTIVE
-        self.s.dispatch(p, b.name, priority=-self._order.get(p.id, 0))
+        self.s.resume(p, b.name, priority=-self._order.get(p.id, 0))
 
     def ttl(self, p: Program) -> float:
         b = self.s.backends.get(p.backend or "")
