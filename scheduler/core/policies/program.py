@@ -39,11 +39,13 @@ class ProgramPolicy(CapacityPolicy):
     check_interval_s = 1.0
 
     def __init__(self, check_interval_s: float | None = None, capacity_fraction: float = 1.0,
-                 admit_fraction: float = 0.9, prepare_ahead: int = 4, starvation_s: float = 300.0) -> None:
+                 admit_fraction: float = 0.9, prepare_ahead: int = 4, starvation_s: float = 300.0,
+                 keep_factor: float = 1.0) -> None:
         super().__init__(check_interval_s, capacity_fraction)
         self.admit_fraction = admit_fraction
         self.prepare_ahead = prepare_ahead
         self.starvation_s = starvation_s
+        self.keep_factor = keep_factor
 
     # ---- accounting -------------------------------------------------------------------
 
@@ -102,7 +104,7 @@ class ProgramPolicy(CapacityPolicy):
             return True  # nobody wants the memory
         remaining = self.s.tools[p.tool].expected_remaining(p.time_in_tool(now))
         stalled = self.running_tokens(b) if running is None else running
-        return p.tokens * remaining < b.prefill_s_per_token * p.tokens * max(stalled, p.tokens)
+        return p.tokens * remaining < self.keep_factor * b.prefill_s_per_token * p.tokens * max(stalled, p.tokens)
 
     def on_tool_start(self, p: Program, now: float) -> None:
         if p.status is Status.ACTIVE:
@@ -195,8 +197,12 @@ class ProgramPolicy(CapacityPolicy):
         smallest = min(p.tokens for p in queue)
         prepared = 0
         for p in sorted(queue, key=key):
-            if max(room.values(), default=0.0) < smallest:
-                break
+            if max(room.values(), default=0.0) < smallest:  # nothing more fits anywhere
+                if prepared >= self.prepare_ahead:
+                    break
+                self.s.prepare_sandbox(p)
+                prepared += 1
+                continue
             target = None
             if p.backend in backends and room[p.backend] >= self.need(p, backends[p.backend], prefixes[p.backend]):
                 target = p.backend  # affinity: its KV may still be there

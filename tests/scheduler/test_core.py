@@ -1,0 +1,196 @@
+"""The sans-I/O scheduler core and its policies: events in, decisions out (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.core import (
+    BackendObserved, BackendView, CollectSandbox, Dispatch, Pause, Pin, PrepareSandbox, ProgramReleased,
+    RequestArrived, RequestFinished, Resume, Scheduler, Status, Tick, ToolDurations, ToolEnded, Unpin,
+    UnknownProgram, make_policy,
+)
+
+
+def sched(policy: str, *caps: int, **opts: object) -> Scheduler:
+    return Scheduler(policy, backends=[BackendView(f"b{i}", c, prefill_s_per_token=1e-4) for i, c in enumerate(caps)],
+                     **opts)
+
+
+def arrive(s: Scheduler, now: float, pid: str, tokens: int, rid: str | None = None, **kw: object) -> list:
+    return s.handle(RequestArrived(now, pid, rid or f"{pid}-{now}", tokens, **kw))
+
+
+def dispatched(decisions: list) -> list[tuple[str, str]]:
+    return [(d.program_id, d.backend) for d in decisions if isinstance(d, Dispatch)]
+
+
+# ---- tool durations ----------------------------------------------------------------------------
+
+
+def test_tool_durations_prior_then_learned_and_tail_grows():
+    d = ToolDurations(min_samples=5, prior_mean_s=4.0)
+    assert d.expected_remaining(0) == 4.0 and d.cdf(4.0) == pytest.approx(0.632, abs=1e-3)
+    for x in [1, 1, 1, 1, 1, 1, 1, 1, 100, 200]:
+        d.record(x)
+    assert d.learned and d.quantile(0.5) == 1 and d.cdf(1.0) == 0.8
+    # heavy tail: once past the short calls, the expected remaining time jumps
+    assert d.expected_remaining(0.5) == pytest.approx(30.9 - 0.5, abs=0.1)
+    assert d.expected_remaining(2.0) == pytest.approx(150 - 2.0)
+    assert d.expected_remaining(500) == 200  # past every sample: the top decile's mean
+
+
+def test_unknown_policy_and_program():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("nope")
+    s = sched("request", 1000)
+    with pytest.raises(UnknownProgram):
+        s.handle(ProgramReleased(0, "ghost"))
+
+
+# ---- request ------------------------------------------------------------------------------------
+
+
+def test_request_dispatches_at_once_and_sticks_unless_imbalanced():
+    s = sched("request", 10_000, 10_000)
+    first = dispatched(arrive(s, 0, "p", 100))
+    assert len(first) == 1
+    home = first[0][1]
+    s.handle(RequestFinished(1, "p-0", 100, 10, tool="bash"))
+    assert dispatched(arrive(s, 2, "p", 200)) == [("p", home)]  # its prefix lives there
+    # 40 in-flight requests on home, none elsewhere: imbalanced, so least loaded wins
+    for i in range(40):
+        arrive(s, 3, f"q{i}", 10, rid=f"q{i}")
+        s.programs[f"q{i}"].backend = home
+    s.backends[home].inflight = 41
+    other = "b1" if home == "b0" else "b0"
+    s.backends[other].inflight = 0
+    s.handle(RequestFinished(4, "p-2", 200, 10, tool="bash"))
+    assert dispatched(arrive(s, 5, "p", 300)) == [("p", other)]
+
+
+# ---- thunderagent -----------------------------------------------------------------------------
+
+
+def test_thunderagent_pauses_shortest_acting_first_and_restores_at_tick():
+    s = sched("thunderagent", 10_000, acting_decay=False)
+    for pid, tokens in (("a", 3000), ("b", 2000), ("c", 4000)):
+        assert dispatched(arrive(s, 0, pid, tokens, rid=pid)) == [(pid, "b0")]
+    # all three acting, then contexts grow past capacity
+    for pid, tokens in (("a", 3000), ("b", 2000), ("c", 4000)):
+        s.handle(RequestFinished(1, pid, tokens, 500, tool="bash"))
+    new = arrive(s, 1.5, "d", 1000, rid="d")
+    assert dispatched(new) == []  # does not fit (3500+2500+4500+300 > 10000): waits
+    out = s.handle(Tick(5))
+    pauses = [d.program_id for d in out if isinstance(d, Pause)]
+    assert pauses == ["b"]  # the shortest acting program, just enough to fit
+    assert s.programs["b"].status is Status.PAUSED
+    # b's tool ends; its request is held
+    assert dispatched(arrive(s, 6, "b", 2600, rid="b2")) == []
+    # c is released: room, but ThunderAgent restores only at the tick
+    out = s.handle(ProgramReleased(7, "c"))
+    assert any(isinstance(d, CollectSandbox) for d in out) and not dispatched(out)
+    out = s.handle(Tick(10))
+    resumed = [d.program_id for d in out if isinstance(d, Resume)]
+    assert resumed[0] == "b"  # a reasoning program (its request waits) before the new one
+    assert ("b", "b0") in dispatched(out) and ("d", "b0") in dispatched(out)
+
+
+def test_thunderagent_acting_decay_counts_idle_programs_less():
+    s = sched("thunderagent", 10_000)
+    arrive(s, 0, "a", 6000, rid="a")
+    s.handle(RequestFinished(1, "a", 6000, 100, tool="sim"))
+    policy = s.policy
+    assert policy.cost(s.programs["a"], 1) == pytest.approx(6100)
+    assert policy.cost(s.programs["a"], 4) == pytest.approx(6100 / 8)
+
+
+# ---- ttl (Continuum) ----------------------------------------------------------------------------
+
+
+def test_ttl_pins_for_short_tools_not_for_long_ones_and_expires():
+    s = sched("ttl", 400_000)
+    for i in range(10):  # history: "ls" returns in 1 s, "train" in 500 s
+        s.tools.record("ls", 1.0)
+        s.tools.record("train", 500.0)
+    arrive(s, 0, "p", 8000, rid="r1")
+    out = s.handle(RequestFinished(1, "r1", 8000, 100, tool="ls"))
+    assert [type(d) for d in out] == [Pin] and s.programs["p"].pin_until == pytest.approx(2.0)
+    out = s.handle(Tick(3))
+    assert [type(d) for d in out] == [Unpin]  # expired
+    arrive(s, 4, "p", 8200, rid="r2")
+    out = s.handle(RequestFinished(5, "r2", 8200, 100, tool="train"))
+    assert not any(isinstance(d, Pin) for d in out)  # not worth holding memory 500 s
+
+
+def test_ttl_releases_one_pin_under_pressure():
+    s = sched("ttl", 100_000)
+    for i in range(10):
+        s.tools.record("ls", 1.0)
+    for pid in ("a", "b"):
+        arrive(s, 0, pid, 1000, rid=pid)
+        s.handle(RequestFinished(0.5, pid, 1000, 10, tool="ls"))
+    assert s.programs["a"].pinned and s.programs["b"].pinned
+    out = s.handle(BackendObserved(0.6, "b0", 100_000, used_tokens=99_000, queued=3))
+    assert [type(d) for d in out] == [Unpin]
+
+
+# ---- program (ours) -------------------------------------------------------------------------------
+
+
+def test_program_admits_per_request_and_holds_what_does_not_fit():
+    s = sched("program", 10_000)
+    assert dispatched(arrive(s, 0, "a", 6000, rid="a", max_tokens=100)) == [("a", "b0")]
+    out = arrive(s, 0, "b", 6000, rid="b", max_tokens=100)
+    assert dispatched(out) == [] and s.programs["b"].status is Status.WAITING
+    assert any(isinstance(d, PrepareSandbox) and d.program_id == "b" for d in out)  # ready before it runs
+    out = s.handle(RequestFinished(1, "a", 6000, 50))  # a final answer, then released
+    out = s.handle(ProgramReleased(1, "a"))
+    assert ("b", "b0") in dispatched(out)  # restored on the event, not at a tick
+
+
+def test_program_counts_a_shared_prefix_once():
+    s = sched("program", 10_000)
+    for pid in ("a", "b", "c"):  # 3 x 3000 tokens, 2000 of them one shared system prompt
+        out = arrive(s, 0, pid, 3000, rid=pid, max_tokens=100, prefix_key="sys", prefix_tokens=2000)
+        assert dispatched(out) == [(pid, "b0")]
+    assert s.policy.footprint(s.backends["b0"], 0) == pytest.approx(2000 + 3 * 1100)
+
+
+def test_program_keeps_short_tools_releases_heavy_tails_when_others_wait():
+    s = sched("program", 20_000)
+    s.backends["b0"].prefill_s_per_token = 1e-2  # a slow engine: recomputing 8k tokens costs 80 s
+    for _ in range(40):
+        s.tools.record("ls", 0.5)
+        s.tools.record("sim", 0.5)
+    for _ in range(2):
+        s.tools.record("sim", 400.0)
+    arrive(s, 0, "a", 8000, rid="a", max_tokens=100)
+    arrive(s, 0, "b", 8000, rid="b", max_tokens=100)
+    arrive(s, 0, "w", 8000, rid="w", max_tokens=100)  # waits: demand exists
+    assert s.programs["w"].status is Status.WAITING
+    s.handle(RequestFinished(1, "a", 8000, 100, tool="ls"))
+    assert s.programs["a"].kept  # back in a moment: keep
+    s.handle(RequestFinished(1, "b", 8000, 100, tool="sim"))
+    assert s.programs["b"].kept  # most "sim" calls are short too
+    out = s.handle(Tick(3.0))  # 2 s in: b is in the tail now; its memory goes to w
+    assert not s.programs["b"].kept and ("w", "b0") in dispatched(out)
+    # b's tool ends while w runs: b does not fit, it waits rather than thrash the engine
+    out = arrive(s, 4, "b", 8200, rid="b2", max_tokens=100)
+    assert dispatched(out) == [] and s.programs["b"].status is Status.PAUSED
+    # a comes back: it was kept, so it is dispatched at once
+    s.handle(ToolEnded(1.6, "a"))
+    assert dispatched(arrive(s, 4.1, "a", 8200, rid="a2", max_tokens=100)) == [("a", "b0")]
+
+
+def test_program_relieves_growth_down_to_the_admission_mark():
+    s = sched("program", 10_000, admit_fraction=0.8)
+    for pid in ("a", "b", "c", "d"):
+        arrive(s, 0, pid, 1800, rid=pid, max_tokens=50)
+    assert all(s.programs[p].status is Status.ACTIVE for p in "abcd")
+    for pid in "abcd":  # every context grows to 2,900 tokens: 4 x 2,950 > 10,000
+        s.handle(RequestFinished(1, pid, 2800, 100, tool="bash"))
+        arrive(s, 1.5, pid, 2900, rid=pid + "2", max_tokens=50)
+    out = s.handle(Tick(2))
+    paused = [d.program_id for d in out if isinstance(d, Pause)]
+    assert len(paused) == 2  # 4 x 3000 -> under 8,000 needs two out, not one
+    assert s.policy.footprint(s.backends["b0"], 2) <= 8000
