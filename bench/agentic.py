@@ -35,7 +35,7 @@ def log(msg: str) -> None:
 
 def run(quick: bool, preset: str, engines: int, seed: int, concurrency: list[int] | None,
         duration_s: float | None) -> dict:
-    levels = concurrency or ([48, 96] if quick else [16, 48, 96, 128])
+    levels = concurrency or ([48, 96] if quick else [48, 96, 128, 160])  # all past KV capacity
     duration = duration_s or (1800.0 if quick else 3600.0)
     assert set(POLICIES) <= set(policy_names())
     out: dict = {"config": {"preset": preset, "engines": engines, "seed": seed, "sim_seconds": duration,
