@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orchestrator.api import health, runs
+from orchestrator.api import gateway, health, runs
 from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
 from orchestrator.errors import APIError, InvalidRequest, ValidationFailed
@@ -28,6 +28,8 @@ from orchestrator.runs.store import RunStore
 from orchestrator.runs.worker import Worker
 from orchestrator.settings import DEV_API_KEY, Settings
 from orchestrator.workflows import default_registry
+from scheduler.backends.factory import make_backend
+from scheduler.runtime import ProgramRuntime
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.worker = worker
         if DEV_API_KEY in settings.api_keys:
             log.warning("the development API key is enabled; set ORCH_API_KEYS in production")
+        runtime = None
+        if settings.backends:
+            runtime = ProgramRuntime({b.name: make_backend(b) for b in settings.backends},
+                                     policy=settings.scheduler_policy)
+            await runtime.start()
+        app.state.runtime = runtime
         if worker is not None:
             await worker.start()
         log.info("service ready", extra={"database": engine.dialect.name, "bus": bus.name,
@@ -59,6 +67,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if worker is not None:
                 await worker.stop()
+            if runtime is not None:
+                await runtime.close()
+                for b in runtime.backends.values():
+                    await b.close()
             await app.state.rate_limiter.close()
             await bus.close()
             await engine.dispose()
@@ -74,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keyring = KeyRing(settings.api_keys)
     app.state.registry = default_registry(settings.workflow_modules)
     app.include_router(runs.router)
+    app.include_router(gateway.router)
     app.include_router(health.router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)

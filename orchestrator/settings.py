@@ -8,7 +8,7 @@ PostgreSQL and ``ORCH_REDIS_URL`` turns on the multi-replica profile.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -23,6 +23,17 @@ class TenantLimits(BaseModel):
     max_concurrent_runs: int | None = Field(default=100, ge=1)
     requests_per_second: float | None = Field(default=50.0, gt=0)
     burst: int | None = Field(default=100, ge=1)
+
+
+class BackendConfig(BaseModel):
+    """One LLM backend behind the gateway and the agents."""
+
+    name: str = Field(min_length=1, max_length=100)
+    kind: Literal["sglang", "openai"] = "sglang"
+    url: str
+    model: str | None = None
+    api_key: str | None = None
+    read_timeout_s: float = Field(default=120.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -57,6 +68,10 @@ class Settings(BaseSettings):
     # Extra workflow modules to load: each exposes ``register(registry)``.
     workflow_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # LLM backends as JSON: [{"name": "gpu-0", "kind": "sglang", "url": "http://10.0.0.5:30000"}].
+    backends: Annotated[list[BackendConfig], NoDecode] = Field(default_factory=list)
+    scheduler_policy: str = "program"
+
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -76,6 +91,11 @@ class Settings(BaseSettings):
     @field_validator("tenant_limits", mode="before")
     @classmethod
     def _parse_limits(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _parse_backends(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
 
     @field_validator("workflow_modules", mode="before")

@@ -1,0 +1,260 @@
+"""The OpenAI-compatible gateway: existing agents change only their base URL.
+
+``POST /v1/chat/completions`` with a program id (``program_id`` in the body, which is
+where the ``openai`` client puts ``extra_body``, or an ``X-Program-Id`` header, as
+ThunderAgent accepts it) goes through the program-aware scheduler; a request without
+one is its own one-turn program. ``POST /v1/programs/{id}/release`` when the agent is
+done; ``GET /v1/programs`` shows each program's phase, status, tokens, backend and steps;
+``POST /v1/programs/{id}/tool`` is an optional tool-phase hint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.api.schemas import ERROR_RESPONSES
+from orchestrator.auth import Tenant, authenticate
+from orchestrator.errors import APIError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
+from scheduler.backends.base import BackendError, GenerateRequest, Generation, GenerationChunk
+from scheduler.core import UnknownProgram
+from scheduler.runtime import ProgramConflict, ProgramRuntime
+
+router = APIRouter(prefix="/v1", tags=["gateway"], responses=ERROR_RESPONSES)
+TenantDep = Annotated[Tenant, Depends(authenticate)]
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Any = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI chat completions body, plus ``program_id``."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    program_id: str | None = Field(default=None, min_length=1, max_length=200)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+
+class ToolHint(BaseModel):
+    phase: Literal["acting", "reasoning"]
+    tool: str = Field(default="tool", min_length=1, max_length=100)
+
+
+def _runtime(request: Request) -> ProgramRuntime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise ServiceUnavailable("No LLM backends are configured (set ORCH_BACKENDS).", code="no_backends")
+    return runtime
+
+
+def _check_messages(body: ChatCompletionRequest) -> None:
+    """Malformed tool-call messages get a 400 naming the field, never a backend error."""
+    call_ids: set[str] = set()
+    for i, m in enumerate(body.messages):
+        if m.role not in ROLES:
+            raise ValidationFailed(f"messages[{i}].role must be one of {sorted(ROLES)}.", code="invalid_message",
+                                   param=f"messages[{i}].role")
+        for j, tc in enumerate(m.tool_calls or []):
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            if m.role != "assistant" or not isinstance(tc.get("id"), str) or not isinstance(fn, dict) \
+                    or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
+                raise ValidationFailed(
+                    "Tool calls belong to assistant messages and need an id and a function with a name and "
+                    "string arguments.", code="invalid_tool_call", param=f"messages[{i}].tool_calls[{j}]")
+            call_ids.add(tc["id"])
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise ValidationFailed("A tool message needs tool_call_id.", code="invalid_tool_message",
+                                       param=f"messages[{i}].tool_call_id")
+            if m.tool_call_id not in call_ids:
+                raise ValidationFailed(f"tool_call_id {m.tool_call_id!r} answers no earlier assistant tool call.",
+                                       code="invalid_tool_message", param=f"messages[{i}].tool_call_id")
+
+
+def _generate_request(body: ChatCompletionRequest, rid: str) -> GenerateRequest:
+    try:
+        return GenerateRequest(
+            rid=rid, model=body.model, messages=[m.model_dump(exclude_none=True) for m in body.messages],
+            tools=body.tools, tool_choice=body.tool_choice,
+            max_tokens=body.max_completion_tokens or body.max_tokens or 512,
+            temperature=body.temperature, top_p=body.top_p,
+            stop=[body.stop] if isinstance(body.stop, str) else body.stop, seed=body.seed,
+            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    except ValidationError as exc:
+        raise ValidationFailed(exc.errors()[0]["msg"], code="invalid_request") from None
+
+
+def _tool_calls(chunk: GenerationChunk | Generation) -> list[dict[str, Any]]:
+    return [{"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+            for tc in chunk.tool_calls]
+
+
+def _usage(u: Any) -> dict[str, Any]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def _logprobs(lps: list[Any]) -> dict[str, Any]:
+    return {"content": [{"token": lp.token, "logprob": lp.logprob, "bytes": None,
+                         "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in lp.top]}
+                        for lp in lps]}
+
+
+@router.post("/chat/completions", summary="OpenAI-compatible chat completion, scheduled as part of a program")
+async def chat_completions(
+    request: Request, tenant: TenantDep, x_program_id: Annotated[str | None, Header(max_length=200)] = None,
+) -> Any:
+    try:
+        body = ChatCompletionRequest.model_validate(await request.json())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ValidationFailed(f"{first['msg']} at {loc}.", code="invalid_request", param=loc) from None
+    except json.JSONDecodeError:
+        raise ValidationFailed("The body is not valid JSON.", code="invalid_json") from None
+    _check_messages(body)
+    runtime = _runtime(request)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    program_id = body.program_id or x_program_id
+    one_shot = program_id is None
+    program_id = program_id or f"oneshot-{rid}"
+    gen_req = _generate_request(body, rid)
+    try:
+        runtime.claim(program_id, tenant.name)
+    except ProgramConflict:
+        raise Conflict(f"Program id {program_id!r} is in use by another tenant.", code="program_id_conflict",
+                       param="program_id") from None
+    base = {"id": rid, "created": int(time.time()), "model": body.model or "default"}
+
+    def done() -> None:
+        if one_shot:
+            try:
+                runtime.release(program_id, tenant.name)
+            except UnknownProgram:
+                pass
+
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        stream = runtime.stream(program_id, tenant.name, gen_req)
+        try:  # the first chunk before the 200: a dead backend becomes a clean error status
+            first = await anext(stream)
+        except BackendError as exc:
+            done()
+            raise _backend_error(exc) from None
+        except StopAsyncIteration:
+            first = None
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                chunk = first
+                while chunk is not None:
+                    delta: dict[str, Any] = {}
+                    if chunk.text:
+                        delta["content"] = chunk.text
+                    if chunk.tool_calls:
+                        delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(_tool_calls(chunk))]
+                    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
+                    if body.logprobs and chunk.logprobs:
+                        choice["logprobs"] = _logprobs(chunk.logprobs)
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
+                    if chunk.usage is not None and include_usage:
+                        yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
+                                    "usage": _usage(chunk.usage)})
+                    chunk = await anext(stream, None)
+                yield "data: [DONE]\n\n"
+            except BackendError as exc:
+                err = _backend_error(exc)
+                yield _sse(err.body())
+            finally:
+                await stream.aclose()
+                done()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    chunks: list[GenerationChunk] = []
+    try:
+        async for chunk in runtime.stream(program_id, tenant.name, gen_req):
+            chunks.append(chunk)
+    except BackendError as exc:
+        raise _backend_error(exc) from None
+    finally:
+        done()
+    gen = Generation.from_chunks(rid, chunks)
+    message: dict[str, Any] = {"role": "assistant", "content": gen.text or (None if gen.tool_calls else "")}
+    if gen.tool_calls:
+        message["tool_calls"] = _tool_calls(gen)
+    choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
+    if body.logprobs:
+        choice["logprobs"] = _logprobs(gen.logprobs)
+    return {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen.usage)}
+
+
+def _backend_error(exc: BackendError) -> APIError:
+    return ServiceUnavailable(f"The LLM backend failed: {exc}", code="backend_unavailable")
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@router.post("/programs/{program_id}/release", summary="The agent is done: free its program")
+async def release_program(program_id: str, request: Request, tenant: TenantDep) -> dict[str, Any]:
+    try:
+        _runtime(request).release(program_id, tenant.name)
+    except UnknownProgram:
+        raise NotFound(f"No program with id {program_id!r}.", code="program_not_found",
+                       param="program_id") from None
+    return {"id": program_id, "object": "program", "released": True}
+
+
+@router.post("/programs/{program_id}/tool", summary="Tool-phase hint: the program starts or ends a tool call")
+async def tool_hint(program_id: str, hint: ToolHint, request: Request, tenant: TenantDep) -> dict[str, Any]:
+    runtime = _runtime(request)
+    try:
+        if hint.phase == "acting":
+            runtime.tool_started(program_id, tenant.name, hint.tool)
+        else:
+            runtime.tool_ended(program_id, tenant.name)
+    except UnknownProgram:
+        raise NotFound(f"No program with id {program_id!r}.", code="program_not_found",
+                       param="program_id") from None
+    return {"id": program_id, "object": "program", "phase": hint.phase}
+
+
+@router.get("/programs", summary="Programs of this tenant: phase, status, tokens, backend, steps")
+async def list_programs(request: Request, tenant: TenantDep) -> dict[str, Any]:
+    return {"object": "list", "data": _runtime(request).programs(tenant.name)}
+
+
+@router.get("/programs/{program_id}", summary="One program")
+async def get_program(program_id: str, request: Request, tenant: TenantDep) -> dict[str, Any]:
+    for p in _runtime(request).programs(tenant.name):
+        if p["id"] == program_id:
+            return p
+    raise NotFound(f"No program with id {program_id!r}.", code="program_not_found", param="program_id")

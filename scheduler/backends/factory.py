@@ -1,0 +1,22 @@
+"""Backends from configuration (``ORCH_BACKENDS``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler.backends.base import Backend
+
+
+def make_backend(config: Any) -> Backend:
+    """``config`` has ``name``, ``kind`` (``sglang`` or ``openai``), ``url``, ``model``,
+    ``api_key`` and ``read_timeout_s`` (``orchestrator.settings.BackendConfig``)."""
+    if config.kind == "sglang":
+        from scheduler.backends.sglang import SGLangBackend
+
+        return SGLangBackend(config.url, name=config.name, model=config.model, read_timeout=config.read_timeout_s)
+    if config.kind == "openai":
+        from scheduler.backends.openai_compat import OpenAICompatBackend
+
+        return OpenAICompatBackend(config.url, api_key=config.api_key or "none", model=config.model or "default",
+                                   name=config.name, timeout=config.read_timeout_s)
+    raise ValueError(f"unknown backend kind {config.kind!r}")

@@ -1,0 +1,223 @@
+"""The real-time driver: the scheduler core's decisions carried out on real backends.
+
+``ProgramRuntime`` is what the gateway and the agent workflows call. A call becomes a
+``RequestArrived``; the core answers with a ``Dispatch`` (now, or later when the program
+is resumed: until then the call simply waits, which is how a program is paused on an
+engine that has no pause API); the chosen backend streams; usage and whether the answer
+called a tool go back as ``RequestFinished``. Backends are observed periodically
+(capacity and live load) and the policy gets its ticks. Everything runs on one event
+loop, so the core needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from scheduler.backends.base import Backend, BackendError, GenerateRequest, GenerationChunk
+from scheduler.backends.pool import NoBackendAvailable
+from scheduler.core import (
+    BackendObserved, BackendView, CollectSandbox, Decision, Dispatch, PrepareSandbox, ProgramReleased,
+    RequestArrived, RequestFinished, Scheduler, Tick, ToolEnded, ToolStarted, UnknownProgram,
+)
+
+log = logging.getLogger("scheduler.runtime")
+
+SandboxHook = Callable[[str], Awaitable[None]]
+
+
+class ProgramConflict(Exception):
+    """The program id belongs to another tenant."""
+
+
+def estimate_tokens(request: GenerateRequest) -> int:
+    """Before usage arrives: about 4 characters a token (corrected by usage afterwards)."""
+    if request.input_ids is not None:
+        return len(request.input_ids)
+    text = request.prompt if request.prompt is not None else json.dumps(request.messages, ensure_ascii=False)
+    return max(1, len(text) // 4)
+
+
+@dataclass
+class RuntimeStats:
+    decisions: int = 0
+    decision_seconds: list[float] = field(default_factory=list)
+    held_seconds: list[float] = field(default_factory=list)
+
+
+class ProgramRuntime:
+    def __init__(
+        self,
+        backends: dict[str, Backend],
+        *,
+        policy: str = "program",
+        observe_interval_s: float = 2.0,
+        prefill_s_per_token: float = 4e-5,
+        on_prepare_sandbox: SandboxHook | None = None,
+        on_collect_sandbox: SandboxHook | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not backends:
+            raise ValueError("a runtime needs at least one backend")
+        self.backends = backends
+        self.sched = Scheduler(policy, backends=[
+            BackendView(name, 0, prefill_s_per_token=prefill_s_per_token) for name in backends])
+        self.observe_interval_s = observe_interval_s
+        self.clock = clock
+        self.owners: dict[str, str] = {}  # program id -> tenant
+        self._waiters: dict[str, asyncio.Future[Dispatch]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._hooks = {PrepareSandbox: on_prepare_sandbox, CollectSandbox: on_collect_sandbox}
+        self.stats = RuntimeStats()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.observe()
+        self._tasks = [asyncio.create_task(self._loop(self.observe, self.observe_interval_s), name="observe"),
+                       asyncio.create_task(self._loop(self._tick, self.sched.policy.tick_s), name="tick")]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.cancel()
+
+    async def _loop(self, fn: Callable[[], Awaitable[None]], every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await fn()
+            except Exception:
+                log.exception("runtime loop %s failed", getattr(fn, "__name__", fn))
+
+    async def _tick(self) -> None:
+        self._handle(Tick(self.clock()))
+
+    async def observe(self) -> None:
+        """Capacity (``/get_server_info``) and live load (``/v1/loads``) of every backend."""
+        async def one(name: str, b: Backend) -> BackendObserved:
+            try:
+                cap, load = await asyncio.gather(b.capacity(), b.load())
+                return BackendObserved(self.clock(), name, cap.max_total_tokens, load.used_tokens, load.running,
+                                       load.queued, True)
+            except (BackendError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("backend %s not observable: %s", name, exc)
+                view = self.sched.backends[name]
+                return BackendObserved(self.clock(), name, view.capacity, view.used, 0, 0, False)
+
+        for ev in await asyncio.gather(*(one(n, b) for n, b in self.backends.items())):
+            self._handle(ev)
+
+    # ---- decisions ---------------------------------------------------------------------------
+
+    def _handle(self, event: object) -> None:
+        t0 = time.perf_counter()
+        decisions = self.sched.handle(event)  # type: ignore[arg-type]
+        dt = time.perf_counter() - t0
+        self.stats.decisions += 1
+        self.stats.decision_seconds.append(dt)
+        if len(self.stats.decision_seconds) > 10_000:
+            del self.stats.decision_seconds[:5_000]
+        for d in decisions:
+            self._apply(d)
+
+    def _apply(self, d: Decision) -> None:
+        if isinstance(d, Dispatch):
+            fut = self._waiters.pop(d.rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(d)
+            return
+        hook = self._hooks.get(type(d))  # type: ignore[call-overload]
+        if hook is not None:
+            asyncio.get_running_loop().create_task(hook(d.program_id))  # type: ignore[union-attr]
+        # Pause / Resume are bookkeeping; Pin / Unpin have no lever on SGLang.
+
+    # ---- the calls ---------------------------------------------------------------------------
+
+    def claim(self, program_id: str, tenant: str) -> None:
+        owner = self.owners.get(program_id)
+        if owner is not None and owner != tenant:
+            raise ProgramConflict(program_id)
+        self.owners[program_id] = tenant
+
+    async def stream(self, program_id: str, tenant: str, request: GenerateRequest, *,
+                     prefix_key: str | None = None, prefix_tokens: int = 0) -> AsyncIterator[GenerationChunk]:
+        """One LLM call of a program: waits while the program is paused, then streams."""
+        self.claim(program_id, tenant)
+        if not any(b.healthy and b.capacity > 0 for b in self.sched.backends.values()):
+            raise NoBackendAvailable("no healthy backend: every one failed its last check", backend="runtime")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Dispatch] = loop.create_future()
+        self._waiters[request.rid] = fut
+        arrived = self.clock()
+        self._handle(RequestArrived(arrived, program_id, request.rid, estimate_tokens(request), tenant,
+                                    request.max_tokens, prefix_key, prefix_tokens))
+        finished = False
+        try:
+            try:
+                dispatch = await fut
+            finally:
+                self._waiters.pop(request.rid, None)
+            self.stats.held_seconds.append(self.clock() - arrived)
+            if len(self.stats.held_seconds) > 10_000:
+                del self.stats.held_seconds[:5_000]
+            backend = self.backends[dispatch.backend]
+            if dispatch.priority is not None:
+                request = request.model_copy(update={"priority": dispatch.priority})
+            async for chunk in backend.stream(request):
+                if chunk.finish_reason is not None:
+                    usage = chunk.usage
+                    tool = chunk.tool_calls[0].name if chunk.tool_calls else None
+                    finished = True
+                    self._handle(RequestFinished(self.clock(), request.rid,
+                                                 usage.prompt_tokens if usage else estimate_tokens(request),
+                                                 usage.completion_tokens if usage else 0,
+                                                 usage.cached_tokens if usage else 0, tool=tool,
+                                                 aborted=chunk.finish_reason == "abort"))
+                yield chunk
+        finally:
+            if not finished:
+                # cancelled, failed, or the caller stopped reading: free the engine and the table
+                if fut.done() and not fut.cancelled():
+                    try:
+                        await asyncio.shield(self.backends[fut.result().backend].abort(request.rid))
+                    except Exception:
+                        pass
+                self._handle(RequestFinished(self.clock(), request.rid, estimate_tokens(request), 0, 0,
+                                             aborted=True))
+
+    def release(self, program_id: str, tenant: str) -> None:
+        if self.owners.get(program_id) != tenant:
+            raise UnknownProgram(program_id)
+        self.owners.pop(program_id, None)
+        try:
+            self._handle(ProgramReleased(self.clock(), program_id))
+        except UnknownProgram:
+            pass  # known to us, finished in the core: releasing twice is harmless
+
+    def tool_started(self, program_id: str, tenant: str, tool: str) -> None:
+        self._own(program_id, tenant)
+        self._handle(ToolStarted(self.clock(), program_id, tool))
+
+    def tool_ended(self, program_id: str, tenant: str) -> None:
+        self._own(program_id, tenant)
+        self._handle(ToolEnded(self.clock(), program_id))
+
+    def _own(self, program_id: str, tenant: str) -> None:
+        if self.owners.get(program_id) != tenant or program_id not in self.sched.programs:
+            raise UnknownProgram(program_id)
+
+    def programs(self, tenant: str) -> list[dict[str, object]]:
+        return [p.snapshot() for pid, p in self.sched.programs.items() if self.owners.get(pid) == tenant]

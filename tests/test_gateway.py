@@ -1,0 +1,124 @@
+"""The OpenAI-compatible gateway with the real ``openai`` client, against the service on
+loopback whose backend is the simulator's SGLang-compatible server in its own process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import AsyncIterator
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from orchestrator import Settings
+from tests.servers import SimServerProcess, free_port, running_server
+
+KEYS = {"sk-a": "alpha", "sk-b": "beta"}
+TOOLS = [{"type": "function", "function": {"name": "run_tests", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.fixture(scope="module")
+def sim() -> AsyncIterator[SimServerProcess]:
+    proc = SimServerProcess("--speed", "20").start()
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+async def service(sim: SimServerProcess, tmp_path: Path) -> AsyncIterator[str]:
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/gw.db", api_keys=KEYS, worker_enabled=False,
+                        log_json=False, backends=[{"name": "sim-0", "kind": "sglang", "url": sim.url}])
+    async with running_server(settings) as url:
+        yield url
+
+
+async def test_openai_client_drop_in_with_program_lifecycle(service: str):
+    client = AsyncOpenAI(base_url=f"{service}/v1", api_key="sk-a")
+    ask = [{"role": "system", "content": "You are a coding agent."}, {"role": "user", "content": "Fix the bug."}]
+    # turn 1: the answer calls a tool, so the program is acting until its next request
+    r1 = await client.chat.completions.create(model="m", messages=ask, tools=TOOLS, tool_choice="required",
+                                              max_tokens=32, extra_body={"program_id": "agent-1"})
+    call = r1.choices[0].message.tool_calls[0]
+    assert r1.choices[0].finish_reason == "tool_calls" and call.function.name == "run_tests"
+    async with httpx.AsyncClient(base_url=service, headers={"Authorization": "Bearer sk-a"}) as http:
+        progs = (await http.get("/v1/programs")).json()["data"]
+        assert [(p["id"], p["phase"], p["status"], p["backend"]) for p in progs] == \
+            [("agent-1", "acting", "active", "sim-0")]
+        # turn 2, streamed, program id in a header: its earlier turn is a cached prefix
+        follow = ask + [r1.choices[0].message.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": call.id, "content": "1 failed"}]
+        stream = await client.chat.completions.create(
+            model="m", messages=follow, max_tokens=24, stream=True, stream_options={"include_usage": True},
+            extra_headers={"X-Program-Id": "agent-1"})
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            usage = chunk.usage or usage
+        assert text and usage.prompt_tokens_details.cached_tokens > 0
+        prog = (await http.get("/v1/programs/agent-1")).json()
+        assert prog["phase"] == "reasoning" and prog["steps"] == 1 and prog["requests"] == 2
+        # another tenant can neither reuse nor see nor release it
+        other = AsyncOpenAI(base_url=f"{service}/v1", api_key="sk-b")
+        with pytest.raises(openai.ConflictError) as conflict:
+            await other.chat.completions.create(model="m", messages=ask, extra_body={"program_id": "agent-1"})
+        assert conflict.value.body["code"] == "program_id_conflict"
+        beta = {"Authorization": "Bearer sk-b"}
+        assert (await http.get("/v1/programs", headers=beta)).json()["data"] == []
+        assert (await http.post("/v1/programs/agent-1/release", headers=beta)).status_code == 404
+        # release: gone; a second release is a clear 404
+        assert (await http.post("/v1/programs/agent-1/release")).json()["released"] is True
+        assert (await http.get("/v1/programs")).json()["data"] == []
+        again = await http.post("/v1/programs/agent-1/release")
+        assert again.status_code == 404 and again.json()["error"]["code"] == "program_not_found"
+
+
+async def test_requests_without_program_id_and_tool_hints(service: str):
+    client = AsyncOpenAI(base_url=f"{service}/v1", api_key="sk-a")
+    r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+    async with httpx.AsyncClient(base_url=service, headers={"Authorization": "Bearer sk-a"}) as http:
+        assert (await http.get("/v1/programs")).json()["data"] == []  # its own one-turn program, released
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "go"}], max_tokens=8,
+                                             extra_body={"program_id": "hinted"})
+        hint = await http.post("/v1/programs/hinted/tool", json={"phase": "acting", "tool": "browser"})
+        assert hint.status_code == 200
+        assert (await http.get("/v1/programs/hinted")).json()["tool"] == "browser"
+        assert (await http.post("/v1/programs/hinted/tool", json={"phase": "reasoning"})).status_code == 200
+        assert (await http.get("/v1/programs/hinted")).json()["steps"] == 1
+        bad = await http.post("/v1/programs/nope/tool", json={"phase": "acting"})
+        assert bad.status_code == 404
+        bad = await http.post("/v1/programs/hinted/tool", json={"phase": "sleeping"})
+        assert bad.status_code == 422 and "error" in bad.json()
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id"),
+    ([{"role": "tool", "content": "x", "tool_call_id": "c9"}], "messages[0].tool_call_id"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c1", "function": {"arguments": "{}"}}]}],
+     "messages[0].tool_calls[0]"),
+    ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+    ([], "messages"),
+])
+async def test_malformed_messages_get_a_400(service: str, messages: list, param: str):
+    async with httpx.AsyncClient(base_url=service, headers={"Authorization": "Bearer sk-a"}) as http:
+        r = await http.post("/v1/chat/completions", json={"model": "m", "messages": messages, "program_id": "p"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param
+        assert (await http.get("/v1/programs")).json()["data"] == []  # nothing half-written
+
+
+async def test_backend_down_is_503_and_no_backends_is_503(tmp_path: Path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/d.db", api_keys=KEYS, worker_enabled=False,
+                        log_json=False, backends=[{"name": "dead", "url": dead}])
+    async with running_server(settings) as url:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer sk-a"}, timeout=30) as http:
+            r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/n.db", api_keys=KEYS, worker_enabled=False,
+                        log_json=False)
+    async with running_server(settings) as url:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer sk-a"}) as http:
+            r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "no_backends"
