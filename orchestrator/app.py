@@ -21,7 +21,7 @@ from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
 from orchestrator.errors import APIError, InvalidRequest, ValidationFailed
 from orchestrator.events import create_bus
-from orchestrator.metrics import Metrics
+from orchestrator.metrics import Metrics, SchedulerCollector
 from orchestrator.middleware import RequestContextMiddleware
 from orchestrator.quotas import create_rate_limiter
 from orchestrator.runs.store import RunStore
@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runtime = ProgramRuntime({b.name: make_backend(b) for b in settings.backends},
                                      policy=settings.scheduler_policy)
             await runtime.start()
+            collector = SchedulerCollector(runtime)
+            metrics.registry.register(collector)  # type: ignore[arg-type]
         app.state.runtime = runtime
         if worker is not None:
             await worker.start()
@@ -68,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if worker is not None:
                 await worker.stop()
             if runtime is not None:
+                metrics.registry.unregister(collector)  # type: ignore[arg-type]
                 await runtime.close()
                 for b in runtime.backends.values():
                     await b.close()

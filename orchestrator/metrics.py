@@ -42,3 +42,63 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SchedulerCollector:
+    """The scheduler's state, read at scrape time (nothing is counted per event).
+
+    Labels stay bounded: phase, status, backend name (from configuration), quantile."""
+
+    def __init__(self, runtime: object) -> None:
+        self.runtime = runtime
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        rt = self.runtime
+        sched = rt.sched  # type: ignore[attr-defined]
+        programs = GaugeMetricFamily("orchestrator_programs", "Live programs by phase and status.",
+                                     labels=["phase", "status"])
+        counts: dict[tuple[str, str], int] = {}
+        pinned = 0
+        for p in sched.programs.values():
+            key = (p.phase.value, p.status.value)
+            counts[key] = counts.get(key, 0) + 1
+            pinned += p.tokens if p.pinned else 0
+        for (phase, status), n in sorted(counts.items()):
+            programs.add_metric([phase, status], n)
+        yield programs
+        c = sched.counters
+        for name, key, doc in (("pauses", "pauses", "Programs paused."), ("resumes", "resumes", "Programs resumed."),
+                               ("dispatches", "dispatches", "LLM calls dispatched."),
+                               ("programs_released", "released", "Programs released.")):
+            yield CounterMetricFamily(f"orchestrator_scheduler_{name}", doc, value=c[key])
+        yield GaugeMetricFamily("orchestrator_scheduler_pinned_tokens", "KV tokens of pinned programs.", value=pinned)
+        totals = rt.token_totals  # type: ignore[attr-defined]
+        yield CounterMetricFamily("orchestrator_scheduler_prompt_tokens", "Prompt tokens of finished calls.",
+                                  value=totals["prompt"])
+        yield CounterMetricFamily("orchestrator_scheduler_cached_tokens", "Prompt tokens served from KV cache.",
+                                  value=totals["cached"])
+        yield GaugeMetricFamily("orchestrator_scheduler_kv_hit_ratio", "Cached over prompt tokens, since start.",
+                                value=totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0)
+        for name, samples, doc in (
+                ("orchestrator_scheduler_decision_seconds", rt.stats.decision_seconds,  # type: ignore[attr-defined]
+                 "Time to handle one event (recent window)."),
+                ("orchestrator_scheduler_hold_seconds", rt.stats.held_seconds,  # type: ignore[attr-defined]
+                 "How long calls waited for dispatch (recent window).")):
+            g = GaugeMetricFamily(name, doc, labels=["quantile"])
+            ordered = sorted(samples)
+            for q in (0.5, 0.99):
+                g.add_metric([str(q)], ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0)
+            yield g
+        cap = GaugeMetricFamily("orchestrator_backend_kv_capacity_tokens", "KV capacity.", labels=["backend"])
+        used = GaugeMetricFamily("orchestrator_backend_kv_used_tokens", "KV tokens in use (observed).",
+                                 labels=["backend"])
+        healthy = GaugeMetricFamily("orchestrator_backend_healthy", "1 if the last check passed.", labels=["backend"])
+        for b in sched.backends.values():
+            cap.add_metric([b.name], b.capacity)
+            used.add_metric([b.name], b.used)
+            healthy.add_metric([b.name], 1 if b.healthy else 0)
+        yield cap
+        yield used
+        yield healthy

@@ -73,6 +73,7 @@ class ProgramRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self._hooks = {PrepareSandbox: on_prepare_sandbox, CollectSandbox: on_collect_sandbox}
         self.stats = RuntimeStats()
+        self.token_totals = {"prompt": 0, "cached": 0}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -181,6 +182,9 @@ class ProgramRuntime:
                     usage = chunk.usage
                     tool = chunk.tool_calls[0].name if chunk.tool_calls else None
                     finished = True
+                    if usage is not None:
+                        self.token_totals["prompt"] += usage.prompt_tokens
+                        self.token_totals["cached"] += usage.cached_tokens
                     self._handle(RequestFinished(self.clock(), request.rid,
                                                  usage.prompt_tokens if usage else estimate_tokens(request),
                                                  usage.completion_tokens if usage else 0,

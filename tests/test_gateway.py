@@ -57,6 +57,12 @@ async def test_openai_client_drop_in_with_program_lifecycle(service: str):
                 text += chunk.choices[0].delta.content
             usage = chunk.usage or usage
         assert text and usage.prompt_tokens_details.cached_tokens > 0
+        metrics = (await http.get("/metrics")).text
+        assert 'orchestrator_programs{phase="reasoning",status="active"} 1.0' in metrics
+        assert "orchestrator_scheduler_dispatches_total 2.0" in metrics
+        assert 'orchestrator_backend_healthy{backend="sim-0"} 1.0' in metrics
+        hit = float(metrics.split("\norchestrator_scheduler_kv_hit_ratio ")[1].split()[0])
+        assert 0 < hit < 1
         prog = (await http.get("/v1/programs/agent-1")).json()
         assert prog["phase"] == "reasoning" and prog["steps"] == 1 and prog["requests"] == 2
         # another tenant can neither reuse nor see nor release it
