@@ -151,7 +151,7 @@ class ProgramPolicy(CapacityPolicy):
                         p.kept = self.worth_keeping(p, now, demand=True, running=running)
         for b in self.s.healthy_backends():
             self.relieve(b, now)
-        self.restore(now)
+        self.restore(now, tick=True)
 
     def relieve(self, b: BackendView, now: float) -> None:
         """Over capacity (contexts grew): bring the backend back under the *admission*
@@ -175,7 +175,7 @@ class ProgramPolicy(CapacityPolicy):
                 total -= self.cost(p, now)
                 self.s.pause(p)
 
-    def restore(self, now: float) -> None:
+    def restore(self, now: float, tick: bool = False) -> None:
         queue = [p for p in self.s.waiting.values() if p.pending]  # acting programs wait for their tool
         if not queue:
             return
@@ -192,15 +192,17 @@ class ProgramPolicy(CapacityPolicy):
 
         backends = {b.name: b for b in self.s.healthy_backends()}
         room = {name: self.admit_limit(b) - self.footprint(b, now) for name, b in backends.items()}
+        smallest = min(p.tokens + self.headroom(p) - p.prefix_tokens for p in queue)
+        if max(room.values(), default=0.0) < smallest and not tick:
+            return  # nothing fits anywhere: not worth ordering the queue on every event
         prefixes = {name: {q.prefix_key for q in self.s.resident[name].values() if q.prefix_key is not None}
                     for name in backends}
-        smallest = min(p.tokens for p in queue)
         prepared = 0
         for p in sorted(queue, key=key):
             if max(room.values(), default=0.0) < smallest:  # nothing more fits anywhere
                 if prepared >= self.prepare_ahead:
                     break
-                self.s.prepare_sandbox(p)
+                self.s.prepare_sandbox(p)  # the next to run get their sandboxes ready
                 prepared += 1
                 continue
             target = None

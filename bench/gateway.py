@@ -1,0 +1,205 @@
+"""Gateway overhead and scheduler decision time.
+
+    .venv/bin/python bench/gateway.py --quick --json
+
+1. Added latency: the same short chat call sent directly to an SGLang-compatible backend
+   (the simulator's server at high speed, in its own process) and through the gateway (the
+   service in its own process, SQLite, program ids), alternating, on loopback; p50 and p99
+   of each and of the difference.
+2. The highest call rate the gateway sustains: concurrent clients for a few seconds.
+3. Decision time of the core alone with 1,000 live programs on 8 backends, per policy:
+   p50 and p99 of one ``Scheduler.handle`` over a stream of agent events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+
+from scheduler.core import (  # noqa: E402
+    BackendObserved, BackendView, ProgramReleased, RequestArrived, RequestFinished, Scheduler, Tick,
+)
+from scheduler.sim.cluster import percentile  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-bench"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def latency(direct: str, gateway: str, n: int) -> dict[str, float]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+    d_times, g_times = [], []
+    async with httpx.AsyncClient(timeout=30) as c:
+        for i in range(n + 10):
+            for target in ("direct", "gateway"):
+                t0 = time.perf_counter()
+                if target == "direct":
+                    r = await c.post(f"{direct}/v1/chat/completions", json=body)
+                else:
+                    r = await c.post(f"{gateway}/v1/chat/completions", json={**body, "program_id": f"lat-{i % 50}"},
+                                     headers={"Authorization": f"Bearer {KEY}"})
+                r.raise_for_status()
+                if i >= 10:  # warm-up
+                    (d_times if target == "direct" else g_times).append(time.perf_counter() - t0)
+    diffs = [g - d for g, d in zip(g_times, d_times)]
+    ms = lambda v: round(1000 * v, 3)  # noqa: E731
+    return {"direct_p50_ms": ms(percentile(d_times, 50)), "direct_p99_ms": ms(percentile(d_times, 99)),
+            "gateway_p50_ms": ms(percentile(g_times, 50)), "gateway_p99_ms": ms(percentile(g_times, 99)),
+            "added_p50_ms": ms(percentile(diffs, 50)), "added_p99_ms": ms(percentile(diffs, 99)), "calls": n}
+
+
+async def throughput(gateway: str, clients: int, seconds: float) -> dict[str, float]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+    done = 0
+    errors = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(k: int, c: httpx.AsyncClient) -> None:
+        nonlocal done, errors
+        i = 0
+        while time.perf_counter() < stop:
+            r = await c.post(f"{gateway}/v1/chat/completions", json={**body, "program_id": f"tp-{k}"},
+                             headers={"Authorization": f"Bearer {KEY}"})
+            if r.status_code == 200:
+                done += 1
+            else:
+                errors += 1
+            i += 1
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as c:
+        await asyncio.gather(*(client(k, c) for k in range(clients)))
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "calls_per_s": round(done / wall, 1), "errors": errors}
+
+
+def decisions(policy: str, programs: int, events: int, seed: int = 0) -> dict[str, float]:
+    """Per-event time of the core with ``programs`` live agent programs on 8 backends."""
+    rng = random.Random(seed)
+    s = Scheduler(policy, backends=[BackendView(f"b{i}", 400_000) for i in range(8)])
+    tools = ["bash", "edit", "test", "search"]
+    state: dict[str, tuple[str, int]] = {}  # pid -> (phase, tokens)
+    now = 0.0
+    times: list[float] = []
+
+    def handle(ev: object) -> None:
+        t0 = time.perf_counter_ns()
+        s.handle(ev)  # type: ignore[arg-type]
+        times.append((time.perf_counter_ns() - t0) / 1e9)
+
+    for i in range(programs):
+        pid = f"p{i}"
+        state[pid] = ("reasoning", rng.randint(2_000, 30_000))
+        handle(RequestArrived(now, pid, f"{pid}-0", state[pid][1], prefix_key="sys", prefix_tokens=2000))
+    times.clear()
+    seq = 0
+    for k in range(events):
+        now += 0.005
+        if k % 200 == 0:
+            for i in range(8):
+                handle(BackendObserved(now, f"b{i}", 400_000, rng.randint(200_000, 400_000), 30, 2))
+            handle(Tick(now))
+            continue
+        pid = f"p{rng.randrange(programs)}"
+        phase, tokens = state[pid]
+        seq += 1
+        if phase == "reasoning":
+            p = s.programs.get(pid)
+            rid = next(iter(p.inflight), None) if p else None
+            if rid is None:
+                continue  # held: it waits to be resumed
+            if rng.random() < 0.03:
+                handle(RequestFinished(now, rid, tokens, 200))
+                handle(ProgramReleased(now, pid))
+                state[pid] = ("reasoning", rng.randint(2_000, 8_000))
+                handle(RequestArrived(now, pid, f"{pid}-{seq}", state[pid][1], prefix_key="sys", prefix_tokens=2000))
+            else:
+                handle(RequestFinished(now, rid, tokens, 200, tool=rng.choice(tools)))
+                state[pid] = ("acting", tokens + 200)
+        else:
+            state[pid] = ("reasoning", tokens + rng.randint(100, 1500))
+            handle(RequestArrived(now, pid, f"{pid}-{seq}", state[pid][1], prefix_key="sys", prefix_tokens=2000))
+    return {"events": len(times), "p50_us": round(1e6 * percentile(times, 50), 1),
+            "p99_us": round(1e6 * percentile(times, 99), 1), "max_us": round(1e6 * max(times), 1)}
+
+
+async def run(quick: bool) -> dict:
+    out: dict = {}
+    sim_port, svc_port = free_port(), free_port()
+    tmp = tempfile.mkdtemp(prefix="bench-gw-")
+    sim = start([sys.executable, "-m", "scheduler.sim.server", "--port", str(sim_port), "--speed", "1000"], {})
+    svc = None
+    try:
+        wait_http(f"http://127.0.0.1:{sim_port}/health")
+        svc = start([sys.executable, "-c", "from orchestrator.server import serve; serve()"], {
+            "ORCH_PORT": str(svc_port), "ORCH_HOST": "127.0.0.1", "ORCH_API_KEYS": f"{KEY}=bench",
+            "ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/bench.db", "ORCH_LOG_LEVEL": "WARNING",
+            "ORCH_DEFAULT_LIMITS": json.dumps({"max_concurrent_runs": None, "requests_per_second": None,
+                                               "burst": None}),
+            "ORCH_BACKENDS": json.dumps([{"name": "sim", "kind": "sglang", "url": f"http://127.0.0.1:{sim_port}"}])})
+        wait_http(f"http://127.0.0.1:{svc_port}/readyz")
+        direct, gateway = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{svc_port}"
+        out["latency"] = await latency(direct, gateway, 100 if quick else 500)
+        log(f"latency: {out['latency']}")
+        out["throughput"] = await throughput(gateway, 16 if quick else 64, 4 if quick else 15)
+        log(f"throughput: {out['throughput']}")
+    finally:
+        for p in (svc, sim):
+            if p is not None:
+                p.terminate()
+                p.wait(10)
+    out["decision_1000_programs"] = {
+        policy: decisions(policy, 1000, 5_000 if quick else 50_000) for policy in ("request", "thunderagent", "program")}
+    log(f"decisions: {out['decision_1000_programs']}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    result = asyncio.run(run(args.quick))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
