@@ -142,7 +142,8 @@ def test_program_admits_per_request_and_holds_what_does_not_fit():
     assert dispatched(arrive(s, 0, "a", 6000, rid="a", max_tokens=100)) == [("a", "b0")]
     out = arrive(s, 0, "b", 6000, rid="b", max_tokens=100)
     assert dispatched(out) == [] and s.programs["b"].status is Status.WAITING
-    assert any(isinstance(d, PrepareSandbox) and d.program_id == "b" for d in out)  # ready before it runs
+    out = s.handle(Tick(1))  # the next to run get their sandboxes ready before they resume
+    assert any(isinstance(d, PrepareSandbox) and d.program_id == "b" for d in out)
     out = s.handle(RequestFinished(1, "a", 6000, 50))  # a final answer, then released
     out = s.handle(ProgramReleased(1, "a"))
     assert ("b", "b0") in dispatched(out)  # restored on the event, not at a tick
