@@ -35,6 +35,7 @@ class Scheduler:
         # indexes kept in step with status and placement, so policies never scan every program
         self.resident: dict[str, dict[str, Program]] = {name: {} for name in self.backends}
         self.waiting: dict[str, Program] = {}
+        self.touched: set[str] = set()  # backends whose resident programs changed (policies' caches)
         self._rid_program: dict[str, str] = {}
         self._rid_backend: dict[str, str] = {}
         self._out: list[Decision] = []
@@ -72,6 +73,11 @@ class Scheduler:
             raise UnknownProgram(program_id)
         return p
 
+    def touch(self, p: Program) -> None:
+        """``p`` changed in a way that may change what it costs its backend."""
+        if p.backend is not None:
+            self.touched.add(p.backend)
+
     def _arrived(self, e: RequestArrived) -> None:
         p = self.programs.get(e.program_id)
         if p is None or p.status is Status.FINISHED:
@@ -84,6 +90,7 @@ class Scheduler:
             if p.phase is Phase.ACTING:
                 self._end_tool(p, e.now)
         p.phase = Phase.REASONING
+        self.touch(p)
         p.tokens = max(p.tokens, e.prompt_tokens)
         p.max_tokens = e.max_tokens
         p.pending.append(PendingRequest(e.rid, e.prompt_tokens, e.max_tokens, e.now))
@@ -99,6 +106,7 @@ class Scheduler:
         if p is None or p.status is Status.FINISHED:
             return
         p.inflight.discard(e.rid)
+        self.touch(p)
         if not e.aborted:
             p.tokens = e.prompt_tokens + e.completion_tokens
             p.requests += 1
@@ -115,6 +123,7 @@ class Scheduler:
         if p.phase is Phase.ACTING:
             return
         p.phase, p.tool, p.tool_started, p.last_change = Phase.ACTING, tool, now, now
+        self.touch(p)
         self.policy.on_tool_start(p, now)
 
     def _end_tool(self, p: Program, now: float) -> None:
@@ -124,6 +133,7 @@ class Scheduler:
             self.tools.record(p.tool, now - p.tool_started)
         p.steps += 1
         p.phase, p.last_change = Phase.REASONING, now
+        self.touch(p)
         self.policy.on_tool_end(p, now)
         p.tool, p.tool_started = None, None
 
@@ -155,11 +165,13 @@ class Scheduler:
 
     def _place(self, p: Program, status: Status, backend: str | None) -> None:
         """The one place where a program's status or backend changes (keeps the indexes)."""
+        self.touch(p)
         if p.status is Status.ACTIVE and p.backend is not None:
             self.resident[p.backend].pop(p.id, None)
         elif p.status in (Status.WAITING, Status.PAUSED):
             self.waiting.pop(p.id, None)
         p.status, p.backend = status, backend if backend is not None else p.backend
+        self.touch(p)
         if status is Status.ACTIVE and p.backend is not None:
             self.resident[p.backend][p.id] = p
         elif status in (Status.WAITING, Status.PAUSED):

@@ -62,11 +62,31 @@ class ProgramPolicy(CapacityPolicy):
             return p.tokens + self.headroom(p)
         return float(p.tokens) if p.kept else 0.0
 
+    def attach(self, sched: "Scheduler") -> None:  # type: ignore[name-defined]  # noqa: F821
+        super().attach(sched)
+        self._footprints: dict[str, float] = {}
+
+    def set_kept(self, p: Program, kept: bool) -> None:
+        if p.kept != kept:
+            p.kept = kept
+            self.s.touch(p)
+
     def footprint(self, b: BackendView, now: float) -> float:
+        """Cached per backend until one of its resident programs changes (``Scheduler.touch``):
+        with a thousand programs, recomputing it on every event is the decision's main cost."""
+        if b.name in self.s.touched:
+            self.s.touched.discard(b.name)
+            self._footprints.pop(b.name, None)
+        cached = self._footprints.get(b.name)
+        if cached is None:
+            cached = self._footprints[b.name] = self._footprint(b)
+        return cached
+
+    def _footprint(self, b: BackendView) -> float:
         total = 0.0
         shared: dict[str, int] = {}
         for p in self.s.resident[b.name].values():
-            c = self.cost(p, now)
+            c = self.cost(p, 0.0)  # cost does not depend on time in this policy
             if c and p.prefix_key is not None:
                 shared[p.prefix_key] = max(shared.get(p.prefix_key, 0), p.prefix_tokens)
                 c -= min(p.prefix_tokens, c)
@@ -108,7 +128,7 @@ class ProgramPolicy(CapacityPolicy):
 
     def on_tool_start(self, p: Program, now: float) -> None:
         if p.status is Status.ACTIVE:
-            p.kept = self.worth_keeping(p, now)
+            self.set_kept(p, self.worth_keeping(p, now))
             if not p.kept:
                 self.restore(now)
 
@@ -120,14 +140,14 @@ class ProgramPolicy(CapacityPolicy):
     def on_request(self, p: Program, new: bool, now: float) -> None:
         if p.status is Status.ACTIVE and p.backend is not None:
             if p.kept or p.inflight:
-                p.kept = True
+                self.set_kept(p, True)
                 self.s.dispatch(p, p.backend)
                 return
             # released during its tool call: admitted again only if it fits
             b = self.s.backends[p.backend]
             others = self.footprint(b, now) - self.cost(p, now)  # p already counts as reasoning
             if others + self.need(p, b) <= self.admit_limit(b):
-                p.kept = True
+                self.set_kept(p, True)
                 self.s.dispatch(p, p.backend)
                 return
             self.s.pause(p)
@@ -148,7 +168,7 @@ class ProgramPolicy(CapacityPolicy):
                 running = self.running_tokens(b)
                 for p in self.s.resident[b.name].values():
                     if p.phase is Phase.ACTING and p.kept:
-                        p.kept = self.worth_keeping(p, now, demand=True, running=running)
+                        self.set_kept(p, self.worth_keeping(p, now, demand=True, running=running))
         for b in self.s.healthy_backends():
             self.relieve(b, now)
         self.restore(now, tick=True)
@@ -166,7 +186,7 @@ class ProgramPolicy(CapacityPolicy):
         target = self.admit_limit(b)
         for p in programs:
             if p.phase is Phase.ACTING and p.kept and not self.worth_keeping(p, now, running=running):
-                p.kept = False
+                self.set_kept(p, False)
                 total -= p.tokens
         for phase in (Phase.ACTING, Phase.REASONING):
             for p in sorted((p for p in programs if p.phase is phase), key=lambda p: p.tokens):
@@ -221,5 +241,5 @@ class ProgramPolicy(CapacityPolicy):
             room[target] -= self.need(p, backends[target], prefixes[target])
             if p.prefix_key is not None:
                 prefixes[target].add(p.prefix_key)
-            p.kept = True
+            self.set_kept(p, True)
             self.admit(p, target)
