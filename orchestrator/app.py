@@ -8,6 +8,7 @@ that executes runs. Everything lives on ``app.state``; nothing is module-global.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -21,15 +22,17 @@ from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
 from orchestrator.errors import APIError, InvalidRequest, ValidationFailed
 from orchestrator.events import create_bus
-from orchestrator.metrics import Metrics, SchedulerCollector
+from orchestrator.metrics import Metrics, SandboxCollector, SchedulerCollector
 from orchestrator.middleware import RequestContextMiddleware
 from orchestrator.quotas import create_rate_limiter
 from orchestrator.runs.store import RunStore
 from orchestrator.runs.worker import Worker
+from orchestrator.services import Services
 from orchestrator.settings import DEV_API_KEY, Settings
 from orchestrator.workflows import default_registry
 from scheduler.backends.factory import make_backend
 from scheduler.runtime import ProgramRuntime
+from tools.sandbox import SandboxPool, SubprocessSandbox
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +51,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.bus = bus
         app.state.rate_limiter = create_rate_limiter(settings.redis_url)
-        worker = Worker(store, app.state.registry, settings, metrics) if settings.worker_enabled else None
+        services = Services(metrics=metrics)
+        app.state.services = services
+        worker = Worker(store, app.state.registry, settings, metrics, services) if settings.worker_enabled else None
         app.state.worker = worker
         if DEV_API_KEY in settings.api_keys:
             log.warning("the development API key is enabled; set ORCH_API_KEYS in production")
+        sandboxes = make_sandbox_pool(settings)
+        services.sandboxes = sandboxes
+        sandbox_collector = SandboxCollector(sandboxes)
+        metrics.registry.register(sandbox_collector)  # type: ignore[arg-type]
         runtime = None
         if settings.backends:
             runtime = ProgramRuntime({b.name: make_backend(b) for b in settings.backends},
-                                     policy=settings.scheduler_policy)
+                                     policy=settings.scheduler_policy,
+                                     on_prepare_sandbox=_prepare(sandboxes), on_collect_sandbox=sandboxes.release)
             await runtime.start()
             collector = SchedulerCollector(runtime)
             metrics.registry.register(collector)  # type: ignore[arg-type]
         app.state.runtime = runtime
+        services.runtime = runtime
         if worker is not None:
             await worker.start()
         log.info("service ready", extra={"database": engine.dialect.name, "bus": bus.name,
@@ -74,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await runtime.close()
                 for b in runtime.backends.values():
                     await b.close()
+            metrics.registry.unregister(sandbox_collector)  # type: ignore[arg-type]
+            await sandboxes.close()
             await app.state.rate_limiter.close()
             await bus.close()
             await engine.dispose()
@@ -94,6 +107,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
     return app
+
+
+def make_sandbox_pool(settings: Settings) -> SandboxPool:
+    """One subprocess sandbox per program under ``ORCH_SANDBOX_ROOT``."""
+    root = Path(settings.sandbox_root).resolve()
+
+    async def factory(program_id: str) -> SubprocessSandbox:
+        return await SubprocessSandbox.create(root, program_id)
+
+    return SandboxPool(factory, max_sandboxes=settings.sandbox_max,
+                       max_concurrent_exec=settings.sandbox_exec_concurrency)
+
+
+def _prepare(pool: SandboxPool):  # type: ignore[no-untyped-def]
+    async def prepare(program_id: str) -> None:
+        pool.prepare(program_id)
+
+    return prepare
 
 
 def _error_response(err: APIError) -> JSONResponse:

@@ -39,6 +39,10 @@ class Metrics:
                                    registry=r)
         self.rate_limited = Counter("orchestrator_rate_limited_total", "Requests refused by a tenant quota.",
                                     ["reason"], registry=r)
+        self.tool_calls = Counter("orchestrator_tool_calls_total", "Agent tool calls by tool and outcome "
+                                  "(ok, or the error kind).", ["tool", "outcome"], registry=r)
+        self.tool_seconds = Histogram("orchestrator_tool_seconds", "Duration of agent tool calls.", ["tool"],
+                                      buckets=LATENCY_BUCKETS + (30, 60, 300), registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -102,3 +106,20 @@ class SchedulerCollector:
         yield cap
         yield used
         yield healthy
+
+
+class SandboxCollector:
+    """Sandboxes of the pool by state, and the disk their workspaces hold (last measured)."""
+
+    def __init__(self, pool: object) -> None:
+        self.pool = pool
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import GaugeMetricFamily
+
+        states = GaugeMetricFamily("orchestrator_sandboxes", "Sandboxes by state.", labels=["state"])
+        for state, n in sorted(self.pool.state_counts().items()):  # type: ignore[attr-defined]
+            states.add_metric([state], n)
+        yield states
+        yield GaugeMetricFamily("orchestrator_sandbox_disk_bytes", "Disk held by sandbox workspaces.",
+                                value=self.pool.total_disk_bytes)  # type: ignore[attr-defined]

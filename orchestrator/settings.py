@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -29,11 +29,17 @@ class BackendConfig(BaseModel):
     """One LLM backend behind the gateway and the agents."""
 
     name: str = Field(min_length=1, max_length=100)
-    kind: Literal["sglang", "openai"] = "sglang"
-    url: str
+    kind: Literal["sglang", "openai", "local"] = "sglang"
+    url: str = Field(default="", description="Base URL (not used by kind local: the SmolLM2 engine in process).")
     model: str | None = None
     api_key: str | None = None
     read_timeout_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> "BackendConfig":
+        if self.kind != "local" and not self.url:
+            raise ValueError(f"backend {self.name!r} of kind {self.kind} needs a url")
+        return self
 
 
 class Settings(BaseSettings):
@@ -71,6 +77,11 @@ class Settings(BaseSettings):
     # LLM backends as JSON: [{"name": "gpu-0", "kind": "sglang", "url": "http://10.0.0.5:30000"}].
     backends: Annotated[list[BackendConfig], NoDecode] = Field(default_factory=list)
     scheduler_policy: str = "program"
+
+    # Tool sandboxes (agents): one per program, under this directory.
+    sandbox_root: str = "./var/sandboxes"
+    sandbox_max: int = Field(default=64, ge=1)
+    sandbox_exec_concurrency: int = Field(default=8, ge=1)
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -27,6 +27,16 @@ class StepError(Exception):
         self.error = error
 
 
+class RunFailed(Exception):
+    """Raised by a workflow to fail its run with a stable error ``code`` and a message for the user
+    (a missing backend, a spec the service cannot honour...), rather than a generic workflow error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class RunContext:
     def __init__(
         self,
@@ -35,6 +45,7 @@ class RunContext:
         run: dict[str, Any],
         completed: dict[int, dict[str, Any]],
         on_step: Callable[[str], None] | None = None,
+        services: Any = None,
     ) -> None:
         self.store = store
         self.lease = lease
@@ -47,6 +58,9 @@ class RunContext:
         self._next_step = 0
         self._next_emit = 0
         self._on_step = on_step or (lambda _status: None)
+        # What workflows call besides the store: the scheduler runtime, sandboxes, tools
+        # (``orchestrator.services.Services``); ``None`` in a bare context.
+        self.services = services
 
     async def step(self, name: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` once; its JSON-serialisable result is checkpointed before this returns."""

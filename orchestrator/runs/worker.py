@@ -20,7 +20,7 @@ from pydantic_core import to_jsonable_python
 
 from orchestrator.ids import new_id
 from orchestrator.metrics import Metrics
-from orchestrator.runs.context import RunContext, StepError
+from orchestrator.runs.context import RunContext, RunFailed, StepError
 from orchestrator.runs.states import RunStatus
 from orchestrator.runs.store import CONTROL_CHANNEL, Lease, LeaseLost, RunStore
 from orchestrator.settings import Settings
@@ -39,8 +39,10 @@ class _Execution:
 
 
 class Worker:
-    def __init__(self, store: RunStore, registry: WorkflowRegistry, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, store: RunStore, registry: WorkflowRegistry, settings: Settings, metrics: Metrics,
+                 services: Any = None) -> None:
         self.store = store
+        self.services = services
         self.registry = registry
         self.settings = settings
         self.metrics = metrics
@@ -194,7 +196,8 @@ class Worker:
         except ValidationError as exc:
             return RunStatus.FAILED, None, {"code": "invalid_input", "message": str(exc)}
         completed = await self.store.completed_steps(lease.run_id)
-        ctx = RunContext(self.store, lease, run, completed, on_step=lambda st: self.metrics.steps.labels(st).inc())
+        ctx = RunContext(self.store, lease, run, completed, on_step=lambda st: self.metrics.steps.labels(st).inc(),
+                         services=self.services)
         deadline = run.get("deadline_at")
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         try:
@@ -215,6 +218,8 @@ class Worker:
             raise
         except StepError as exc:
             return RunStatus.FAILED, None, {**exc.error, "step": exc.name}
+        except RunFailed as exc:
+            return RunStatus.FAILED, None, {"code": exc.code, "message": exc.message}
         except Exception as exc:
             log.exception("workflow raised", extra={"run_id": lease.run_id})
             return RunStatus.FAILED, None, {"code": "workflow_error", "type": type(exc).__name__, "message": str(exc)}

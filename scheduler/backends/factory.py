@@ -8,7 +8,7 @@ from scheduler.backends.base import Backend
 
 
 def make_backend(config: Any) -> Backend:
-    """``config`` has ``name``, ``kind`` (``sglang`` or ``openai``), ``url``, ``model``,
+    """``config`` has ``name``, ``kind`` (``sglang``, ``openai``, or ``local``: the SmolLM2 engine in this process), ``url``, ``model``,
     ``api_key`` and ``read_timeout_s`` (``orchestrator.settings.BackendConfig``)."""
     if config.kind == "sglang":
         from scheduler.backends.sglang import SGLangBackend
@@ -19,4 +19,8 @@ def make_backend(config: Any) -> Backend:
 
         return OpenAICompatBackend(config.url, api_key=config.api_key or "none", model=config.model or "default",
                                    name=config.name, timeout=config.read_timeout_s)
+    if config.kind == "local":
+        from scheduler.local.engine import LocalEngine
+
+        return LocalEngine(name=config.name)
     raise ValueError(f"unknown backend kind {config.kind!r}")

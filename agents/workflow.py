@@ -1,0 +1,108 @@
+"""The ``agent`` workflow: one agent run is one scheduler program with one sandbox.
+
+Its LLM calls go through the scheduler runtime with the run id as the program id (so the
+scheduler can hold, pause and resume it like any gateway program), its tool calls run in the
+program's sandbox and are reported to the scheduler as the acting phase. Whatever way the run
+ends (answer, budget, failure, cancel) the program is released and the sandbox collected.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agents.loop import AgentLoop, ToolHooks
+from agents.spec import AgentInput
+from orchestrator.runs.context import RunContext, RunFailed
+from scheduler.backends.base import GenerateRequest, Generation, GenerationChunk
+from scheduler.core import UnknownProgram
+from tools.builtins import BUILTIN_NAMES
+from tools.registry import ToolContext, ToolRegistry, ToolResult
+from tools.sandbox.base import Limits
+
+
+def sandbox_limits(inp: AgentInput) -> Limits:
+    s = inp.sandbox
+    return Limits(wall_s=s.wall_s, cpu_s=s.cpu_s, memory_bytes=s.memory_mb << 20, output_bytes=s.output_kb << 10,
+                  workspace_bytes=s.workspace_mb << 20)
+
+
+class _MeteredTools(ToolRegistry):
+    """The run's tools, counted in the service's metrics as they are called."""
+
+    def __init__(self, inner: ToolRegistry, metrics: Any) -> None:
+        super().__init__(inner.get(n) for n in inner.names())  # type: ignore[misc]
+        self.metrics = metrics
+
+    async def call(self, name: str, arguments: Any, ctx: ToolContext) -> ToolResult:
+        result = await super().call(name, arguments, ctx)
+        if self.metrics is not None:
+            label = name if name in self else "unknown"
+            self.metrics.tool_calls.labels(label, "ok" if result.ok else (result.error or "error")).inc()
+            self.metrics.tool_seconds.labels(label).observe(result.duration_s)
+        return result
+
+
+async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
+    """Run a tool-calling agent to an answer or a budget; every turn and tool call is a step."""
+    services = ctx.services
+    runtime = getattr(services, "runtime", None)
+    pool = getattr(services, "sandboxes", None)
+    if runtime is None:
+        raise RunFailed("no_backends", "The agent workflow needs an LLM backend; configure ORCH_BACKENDS.")
+    if pool is None:
+        raise RunFailed("no_sandboxes", "The agent workflow needs the sandbox pool, which is not running here.")
+    program, tenant = ctx.run_id, ctx.tenant
+    tools = _MeteredTools(services.tools.subset(inp.tools if inp.tools is not None else BUILTIN_NAMES),
+                          services.metrics)
+
+    async def llm(request: GenerateRequest) -> Generation:
+        chunks: list[GenerationChunk] = [c async for c in runtime.stream(program, tenant, request)]
+        return Generation.from_chunks(request.rid, chunks)
+
+    def started(name: str) -> None:
+        try:
+            runtime.tool_started(program, tenant, name)
+        except UnknownProgram:
+            pass  # a replayed run's first tool step, before its first LLM call of this attempt
+
+    def ended() -> None:
+        try:
+            runtime.tool_ended(program, tenant)
+        except UnknownProgram:
+            pass
+
+    t0 = time.monotonic()
+    sandbox = await pool.acquire(program)
+    sandbox.limits = sandbox_limits(inp)
+    try:
+        await ctx.emit("agent.started", {"program_id": program, "tools": tools.names(), "model": inp.model,
+                                         "tool_mode": inp.tool_mode, "sandbox": sandbox.info().kind,
+                                         "sandbox_ready_s": round(time.monotonic() - t0, 3)})
+        if inp.files:
+            await ctx.step("workspace", _seed, sandbox, inp.files)
+        loop = AgentLoop(inp, ctx, llm, tools, ToolContext(sandbox, program, tenant), ToolHooks(started, ended))
+        result = await loop.run()
+        result["workspace"] = await ctx.step("workspace-listing", _listing, sandbox)
+        return result
+    finally:
+        try:
+            runtime.release(program, tenant)
+        except UnknownProgram:
+            pass
+        await pool.release(program)
+
+
+async def _seed(sandbox: Any, files: dict[str, str]) -> list[str]:
+    for path, text in files.items():
+        await sandbox.write_file(path, text.encode())
+    return sorted(files)
+
+
+async def _listing(sandbox: Any) -> list[dict[str, Any]]:
+    entries = await sandbox.list_files(".", recursive=True, limit=200)
+    return [{"path": e.path, "size": e.size} for e in entries if not e.is_dir]
+
+
+def register(registry: Any) -> None:
+    registry.workflow("agent", AgentInput)(agent)
