@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from scheduler.sim.clock import RealTimeClock
 from scheduler.sim.cost import PRESETS, preset
 from scheduler.sim.engine import EngineConfig, SimEngine, SimRequest
-from scheduler.sim.script import PseudoScript, Script
+from scheduler.sim.script import AgentTraceScript, PseudoScript, Script, Turn
 from scheduler.sim.tokenizer import SimTokenizer, render_chat
 
 
@@ -320,6 +320,16 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
     return app
 
 
+def load_trace(path: str, seed: int = 0) -> AgentTraceScript:
+    """An ``AgentTraceScript`` from a JSON file (a scripted agent for end-to-end tests and demos)."""
+    with open(path) as f:
+        spec = json.load(f)
+    turns = [Turn(int(t.get("output_tokens", 8)), t.get("tool"),
+                  t["arguments"] if isinstance(t.get("arguments"), str) else json.dumps(t.get("arguments", {})))
+             for t in spec["turns"]]
+    return AgentTraceScript(turns, seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -334,12 +344,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--enable-priority-scheduling", action="store_true")
     ap.add_argument("--served-model-name", default="sim-model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--script", help="a JSON agent trace {\"turns\": [{\"output_tokens\": n, \"tool\": name, "
+                                     "\"arguments\": {...}}, ...]}: the reply to a conversation is the turn "
+                                     "numbered by its assistant messages (default: pseudo-words)")
     args = ap.parse_args(argv)
     config = EngineConfig(cost=preset(args.preset), kv_capacity_tokens=args.capacity_tokens,
                           max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size,
                           enable_priority_scheduling=args.enable_priority_scheduling)
-    app = create_app(config, script=PseudoScript(args.seed), speed=args.speed, model_name=args.served_model_name)
+    script: Script = PseudoScript(args.seed) if not args.script else load_trace(args.script, args.seed)
+    app = create_app(config, script=script, speed=args.speed, model_name=args.served_model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -39,6 +39,7 @@ class ExecResult:
     stdout_truncated: bool = False
     stderr_truncated: bool = False
     error: str | None = None         # "timeout" | "memory" | "cpu" | "file_size" | "output" | "workspace_full" | ...
+    signal: int | None = None        # the signal that ended the command, when one did (exit_code is then None)
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,321 @@
+"""A hostile command against the subprocess sandbox, with real processes and real limits.
+
+Each test ends with the attack reported as a clear error (a failed command, an ``error`` name or
+a ``SandboxError``) and with the service, i.e. this test process and this machine, unharmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tools.sandbox import Limits, SandboxError, SubprocessSandbox
+
+ROOT = os.geteuid() == 0
+REPO = Path(__file__).resolve().parents[2]
+needs_root = pytest.mark.skipif(not ROOT, reason="uid drop, NPROC and namespaces need the service to run as root")
+
+
+def _host_procs(uid: int | None = None, marker: str | None = None) -> list[int]:
+    """Host pids owned by ``uid`` and/or whose command line starts with ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if uid is not None and os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker is None or cmd.startswith(marker.encode()):
+            found.append(int(entry))
+    return found
+
+
+def _service_is_fine() -> None:
+    """This process can still fork, exec and allocate, and nothing of the sandbox user is left."""
+    assert subprocess.run(["true"], timeout=10).returncode == 0
+    assert len(bytearray(64 << 20)) == 64 << 20
+    if ROOT:
+        deadline = time.monotonic() + 3
+        while _host_procs(uid=65534) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _host_procs(uid=65534) == []
+
+
+def _py(sandbox: SubprocessSandbox) -> str:
+    return sandbox.python or "python3"
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path):
+    sb = await SubprocessSandbox.create(tmp_path / "sandboxes", "hostile",
+                                        Limits(wall_s=3, cpu_s=2, memory_bytes=256 << 20, file_bytes=1 << 20,
+                                               processes=32, output_bytes=64 << 10))
+    yield sb
+    await sb.close()
+    _service_is_fine()
+
+
+# -- the filesystem ----------------------------------------------------------------------------
+
+@needs_root
+async def test_commands_cannot_write_outside_the_workspace(sandbox: SubprocessSandbox):
+    name = f"orch-sandbox-test-{uuid.uuid4().hex[:8]}"
+    targets = [f"/etc/{name}", f"/root/{name}", f"{REPO}/{name}", f"{sandbox.workspace.parent}/{name}"]
+    script = "; ".join(f"echo pwned > {t}" for t in targets) + "; exit 0"
+    r = await sandbox.exec(["sh", "-c", script])
+    assert all(t in r.stderr for t in targets), r.stderr  # each one refused
+    for t in targets:
+        assert not os.path.exists(t), t
+    r = await sandbox.exec(["sh", "-c", f"cp /bin/true /usr/bin/{name}"])
+    assert r.exit_code != 0 and not os.path.exists(f"/usr/bin/{name}")
+
+
+async def test_write_file_refuses_paths_outside_the_workspace(sandbox: SubprocessSandbox, tmp_path: Path):
+    for path in ("../escaped", "a/../../escaped", "/etc/escaped", f"{tmp_path}/escaped", "a/../../../x"):
+        with pytest.raises(SandboxError, match="not allowed"):
+            await sandbox.write_file(path, b"x")
+        with pytest.raises(SandboxError, match="not allowed"):
+            await sandbox.read_file(path)
+    with pytest.raises(SandboxError, match="not allowed"):
+        await sandbox.list_files("..")
+    assert not (sandbox.workspace.parent / "escaped").exists() and not Path("/etc/escaped").exists()
+    assert not (tmp_path / "escaped").exists()
+
+
+@pytest.fixture
+def host_secret(tmp_path: Path):
+    """A 0600 root file outside any sandbox, and the bytes it holds."""
+    value = secrets.token_hex(16).encode()
+    path = tmp_path / "host-secret.txt"
+    path.write_bytes(value)
+    path.chmod(0o600)
+    yield path, value
+    assert path.read_bytes() == value, "the host file was changed"
+
+
+async def test_symlinks_planted_by_a_command_are_not_followed(sandbox: SubprocessSandbox, host_secret):
+    secret_path, value = host_secret
+    r = await sandbox.exec(["sh", "-c", f"ln -s {secret_path} leak && ln -s /etc/passwd passwd && ln -s / rootdir "
+                                        f"&& ln -s {secret_path.parent} outside && mkdir d && ln -s ../.. d/up"])
+    assert r.ok, r
+    for path in ("leak", "passwd", "rootdir/etc/passwd", f"outside/{secret_path.name}", "d/up/x"):
+        with pytest.raises(SandboxError, match="symbolic link|not a directory"):
+            await sandbox.read_file(path)
+    for path in ("leak", "passwd", f"outside/{secret_path.name}", "outside/new-file", "d/up/new-file"):
+        with pytest.raises(SandboxError, match="symbolic link|not a directory"):
+            await sandbox.write_file(path, b"overwritten")
+    with pytest.raises(SandboxError, match="symbolic link|not a directory"):
+        await sandbox.list_files("outside")
+    listed = {e.path: e.is_dir for e in await sandbox.list_files(recursive=True)}
+    assert listed["leak"] is False and listed["outside"] is False and "outside/host-secret.txt" not in listed
+    assert not (secret_path.parent / "new-file").exists()
+
+
+@needs_root
+async def test_a_hard_link_to_a_host_file_is_not_read_or_written(sandbox: SubprocessSandbox, host_secret):
+    secret_path, value = host_secret
+    # protected_hardlinks stops the sandbox user from linking files it does not own; this link
+    # is made by root, as if that protection were off, to check the service's own guard.
+    r = await sandbox.exec(["ln", str(secret_path), "hl"])
+    assert r.exit_code != 0
+    os.link(secret_path, sandbox.workspace / "hl")
+    with pytest.raises(SandboxError, match="not a regular file of the workspace"):
+        await sandbox.read_file("hl")
+    with pytest.raises(SandboxError, match="not a regular file of the workspace"):
+        await sandbox.write_file("hl", b"overwritten")
+
+
+@needs_root
+async def test_service_files_are_not_readable(sandbox: SubprocessSandbox):
+    value = secrets.token_hex(16)
+    var = REPO / "var"
+    var.mkdir(exist_ok=True)
+    files = [Path(f"/root/orch-sandbox-secret-{uuid.uuid4().hex[:8]}"),
+             var / f"orch-sandbox-secret-{uuid.uuid4().hex[:8]}"]
+    try:
+        for f in files:
+            f.write_text(value)
+            f.chmod(0o600)
+        r = await sandbox.exec(["sh", "-c", "; ".join(f"cat {f}" for f in files) + "; ls /root; exit 0"])
+        assert value not in r.stdout + r.stderr
+        assert r.stderr.count("Permission denied") >= len(files) + 1, r.stderr
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+
+
+@needs_root
+async def test_other_programs_workspaces_are_out_of_sight(tmp_path: Path, sandbox: SubprocessSandbox):
+    other = await SubprocessSandbox.create(tmp_path / "sandboxes", "neighbour")
+    try:
+        await other.write_file("notes.txt", b"neighbour's secret")  # owned by the same uid 65534
+        r = await sandbox.exec(["sh", "-c", "ls ..; cat ../neighbour/notes.txt; exit 0"])
+        assert "neighbour" not in r.stdout and "secret" not in r.stdout
+        assert "No such file" in r.stderr
+    finally:
+        await other.close()
+
+
+# -- the service's process and secrets ---------------------------------------------------------
+
+async def test_the_services_environment_is_not_visible(sandbox: SubprocessSandbox, monkeypatch):
+    secret = f"sk-{secrets.token_hex(12)}"
+    monkeypatch.setenv("ORCH_SECRET_TEST", secret)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    me = os.getpid()
+    script = (f"env; cat /proc/self/environ; cat /proc/1/environ; cat /proc/{me}/environ; "
+              "for f in /proc/[0-9]*/environ; do cat $f; done; "
+              f"cat /proc/{me}/cmdline; kill -0 {me} && echo CAN-SIGNAL; exit 0")
+    r = await sandbox.exec(["sh", "-c", script])
+    out = r.stdout + r.stderr
+    assert secret not in out and "ORCH_SECRET_TEST" not in out
+    assert "CAN-SIGNAL" not in r.stdout
+
+
+# -- the network -------------------------------------------------------------------------------
+
+async def test_no_network_connection_reaches_the_host(sandbox: SubprocessSandbox):
+    if sandbox.info().labels["network_isolated"] != "true":
+        pytest.skip("no network namespace here (needs root and unshare); commands have the host's network")
+    accepted: list[object] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # sanity: the listener answers this process
+        _r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.close()
+        await asyncio.sleep(0.05)
+        assert len(accepted) == 1
+        code = ("import socket, sys\n"
+                "for host in ('127.0.0.1', '1.1.1.1', 'example.com'):\n"
+                "    try:\n"
+                f"        socket.create_connection((host, {port} if host == '127.0.0.1' else 443), timeout=1)\n"
+                "        print('CONNECTED', host)\n"
+                "    except OSError as e:\n"
+                "        print('refused', host, e.__class__.__name__)\n")
+        r = await sandbox.exec([_py(sandbox), "-c", code])
+        assert "CONNECTED" not in r.stdout and r.stdout.count("refused") == 3, r
+        await asyncio.sleep(0.05)
+        assert len(accepted) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_unix_sockets_under_run_are_hidden(sandbox: SubprocessSandbox):
+    """PostgreSQL's /run/postgresql socket (trust auth on a dev machine) must be out of reach too:
+    a network namespace does not cover sockets in the filesystem; the tmpfs over /run does."""
+    if sandbox.info().labels["mount_namespace"] != "true":
+        pytest.skip("no mount namespace here (needs root): sockets under /run are reachable")
+    path = Path(f"/run/orch-sandbox-test-{uuid.uuid4().hex[:8]}.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    path.chmod(0o777)
+    srv.listen()
+    srv.setblocking(False)
+    try:
+        code = (f"import socket\ns = socket.socket(socket.AF_UNIX)\n"
+                f"try:\n    s.connect({str(path)!r}); print('CONNECTED')\n"
+                f"except OSError as e:\n    print('refused', e.__class__.__name__)\n")
+        r = await sandbox.exec([_py(sandbox), "-c", code])
+        assert r.stdout.startswith("refused"), r
+        with pytest.raises(BlockingIOError):
+            srv.accept()
+    finally:
+        srv.close()
+        path.unlink()
+
+
+# -- resources ---------------------------------------------------------------------------------
+
+@needs_root
+async def test_fork_bomb_is_bounded_and_cleaned_up(sandbox: SubprocessSandbox):
+    code = ("import os, time\nn = 0\nwhile True:\n"
+            "    try:\n        os.fork(); n += 1\n    except OSError:\n        time.sleep(0.01)\n")
+    t0 = time.monotonic()
+    task = asyncio.create_task(sandbox.exec([_py(sandbox), "-c", code], limits=Limits(wall_s=2, processes=24)))
+    peak = 0
+    while not task.done():
+        peak = max(peak, len(_host_procs(uid=65534)))
+        await asyncio.sleep(0.05)
+    r = task.result()
+    assert r.error == "timeout" and r.exit_code is None
+    assert time.monotonic() - t0 < 6
+    assert 1 < peak <= 24
+    _service_is_fine()
+
+
+async def test_unbounded_allocation_fails_fast_in_the_command(sandbox: SubprocessSandbox):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    r = await sandbox.exec([_py(sandbox), "-c", "chunks = []\nwhile True:\n    chunks.append(bytearray(32 << 20))\n"])
+    assert r.exit_code not in (0, None) and "MemoryError" in r.stderr
+    assert r.error == "memory"
+    r = await sandbox.exec([_py(sandbox), "-c", "b = bytearray(8 << 30)"])
+    assert r.exit_code != 0 and "MemoryError" in r.stderr
+    assert time.monotonic() - t0 < 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB: < 100 MiB here
+
+
+async def test_infinite_loop_hits_the_wall_timeout_and_its_group_is_gone(sandbox: SubprocessSandbox):
+    t0 = time.monotonic()
+    r = await sandbox.exec(["sh", "-c", "setsid sleep 97.31 & sleep 97.32 & while :; do :; done"],
+                           limits=Limits(wall_s=1, cpu_s=None))
+    assert (r.error, r.timed_out, r.exit_code, r.ok) == ("timeout", True, None, False)
+    assert 1 <= time.monotonic() - t0 < 3
+    await asyncio.sleep(0.1)
+    if sandbox.info().labels["pid_namespace"] == "true":
+        assert _host_procs(marker="sleep 97.3") == []  # the setsid one too
+    else:
+        assert _host_procs(marker="sleep 97.32") == []
+
+
+async def test_cpu_loop_hits_the_cpu_limit(sandbox: SubprocessSandbox):
+    t0 = time.monotonic()
+    r = await sandbox.exec([_py(sandbox), "-c", "while True: pass"], limits=Limits(wall_s=10, cpu_s=1))
+    assert r.error == "cpu" and r.signal == signal.SIGXCPU and not r.ok
+    assert time.monotonic() - t0 < 4
+
+
+async def test_printing_gigabytes_is_cut_and_killed(sandbox: SubprocessSandbox):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    r = await sandbox.exec(["yes", "all work and no play"])
+    assert r.error == "output" and r.exit_code is None and r.stdout_truncated
+    assert len(r.stdout.encode()) == 64 << 10 and r.stdout.startswith("all work and no play\n")
+    r = await sandbox.exec([_py(sandbox), "-c", "import sys\nwhile True: sys.stderr.write('e' * 65536)"])
+    assert r.error == "output" and r.stderr_truncated and len(r.stderr) == 64 << 10
+    assert time.monotonic() - t0 < 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 << 10  # KiB
+    # over the kept bytes but not far over: truncated, and not an error
+    r = await sandbox.exec(["sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x"])
+    assert r.ok and r.stdout_truncated and len(r.stdout) == 64 << 10
+
+
+async def test_writing_a_huge_file_hits_the_file_size_limit(sandbox: SubprocessSandbox):
+    r = await sandbox.exec(["sh", "-c", "head -c 50000000 /dev/zero > big"])
+    assert r.error == "file_size" and not r.ok, r
+    assert (sandbox.workspace / "big").stat().st_size <= 1 << 20
+    r = await sandbox.exec([_py(sandbox), "-c", "open('big2', 'wb').write(bytes(50_000_000))"])
+    assert r.error == "file_size" and "File too large" in r.stderr
+    r = await sandbox.exec(["dd", "if=/dev/zero", "of=big3", "bs=1M", "count=50"])
+    assert r.error == "file_size" and r.signal == signal.SIGXFSZ
