@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-orch-dev"  # the development key the service accepts when ORCH_API_KEYS is unset
 
 TASK = {
-    "task": "Run the program hello.py with the python tool or the shell tool, then give its output "
+    "task": "Use the shell tool with the command: python3 hello.py. Then give its output "
             "with final_answer.",
     "files": {"hello.py": "print('hello from the sandbox', 6 * 7)\n"},
+    "tools": ["shell", "final_answer"],
     "tool_choice": "required",
     "max_turns": 4,
     "max_tokens_per_turn": 96,
@@ -40,9 +41,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _short(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def show(event_type: str, data: dict) -> str:
     if event_type == "agent.turn":
-        calls = ", ".join(f"{c['name']}({c['arguments']})" for c in data["tool_calls"]) or "no tool call"
+        calls = ", ".join(f"{c['name']}({_short(c['arguments'], 80)})" for c in data["tool_calls"]) or "no tool call"
         text = (data["text"] or "").strip().replace("\n", " ")[:120]
         return f"turn {data['turn']}: {calls}" + (f" | text: {text!r}" if text else "") + \
             f" | {data['usage']['prompt_tokens']} prompt ({data['usage']['cached_tokens']} cached), " \
