@@ -28,14 +28,16 @@ def sandbox_limits(inp: AgentInput) -> Limits:
 
 
 class _MeteredTools(ToolRegistry):
-    """The run's tools, counted in the service's metrics as they are called."""
+    """The run's tools, run within the pool's concurrency bound and counted in the metrics."""
 
-    def __init__(self, inner: ToolRegistry, metrics: Any) -> None:
+    def __init__(self, inner: ToolRegistry, metrics: Any, pool: Any) -> None:
         super().__init__(inner.get(n) for n in inner.names())  # type: ignore[misc]
         self.metrics = metrics
+        self.pool = pool
 
     async def call(self, name: str, arguments: Any, ctx: ToolContext) -> ToolResult:
-        result = await super().call(name, arguments, ctx)
+        async with self.pool.exec_slot():  # tool concurrency across all programs is bounded
+            result = await super().call(name, arguments, ctx)
         if self.metrics is not None:
             label = name if name in self else "unknown"
             self.metrics.tool_calls.labels(label, "ok" if result.ok else (result.error or "error")).inc()
@@ -54,7 +56,7 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
         raise RunFailed("no_sandboxes", "The agent workflow needs the sandbox pool, which is not running here.")
     program, tenant = ctx.run_id, ctx.tenant
     tools = _MeteredTools(services.tools.subset(inp.tools if inp.tools is not None else BUILTIN_NAMES),
-                          services.metrics)
+                          services.metrics, pool)
 
     async def llm(request: GenerateRequest) -> Generation:
         chunks: list[GenerationChunk] = [c async for c in runtime.stream(program, tenant, request)]

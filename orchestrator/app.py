@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -110,11 +110,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def make_sandbox_pool(settings: Settings) -> SandboxPool:
-    """One subprocess sandbox per program under ``ORCH_SANDBOX_ROOT``."""
-    root = Path(settings.sandbox_root).resolve()
+    """One sandbox per program: a subprocess under ``ORCH_SANDBOX_ROOT``, or a Kubernetes pod."""
+    if settings.sandbox_kind == "kubernetes":
+        from tools.sandbox.kubernetes import KubernetesSandboxConfig, KubernetesSandboxFactory
 
-    async def factory(program_id: str) -> SubprocessSandbox:
-        return await SubprocessSandbox.create(root, program_id)
+        factory: Any = KubernetesSandboxFactory(KubernetesSandboxConfig(**settings.sandbox_kubernetes))
+    else:
+        root = Path(settings.sandbox_root).resolve()
+
+        async def factory(program_id: str) -> SubprocessSandbox:
+            return await SubprocessSandbox.create(root, program_id)
 
     return SandboxPool(factory, max_sandboxes=settings.sandbox_max,
                        max_concurrent_exec=settings.sandbox_exec_concurrency)

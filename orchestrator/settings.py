@@ -82,9 +82,18 @@ class Settings(BaseSettings):
     sandbox_root: str = "./var/sandboxes"
     sandbox_max: int = Field(default=64, ge=1)
     sandbox_exec_concurrency: int = Field(default=8, ge=1)
+    # "kubernetes": one pod per program (tools.sandbox.kubernetes); its options as JSON, e.g.
+    # {"namespace": "agents", "image": "ghcr.io/...", "runtime_class_name": "gvisor"}.
+    sandbox_kind: Literal["subprocess", "kubernetes"] = "subprocess"
+    sandbox_kubernetes: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("sandbox_kubernetes", mode="before")
+    @classmethod
+    def _parse_k8s(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod
