@@ -32,6 +32,8 @@ class AgentInput(BaseModel):
     task: str = Field(min_length=1, max_length=200_000, description="The user's request: the first user message.")
     system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, max_length=200_000)
     model: str | None = Field(default=None, description="Model name sent to the backend (its default when unset).")
+    backend: str | None = Field(default=None, description="Run every LLM call on this configured backend "
+                                                          "(by name); any backend the scheduler picks when unset.")
     tools: list[str] | None = Field(
         default=None, description="Tool names from the service's registry; all built-ins when unset.")
     files: dict[str, str] = Field(default_factory=dict,

@@ -55,11 +55,15 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
     if pool is None:
         raise RunFailed("no_sandboxes", "The agent workflow needs the sandbox pool, which is not running here.")
     program, tenant = ctx.run_id, ctx.tenant
+    if inp.backend is not None and inp.backend not in runtime.backends:
+        raise RunFailed("unknown_backend", f"No backend {inp.backend!r} here; configured: "
+                                           f"{', '.join(sorted(runtime.backends))}.")
+    only = (inp.backend,) if inp.backend else None
     tools = _MeteredTools(services.tools.subset(inp.tools if inp.tools is not None else BUILTIN_NAMES),
                           services.metrics, pool)
 
     async def llm(request: GenerateRequest) -> Generation:
-        chunks: list[GenerationChunk] = [c async for c in runtime.stream(program, tenant, request)]
+        chunks: list[GenerationChunk] = [c async for c in runtime.stream(program, tenant, request, backends=only)]
         return Generation.from_chunks(request.rid, chunks)
 
     def started(name: str) -> None:

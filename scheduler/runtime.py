@@ -154,17 +154,24 @@ class ProgramRuntime:
         self.owners[program_id] = tenant
 
     async def stream(self, program_id: str, tenant: str, request: GenerateRequest, *,
-                     prefix_key: str | None = None, prefix_tokens: int = 0) -> AsyncIterator[GenerationChunk]:
-        """One LLM call of a program: waits while the program is paused, then streams."""
+                     prefix_key: str | None = None, prefix_tokens: int = 0,
+                     backends: tuple[str, ...] | None = None) -> AsyncIterator[GenerationChunk]:
+        """One LLM call of a program: waits while the program is paused, then streams.
+        ``backends`` restricts where it may run (a model or backend the caller chose)."""
+        unknown = [n for n in backends or () if n not in self.backends]
+        if unknown:
+            raise ValueError(f"unknown backends {unknown}; configured: {sorted(self.backends)}")
         self.claim(program_id, tenant)
-        if not any(b.healthy and b.capacity > 0 for b in self.sched.backends.values()):
-            raise NoBackendAvailable("no healthy backend: every one failed its last check", backend="runtime")
+        if not any(b.healthy and b.capacity > 0 and (not backends or b.name in backends)
+                   for b in self.sched.backends.values()):
+            raise NoBackendAvailable("no healthy backend: every one " + ("allowed " if backends else "")
+                                     + "failed its last check", backend="runtime")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Dispatch] = loop.create_future()
         self._waiters[request.rid] = fut
         arrived = self.clock()
         self._handle(RequestArrived(arrived, program_id, request.rid, estimate_tokens(request), tenant,
-                                    request.max_tokens, prefix_key, prefix_tokens))
+                                    request.max_tokens, prefix_key, prefix_tokens, backends or None))
         finished = False
         try:
             try:

@@ -16,6 +16,7 @@ class RequestArrived:
     max_tokens: int = 256
     prefix_key: str | None = None  # a prefix many programs share (a system prompt)
     prefix_tokens: int = 0
+    backends: tuple[str, ...] | None = None  # only these may serve it (a model / backend choice)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,7 @@ class Scheduler:
             if p.phase is Phase.ACTING:
                 self._end_tool(p, e.now)
         p.phase = Phase.REASONING
+        p.allowed = frozenset(e.backends) if e.backends else None
         self.touch(p)
         p.tokens = max(p.tokens, e.prompt_tokens)
         p.max_tokens = e.max_tokens
@@ -230,7 +231,10 @@ class Scheduler:
             p.sandbox_ready = True
             self._out.append(PrepareSandbox(p.id))
 
-    def healthy_backends(self) -> list[BackendView]:
+    def healthy_backends(self, p: Program | None = None) -> list[BackendView]:
+        """Healthy backends; with ``p``, only those it may use."""
+        if p is not None and p.allowed is not None:
+            return [b for b in self.backends.values() if b.healthy and b.name in p.allowed]
         return [b for b in self.backends.values() if b.healthy]
 
     def snapshot(self) -> list[dict[str, object]]:

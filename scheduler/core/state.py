@@ -54,6 +54,7 @@ class Program:
     pin_until: float | None = None
     kept: bool = True               # an acting program's KV counts as resident
     sandbox_ready: bool = False
+    allowed: frozenset[str] | None = None  # backends that may serve it; None: any
     last_change: float = 0.0
 
     def time_in_tool(self, now: float) -> float:

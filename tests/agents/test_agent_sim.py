@@ -155,3 +155,53 @@ def _processes_with(marker: str) -> list[int]:
             if marker in cmd and "pytest" not in cmd:
                 found.append(int(pid))
     return found
+
+
+def _sim_metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"sglang:{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}")
+
+
+async def test_backend_choice_and_cancel_during_an_llm_call(tmp_path: Path):
+    fast = _sim(tmp_path, "fast", CODING_TRACE)
+    slow_trace = tmp_path / "slow.json"
+    slow_trace.write_text(json.dumps({"turns": [{"output_tokens": 4000}]}))
+    slow = SimServerProcess("--speed", "1", "--script", str(slow_trace)).start()
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/two.db", api_keys={KEY: "acme"},
+                        log_json=False, worker_poll_seconds=0.1, sandbox_root=str(tmp_path / "sb"),
+                        backends=[{"name": "fast", "kind": "sglang", "url": fast.url},
+                                  {"name": "slow", "kind": "sglang", "url": slow.url}])
+    try:
+        async with running_server(settings) as url, AsyncClient(base_url=url, api_key=KEY) as client:
+            # every call of a run that chose a backend goes there
+            run = await client.runs.create("agent", input={"task": "Fix it.", "backend": "fast"})
+            final = await client.runs.wait(run.id, timeout=60)
+            assert final.status == "succeeded" and final.output["turns"] == 6
+            assert (_sim_metric(fast.url, "num_requests_total"), _sim_metric(slow.url, "num_requests_total")) == \
+                (6, 0)
+            # a backend that is not configured: a clear failure, no call made
+            bad = await client.runs.wait((await client.runs.create("agent", input={
+                "task": "x", "backend": "gpu-9"})).id, timeout=30)
+            assert bad.status == "failed" and bad.error["code"] == "unknown_backend"
+            # cancel while the engine generates a long answer: the request is aborted there
+            run = await client.runs.create("agent", input={"task": "Think.", "backend": "slow",
+                                                           "max_tokens_per_turn": 4000})
+            for _ in range(200):
+                if _sim_metric(slow.url, "num_running_reqs") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the LLM call never started")
+            await client.runs.cancel(run.id)
+            assert (await client.runs.wait(run.id, timeout=20)).status == "cancelled"
+            for _ in range(100):
+                if _sim_metric(slow.url, "num_running_reqs") == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert _sim_metric(slow.url, "num_running_reqs") == 0
+            assert _sim_metric(slow.url, "num_aborted_requests_total") == 1
+    finally:
+        fast.kill()
+        slow.kill()

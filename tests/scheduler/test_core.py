@@ -195,3 +195,29 @@ def test_program_relieves_growth_down_to_the_admission_mark():
     paused = [d.program_id for d in out if isinstance(d, Pause)]
     assert len(paused) == 2  # 4 x 3000 -> under 8,000 needs two out, not one
     assert s.policy.footprint(s.backends["b0"], 2) <= 8000
+
+
+# ---- a program restricted to some backends (a model / backend the caller chose) ------------------
+
+
+@pytest.mark.parametrize("policy", ["request", "ttl", "thunderagent", "program"])
+def test_restricted_programs_run_only_where_allowed(policy: str):
+    s = sched(policy, 10_000, 10_000, 10_000)
+    for b in ("b0", "b1", "b2"):
+        s.handle(BackendObserved(0, b, 10_000, 0, 0, 0, True))
+    placed = []
+    for i in range(6):
+        out = arrive(s, 0.1 * i, f"p{i}", 500, backends=("b2",))
+        out += s.handle(Tick(0.1 * i + 6))  # thunderagent admits new programs at its tick
+        placed += dispatched(out)
+    assert sorted(placed) == [(f"p{i}", "b2") for i in range(6)]
+    free = dispatched(arrive(s, 1, "q", 500) + s.handle(Tick(12)))
+    assert len(free) == 1  # unrestricted programs may go anywhere
+
+
+def test_a_restricted_program_waits_rather_than_run_elsewhere():
+    s = sched("program", 2_000, 100_000)
+    assert dispatched(arrive(s, 0, "big", 1_500, backends=("b0",))) == [("big", "b0")]
+    # b0 is full: the next one restricted to b0 waits although b1 has room
+    assert dispatched(arrive(s, 1, "next", 1_500, backends=("b0",)) + s.handle(Tick(2))) == []
+    assert dispatched(s.handle(ProgramReleased(3, "big"))) == [("next", "b0")]

@@ -73,7 +73,8 @@ class CapacityPolicy(Policy):
     def place(self, p: Program, now: float, room: dict[str, float]) -> str | None:
         """Best fit: the backend where ``p`` leaves the least room (its own first on a tie)."""
         need = float(p.tokens)
-        fits = [(left - need, name != p.backend, name) for name, left in room.items() if left >= need]
+        fits = [(left - need, name != p.backend, name) for name, left in room.items()
+                if left >= need and (p.allowed is None or name in p.allowed)]
         return min(fits)[2] if fits else None
 
     def room(self, now: float) -> dict[str, float]:

@@ -228,11 +228,11 @@ class ProgramPolicy(CapacityPolicy):
                 prepared += 1
                 continue
             target = None
-            if p.backend in backends and room[p.backend] >= self.need(p, backends[p.backend], prefixes[p.backend]):
+            if p.backend in backends and (p.allowed is None or p.backend in p.allowed) and room[p.backend] >= self.need(p, backends[p.backend], prefixes[p.backend]):
                 target = p.backend  # affinity: its KV may still be there
             else:
                 fits = [(room[n] - self.need(p, b, prefixes[n]), n) for n, b in backends.items()
-                        if room[n] >= self.need(p, b, prefixes[n])]
+                        if (p.allowed is None or n in p.allowed) and room[n] >= self.need(p, b, prefixes[n])]
                 if fits:
                     target = min(fits)[1]  # best fit: keep big holes for big programs
             if target is None:

@@ -11,7 +11,7 @@ from scheduler.core.state import Program
 @register("request")
 class RequestPolicy(Policy):
     def on_request(self, p: Program, new: bool, now: float) -> None:
-        b = cache_aware_pick(p, self.s.healthy_backends())
+        b = cache_aware_pick(p, self.s.healthy_backends(p))
         if new:
             self.s.prepare_sandbox(p)
         self.s.resume(p, b.name)

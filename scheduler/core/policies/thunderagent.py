@@ -47,7 +47,7 @@ class ThunderAgentPolicy(CapacityPolicy):
             self.s.dispatch(p, p.backend)
             return
         if new and not any(q is not p for q in self.waiting()):
-            backends = self.s.healthy_backends()
+            backends = self.s.healthy_backends(p)
             fits = [b for b in backends if self.limit(b) - self.footprint(b, now) >= p.tokens + BUFFER_PER_PROGRAM]
             if fits:
                 active = {b.name: sum(q.tokens for q in self.resident(b)) for b in fits}
@@ -102,7 +102,8 @@ class ThunderAgentPolicy(CapacityPolicy):
                 used += need
         for p in sorted(chosen, key=lambda p: -p.tokens):  # best fit decreasing
             need = p.tokens + BUFFER_PER_PROGRAM
-            fits = [(left - need, name) for name, left in room.items() if left >= need]
+            fits = [(left - need, name) for name, left in room.items()
+                    if left >= need and (p.allowed is None or name in p.allowed)]
             if not fits:
                 continue
             backend = min(fits)[1]

@@ -29,7 +29,7 @@ class TTLPolicy(Policy):
             self._order[p.id] = len(self._order)
             self.s.prepare_sandbox(p)
         b = (self.s.backends[p.backend] if p.pinned and p.backend in self.s.backends
-             else cache_aware_pick(p, self.s.healthy_backends()))
+             else cache_aware_pick(p, self.s.healthy_backends(p)))
         self.s.resume(p, b.name, priority=-self._order.get(p.id, 0))
 
     def ttl(self, p: Program) -> float:
