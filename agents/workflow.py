@@ -8,6 +8,8 @@ ends (answer, budget, failure, cancel) the program is released and the sandbox c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ from agents.spec import AgentInput
 from orchestrator.runs.context import RunContext, RunFailed
 from scheduler.backends.base import GenerateRequest, Generation, GenerationChunk
 from scheduler.core import UnknownProgram
+from scheduler.runtime import estimate_tokens
 from tools.builtins import BUILTIN_NAMES
 from tools.registry import ToolContext, ToolRegistry, ToolResult
 from tools.sandbox.base import Limits
@@ -59,11 +62,16 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
         raise RunFailed("unknown_backend", f"No backend {inp.backend!r} here; configured: "
                                            f"{', '.join(sorted(runtime.backends))}.")
     only = (inp.backend,) if inp.backend else None
+    # runs with the same system prompt and tools share that prefix's KV: the scheduler counts it once
+    head = json.dumps([inp.system_prompt, inp.tool_mode, sorted(inp.tools or BUILTIN_NAMES)])
+    prefix_key = "agent:" + hashlib.sha256(head.encode()).hexdigest()[:16]
+    prefix_tokens = estimate_tokens(GenerateRequest(prompt=head)) + 60 * len(inp.tools or BUILTIN_NAMES)
     tools = _MeteredTools(services.tools.subset(inp.tools if inp.tools is not None else BUILTIN_NAMES),
                           services.metrics, pool)
 
     async def llm(request: GenerateRequest) -> Generation:
-        chunks: list[GenerationChunk] = [c async for c in runtime.stream(program, tenant, request, backends=only)]
+        chunks: list[GenerationChunk] = [c async for c in runtime.stream(
+            program, tenant, request, prefix_key=prefix_key, prefix_tokens=prefix_tokens, backends=only)]
         return Generation.from_chunks(request.rid, chunks)
 
     def started(name: str) -> None:
