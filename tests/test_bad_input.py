@@ -63,6 +63,15 @@ async def test_bad_requests_are_4xx_and_write_nothing(env):
                       headers=A), 422, "validation_error", "timeout_seconds"),
         (await c.post(post, json={"workflow": "echo", "input": {"message": "x" * 5000}}, headers=A),
          413, "payload_too_large", None),
+        (await c.post(post, json={"workflow": "agent", "input": {}}, headers=A), 422, "invalid_input", "input.task"),
+        (await c.post(post, json={"workflow": "agent", "input": {"task": "t", "tools": ["shell", "rm_rf"]}},
+                      headers=A), 422, "invalid_input", "input.tools"),
+        (await c.post(post, json={"workflow": "agent", "input": {"task": "t", "files": {"../x": ""}}},
+                      headers=A), 422, "invalid_input", "input.files"),
+        (await c.post(post, json={"workflow": "agent", "input": {"task": "t", "max_turns": 0}},
+                      headers=A), 422, "invalid_input", "input.max_turns"),
+        (await c.post(post, json={"workflow": "agent", "input": {"task": "t", "sandbox": {"wall_s": 1e9}}},
+                      headers=A), 422, "invalid_input", "input.sandbox.wall_s"),
     ]
     for r, status, code, param in cases:
         assert_error(r, status, code, param)
