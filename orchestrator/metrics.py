@@ -43,6 +43,17 @@ class Metrics:
                                   "(ok, or the error kind).", ["tool", "outcome"], registry=r)
         self.tool_seconds = Histogram("orchestrator_tool_seconds", "Duration of agent tool calls.", ["tool"],
                                       buckets=LATENCY_BUCKETS + (30, 60, 300), registry=r)
+        self.evolve_tokens = Counter("orchestrator_evolve_tokens_total", "Evolve tokens by model and kind "
+                                     "(input, output, scoring).", ["model", "kind"], registry=r)
+        self.evolve_calls = Counter("orchestrator_evolve_calls_total", "Evolve model calls by model and kind "
+                                    "(generate, score).", ["model", "kind"], registry=r)
+        self.evolve_routed = Counter("orchestrator_evolve_routed_total", "Evolve candidates produced per tier "
+                                     "(a model name, or lite: no call).", ["tier"], registry=r)
+        self.evolve_cost = Counter("orchestrator_evolve_cost_dollars_total", "Evolve spend in US dollars by model.",
+                                   ["model"], registry=r)
+        self.evolve_loops = Counter("orchestrator_evolve_loops_total", "Evolve loops completed.", registry=r)
+        self.evolve_runs = Counter("orchestrator_evolve_runs_total", "Evolve runs finished with an answer.",
+                                   registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,208 @@
+"""One evolve run's loops, independent of where the model calls go.
+
+``Evolution`` turns a spec into loop results (plain JSON: populations, routing, ledger,
+timing) through a ``Calls`` object that performs model calls; the workflow gives it calls
+through the scheduler runtime and checkpoints each result, tests can give it anything. Loops
+are deterministic functions of the spec's seed, the populations and the model replies: every
+random choice comes from a generator seeded by (seed, problem, loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from typing import Any, Protocol, Sequence
+
+from evolve.fitness import candidate_confidence
+from evolve.ledger import Ledger, Price
+from evolve.operators import Candidate, Messages, Operators, initial_prompt, synthesize_prompt
+from evolve.extract import ANSWER_INSTRUCTIONS
+from evolve.routing import LITE, route
+from evolve.spec import EvolveInput, ModelSpec
+from scheduler.backends.base import Generation
+
+
+class Calls(Protocol):
+    async def generate(self, model: ModelSpec, problem: int, messages: Messages, seed: int) -> Generation: ...
+
+    async def score(self, model: ModelSpec, problem: int, prompt: str, top_k: int) -> Generation: ...
+
+    def render(self, model: ModelSpec, messages: Messages) -> str: ...
+
+
+def derived_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=4).digest(), "big") & 0x7FFFFFFF
+
+
+class BusyTimer:
+    """Wall time during which at least one model call was in flight (the rest is orchestration)."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.busy_s = 0.0
+        self._since = 0.0
+
+    def __enter__(self) -> None:
+        if self.inflight == 0:
+            self._since = time.perf_counter()
+        self.inflight += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.busy_s += time.perf_counter() - self._since
+
+
+class _Loop:
+    """The per-loop state the operators' environments reach: ledger, timer, models."""
+
+    def __init__(self, evo: "Evolution", index: int) -> None:
+        self.evo = evo
+        self.index = index
+        self.ledger = Ledger()
+        self.timer = BusyTimer()
+
+    async def generate(self, model: ModelSpec, problem: int, messages: Messages, seed: int) -> Generation:
+        with self.timer:
+            gen = await self.evo.calls.generate(model, problem, messages, seed)
+        self.ledger.generation(model.name, gen.usage, self.evo.prices[model.name])
+        return gen
+
+    async def confidence(self, problem: dict[str, Any], group: list[Candidate], member: int) -> float:
+        evo = self.evo
+        scorer = evo.scorer
+        assert scorer is not None
+        messages = evo.recombine(problem["question"], [c["text"] for c in group])
+        text = group[member]["text"]
+        with self.timer:
+            gen = await evo.calls.score(scorer, problem["index"], evo.calls.render(scorer, messages) + text,
+                                        evo.spec.top_k)
+        self.ledger.scoring(scorer.name, gen.usage, evo.prices[scorer.name])
+        if not gen.prompt_logprobs:
+            raise RuntimeError(f"model {scorer.name!r} returned no prompt logprobs; it cannot score confidence")
+        return candidate_confidence(gen.prompt_logprobs, text, evo.spec.top_k)
+
+    def extract(self, text: str) -> str | None:
+        return self.evo.extract(text)
+
+    async def synthesize(self, problem: dict[str, Any], population: list[Candidate]) -> str:
+        evo = self.evo
+        messages = synthesize_prompt(problem["question"], [c["text"] for c in population], evo.instruction)
+        gen = await self.generate(evo.models[0], problem["index"], messages,
+                                  derived_seed(evo.spec.seed, problem["index"], "final"))
+        self.ledger.routed(evo.models[0].name)
+        return gen.text
+
+
+class Evolution:
+    def __init__(self, spec: EvolveInput, ops: Operators, calls: Calls) -> None:
+        self.spec = spec
+        self.ops = ops
+        self.calls = calls
+        self.models = spec.ordered_models()
+        self.prices = {m.name: Price(m.price_in, m.price_out) for m in self.models}
+        self.scorer = spec.scoring_model()
+        self.problems = [{"index": i, "id": p.id or str(i), "question": p.question, "answer": p.answer}
+                         for i, p in enumerate(spec.problems)]
+        self.instruction = ANSWER_INSTRUCTIONS.get(spec.answer_format, ANSWER_INSTRUCTIONS["boxed"])
+        self.extract = ops.get("extractor", spec.answer_format)
+        self._recombine = ops.get("recombination", spec.recombination)
+        self.routed = len(self.models) > 1 or spec.lite_fraction > 0
+
+    def recombine(self, question: str, texts: Sequence[str]) -> Messages:
+        return self._recombine(question, list(texts), self.instruction)
+
+    def _candidate(self, gen: Generation, model: str, loop: int) -> Candidate:
+        return {"text": gen.text, "answer": self.extract(gen.text), "model": model, "loop": loop}
+
+    # ---- loop 0 ------------------------------------------------------------------------------
+
+    async def initial(self) -> dict[str, Any]:
+        """The strongest model writes N candidates per problem."""
+        lp = _Loop(self, 0)
+        strong = self.models[0]
+        t0 = time.perf_counter()
+
+        async def one(problem: dict[str, Any], i: int) -> Candidate:
+            messages = initial_prompt(problem["question"], self.instruction)
+            gen = await lp.generate(strong, problem["index"], messages, derived_seed(self.spec.seed, problem["index"], 0, i))
+            return self._candidate(gen, strong.name, 0)
+
+        populations = await asyncio.gather(*(
+            asyncio.gather(*(one(p, i) for i in range(self.spec.population))) for p in self.problems))
+        lp.ledger.routed(strong.name, self.spec.population * len(self.problems))
+        routes = {m.name: 0 for m in self.models} | {"lite": 0}
+        routes[strong.name] = self.spec.population * len(self.problems)
+        return self._result(lp, [list(p) for p in populations], routes, [], t0)
+
+    # ---- later loops -------------------------------------------------------------------------
+
+    async def step(self, index: int, populations: list[list[Candidate]]) -> dict[str, Any]:
+        lp = _Loop(self, index)
+        t0 = time.perf_counter()
+        outcomes = await asyncio.gather(*(self._problem_step(lp, p, populations[p["index"]]) for p in self.problems))
+        routes = {m.name: 0 for m in self.models} | {"lite": 0}
+        for _, routing in outcomes:
+            for tier in routing["tiers"]:
+                routes["lite" if tier == LITE else self.models[tier].name] += 1
+        for tier, n in routes.items():
+            if n:
+                lp.ledger.routed(tier, n)
+        return self._result(lp, [pop for pop, _ in outcomes], routes, [r for _, r in outcomes], t0)
+
+    async def _problem_step(self, lp: _Loop, problem: dict[str, Any],
+                            population: list[Candidate]) -> tuple[list[Candidate], dict[str, Any]]:
+        spec, p = self.spec, problem["index"]
+        rng = random.Random(f"{spec.seed}:{p}:{lp.index}:select")
+        select = self.ops.get("selection", spec.selection)
+        members = select(population, spec.group_count(), spec.k, rng, spec.selection_temperature)
+        groups = [[population[i] for i in g] for g in members]
+        if self.routed:
+            fitness = list(await self.ops.get("fitness", spec.fitness)(lp, problem, groups))
+            routing = route(fitness, len(self.models), spec.boundaries(), spec.lite_fraction)
+            tiers, thresholds = routing.tiers, routing.thresholds
+        else:
+            fitness, tiers, thresholds = [], [0] * len(groups), []
+        lite_rng = random.Random(f"{spec.seed}:{p}:{lp.index}:lite")
+        lite = self.ops.get("lite", spec.lite_method)
+        picks = {g: lite(groups[g], lite_rng) for g, tier in enumerate(tiers) if tier == LITE}
+
+        async def produce(g: int, tier: int) -> Candidate:
+            if tier == LITE:
+                chosen = groups[g][picks[g]]
+                return {**chosen, "model": "lite", "loop": lp.index, "from_model": chosen.get("model")}
+            model = self.models[tier]
+            messages = self.recombine(problem["question"], [c["text"] for c in groups[g]])
+            gen = await lp.generate(model, p, messages, derived_seed(spec.seed, p, lp.index, g))
+            return self._candidate(gen, model.name, lp.index)
+
+        new = list(await asyncio.gather(*(produce(g, t) for g, t in enumerate(tiers))))
+        updated = self.ops.get("update", spec.update)(population, new)
+        return updated, {"groups": members, "fitness": fitness, "thresholds": thresholds, "tiers": tiers}
+
+    # ---- final answer ------------------------------------------------------------------------
+
+    async def final(self, populations: list[list[Candidate]]) -> dict[str, Any]:
+        lp = _Loop(self, -1)
+        t0 = time.perf_counter()
+        pick = self.ops.get("final", self.spec.final)
+        answers = await asyncio.gather(*(pick(lp, p, populations[p["index"]]) for p in self.problems))
+        out = []
+        for problem, a in zip(self.problems, answers):
+            row = {"id": problem["id"], **a}
+            if problem["answer"] is not None:
+                truth = self.extract(problem["answer"]) or problem["answer"].strip()
+                row["correct"] = a.get("answer") == truth
+            out.append(row)
+        return {"answers": out, "ledger": lp.ledger.to_dict(), "wall_s": time.perf_counter() - t0,
+                "model_busy_s": lp.timer.busy_s}
+
+    def _result(self, lp: _Loop, populations: list[list[Candidate]], routes: dict[str, int],
+                routing: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+        values = [f for r in routing for f in r["fitness"]]
+        summary = ({"min": min(values), "mean": sum(values) / len(values), "max": max(values)} if values else None)
+        return {"loop": lp.index, "populations": populations, "routes": routes, "lite": routes.get("lite", 0),
+                "routing": routing, "fitness": summary, "ledger": lp.ledger.to_dict(),
+                "wall_s": time.perf_counter() - t0, "model_busy_s": lp.timer.busy_s}

@@ -1,0 +1,178 @@
+"""The ``evolve`` workflow: Squeeze-Evolve on the service's backends, one checkpoint per loop.
+
+Every model call goes through the scheduler runtime. The programs of a run are one per
+(problem, model) — ``{run_id}:{problem}:{model}`` — declaring the problem's question as their
+shared prefix, so a problem's population is a family of programs the scheduler keeps together
+on each backend. Loop t is step ``loop-t``: its output (the populations, the routing, the
+ledger) is the checkpoint, so a run that crashed resumes at the loop it was in and finished
+loops are never called again. An ``evolve.loop`` event follows each loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+from evolve.engine import Evolution
+from evolve.ledger import Ledger
+from evolve.operators import Messages, Operators, default_operators
+from evolve.spec import EvolveInput, ModelSpec, input_model
+from evolve.templates import render
+from orchestrator.runs.context import RunContext, RunFailed
+from scheduler.backends.base import GenerateRequest, Generation
+from scheduler.core import UnknownProgram
+from scheduler.runtime import estimate_tokens
+
+
+class ModelCallFailed(RuntimeError):
+    pass
+
+
+class RuntimeCalls:
+    """``evolve.engine.Calls`` through the scheduler runtime, at most ``max_concurrency`` in flight."""
+
+    def __init__(self, runtime: Any, run_id: str, tenant: str, spec: EvolveInput) -> None:
+        self.runtime = runtime
+        self.run_id = run_id
+        self.tenant = tenant
+        self.sem = asyncio.Semaphore(spec.max_concurrency)
+        self.programs: set[str] = set()
+        self._prefix = []
+        for p in spec.problems:
+            key = "evolve:" + hashlib.sha256(p.question.encode()).hexdigest()[:16]
+            self._prefix.append((key, estimate_tokens(GenerateRequest(prompt=p.question))))
+
+    def _sampling(self, model: ModelSpec) -> dict[str, Any]:
+        return {"model": model.model, "max_tokens": model.max_tokens, "temperature": model.temperature,
+                "top_p": model.top_p, "extra_body": dict(model.extra_body)}
+
+    async def generate(self, model: ModelSpec, problem: int, messages: Messages, seed: int) -> Generation:
+        if model.endpoint == "chat":
+            request = GenerateRequest(messages=messages, seed=seed, **self._sampling(model))
+        else:
+            request = GenerateRequest(prompt=self.render(model, messages), seed=seed, **self._sampling(model))
+        return await self._call(model, problem, request)
+
+    async def score(self, model: ModelSpec, problem: int, prompt: str, top_k: int) -> Generation:
+        request = GenerateRequest(prompt=prompt, model=model.model, max_tokens=1, temperature=0.0,
+                                  prompt_logprobs=True, prompt_top_logprobs=top_k, extra_body=dict(model.extra_body))
+        return await self._call(model, problem, request)
+
+    def render(self, model: ModelSpec, messages: Messages) -> str:
+        return render(model.chat_template, messages, self.runtime.backends.get(model.backend_name))
+
+    async def _call(self, model: ModelSpec, problem: int, request: GenerateRequest) -> Generation:
+        program = f"{self.run_id}:{problem}:{model.name}"
+        key, tokens = self._prefix[problem]
+        async with self.sem:
+            self.programs.add(program)
+            chunks = [c async for c in self.runtime.stream(program, self.tenant, request, prefix_key=key,
+                                                           prefix_tokens=tokens, backends=(model.backend_name,))]
+        gen = Generation.from_chunks(request.rid, chunks)
+        if gen.finish_reason in ("error", "abort"):
+            raise ModelCallFailed(f"model {model.name!r} call {request.rid} ended with {gen.finish_reason}")
+        return gen
+
+    def release(self) -> None:
+        for program in self.programs:
+            try:
+                self.runtime.release(program, self.tenant)
+            except UnknownProgram:
+                pass
+        self.programs.clear()
+
+
+def _loop_event(out: dict[str, Any], totals: Ledger) -> dict[str, Any]:
+    return {"loop": out["loop"], "routes": out["routes"], "lite": out["lite"], "fitness": out["fitness"],
+            "tokens_so_far": totals.tokens(), "cost_usd_so_far": round(totals.cost_usd, 9),
+            "wall_s": round(out["wall_s"], 4), "model_busy_s": round(out["model_busy_s"], 4)}
+
+
+def _count(metrics: Any, ledger: dict[str, Any]) -> None:
+    """Per-model and per-tier counters; called by a step that actually ran (never on replay)."""
+    if metrics is None or not hasattr(metrics, "evolve_tokens"):
+        return
+    for model, u in ledger["models"].items():
+        for kind, n in (("input", u["input_tokens"]), ("output", u["output_tokens"] + u["scoring_output_tokens"]),
+                        ("scoring", u["scoring_tokens"])):
+            if n:
+                metrics.evolve_tokens.labels(model, kind).inc(n)
+        for kind, n in (("generate", u["calls"]), ("score", u["scoring_calls"])):
+            if n:
+                metrics.evolve_calls.labels(model, kind).inc(n)
+        if u["cost_usd"]:
+            metrics.evolve_cost.labels(model).inc(u["cost_usd"])
+    for tier, n in ledger["tier_calls"].items():
+        if n:
+            metrics.evolve_routed.labels(tier).inc(n)
+
+
+def make_workflow(ops: Operators):
+    async def evolve(ctx: RunContext, inp: EvolveInput) -> dict[str, Any]:
+        """Squeeze-Evolve: confidence-routed multi-model evolution with a final answer per problem."""
+        runtime = getattr(ctx.services, "runtime", None)
+        if runtime is None:
+            raise RunFailed("no_backends", "The evolve workflow needs LLM backends; configure ORCH_BACKENDS.")
+        missing = sorted({m.backend_name for m in inp.models} - set(runtime.backends))
+        if missing:
+            raise RunFailed("unknown_backend", f"No backend {', '.join(map(repr, missing))} here; configured: "
+                                               f"{', '.join(sorted(runtime.backends))}.")
+        metrics = getattr(ctx.services, "metrics", None)
+        calls = RuntimeCalls(runtime, ctx.run_id, ctx.tenant, inp)
+        evo = Evolution(inp, ops, calls)
+        await ctx.emit("evolve.started", {
+            "problems": len(inp.problems), "models": [m.name for m in evo.models], "population": inp.population,
+            "k": inp.k, "groups": inp.group_count(), "loops": inp.loops, "fitness": inp.fitness,
+            "percentiles": inp.boundaries(), "lite_fraction": inp.lite_fraction,
+            "scorer": evo.scorer.name if evo.scorer and evo.routed else None})
+
+        async def counted(coro: Any) -> dict[str, Any]:
+            out = await coro
+            _count(metrics, out["ledger"])
+            if metrics is not None and hasattr(metrics, "evolve_loops") and out.get("loop", -1) >= 0:
+                metrics.evolve_loops.inc()
+            return out
+
+        try:
+            loops: list[dict[str, Any]] = []
+            out = await ctx.step("loop-0", lambda: counted(evo.initial()))
+            for t in range(inp.loops):
+                if t > 0:
+                    out = await ctx.step(f"loop-{t}", lambda t=t, pops=populations: counted(evo.step(t, pops)))
+                populations = out.pop("populations")
+                loops.append(out)
+                totals = Ledger.total(Ledger.from_dict(x["ledger"]) for x in loops)
+                await ctx.emit("evolve.loop", _loop_event(out, totals))
+            final = await ctx.step("final", lambda: counted(evo.final(populations)))
+        finally:
+            calls.release()
+        ledgers = [Ledger.from_dict(x["ledger"]) for x in loops]
+        total = Ledger.total([*ledgers, Ledger.from_dict(final["ledger"])])
+        answers = [a | {"population": pop} for a, pop in zip(final["answers"], populations)]
+        known = [a["correct"] for a in answers if "correct" in a]
+        wall = sum(x["wall_s"] for x in loops) + final["wall_s"]
+        busy = sum(x["model_busy_s"] for x in loops) + final["model_busy_s"]
+        result = {
+            "answer": answers[0]["answer"] if len(answers) == 1 else None,
+            "answers": answers,
+            "accuracy": sum(known) / len(known) if known else None,
+            "loops": [{k: v for k, v in x.items() if k not in ("populations", "routing")} for x in loops],
+            "ledger": {"loops": [x.to_dict() for x in ledgers], "final": final["ledger"], "total": total.to_dict()},
+            "models": [m.name for m in evo.models],
+            "timing": {"wall_s": wall, "model_busy_s": busy,
+                       "overhead_ratio": max(0.0, wall - busy) / wall if wall > 0 else 0.0},
+        }
+        if metrics is not None and hasattr(metrics, "evolve_runs"):
+            metrics.evolve_runs.inc()
+        await ctx.emit("evolve.finished", {"answer": result["answer"], "accuracy": result["accuracy"],
+                                           "cost_usd": total.cost_usd, "tokens": total.tokens(),
+                                           "lite": total.lite, "tier_calls": total.tier_calls})
+        return result
+
+    return evolve
+
+
+def register(registry: Any, ops: Operators | None = None, name: str = "evolve") -> None:
+    ops = ops or default_operators()
+    registry.workflow(name, input_model(ops))(make_workflow(ops))
