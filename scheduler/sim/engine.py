@@ -52,6 +52,7 @@ class SimRequest:
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_text: str | None = None  # the prompt as text, when it came as text or messages (scripts read it)
     on_tokens: Callable[["SimRequest"], None] | None = None
     on_finish: Callable[["SimRequest"], None] | None = None
     # --- report ---

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
 
 from scheduler.backends.base import ToolCall
 from scheduler.sim.tokenizer import SimTokenizer
@@ -191,3 +192,114 @@ class ChunkedScript:
         for k in range(self.chunks):
             pieces += [" [", str(k % 10), "]"] + self._p.words(self.chunk_tokens - 3, _hash(key, k))
         return self._p.plan(pieces, request)
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def _top_row(confidence: float, k: int) -> list[float]:
+    """``k`` logprobs, best first, whose mean is exactly ``-confidence``."""
+    if k <= 1:
+        return [-confidence]
+    return [-confidence * (0.5 + j / (k - 1)) for j in range(k)]
+
+
+class ProblemScript:
+    """A model that knows the answers of a problem set, for evolve tests and benchmarks.
+
+    The reply to a prompt that contains one of the questions is some reasoning words and
+    ``\\boxed{answer}``. With probability ``accuracy`` (a hash of seed, prompt and request seed,
+    so the same call always gets the same reply) the answer is right; otherwise, when the
+    prompt lists candidate answers after the question (a recombination prompt), the model
+    copies one of them, and when it does not, it states a wrong number near the right one.
+    A weak model thus still keeps a group's consensus, as real aggregation does.
+
+    Prompt logprobs (prefill-only scoring) make the confidence of a prompt depend on the last
+    answer it states, which is the candidate being scored: per prompt token, top-k logprobs
+    whose mean is ``-c``, with c from ``by_answer`` if the answer is listed there, else
+    ``confidence_correct`` or ``confidence_wrong``, plus up to ``confidence_noise`` / 2 either
+    way (a hash of the prompt)."""
+
+    def __init__(self, problems: dict[str, str], accuracy: float, *, seed: int = 0, reasoning_tokens: int = 12,
+                 confidence_correct: float = 2.0, confidence_wrong: float = 1.0, confidence_noise: float = 0.0,
+                 by_answer: dict[str, float] | None = None) -> None:
+        if not 0 <= accuracy <= 1:
+            raise ValueError("accuracy must be within [0, 1]")
+        self.problems = dict(problems)
+        self.accuracy = accuracy
+        self.seed = seed
+        self.reasoning_tokens = reasoning_tokens
+        self.confidence = (confidence_correct, confidence_wrong, confidence_noise)
+        self.by_answer = dict(by_answer or {})
+        self._p = _Pieces()
+
+    def find(self, text: str) -> tuple[str, str, int] | None:
+        """(question, answer, end of the question in ``text``) of the first known question in it."""
+        for question, answer in self.problems.items():
+            at = text.find(question)
+            if at >= 0:
+                return question, answer, at + len(question)
+        return None
+
+    def answer(self, text: str, seed: int | None) -> str | None:
+        found = self.find(text)
+        if found is None:
+            return None
+        _, truth, end = found
+        if _hash(self.seed, text, seed) / 2**64 < self.accuracy:
+            return truth
+        group = [a.strip() for a in _BOXED.findall(text[end:]) if a.strip()]
+        if group:
+            return group[_hash(self.seed, text, seed, "copy") % len(group)]
+        offsets = (-3, -2, -1, 1, 2, 3, 10)
+        offset = offsets[_hash(self.seed, text, seed, "wrong") % len(offsets)]
+        try:
+            return str(int(truth) + offset)
+        except ValueError:
+            return truth + "?"
+
+    def plan(self, request: "SimRequest") -> Plan:
+        text = request.prompt_text or ""
+        key = _hash(self.seed, text, request.seed)
+        words = self._p.words(self.reasoning_tokens, key)
+        answer = self.answer(text, request.seed)
+        tail = self._p.tokenizer.split(f" So the answer is \\boxed{{{answer}}}." if answer is not None else " I am not sure.")
+        return self._p.plan(words + tail, request, logprob=lambda i: -0.1)
+
+    def prompt_confidence(self, text: str) -> float:
+        correct, wrong, noise = self.confidence
+        stated = [a.strip() for a in _BOXED.findall(text) if a.strip()]
+        last = stated[-1] if stated else None
+        if last is not None and last in self.by_answer:
+            c = self.by_answer[last]
+        else:
+            found = self.find(text)
+            c = correct if found is not None and last == found[1] else wrong
+        return c + noise * ((_hash(self.seed, text, "noise") % 10_000) / 10_000 - 0.5)
+
+    def prompt_logprobs(self, pieces: Sequence[str], top_k: int) -> list[list[tuple[str, float]]]:
+        """Per prompt token after the first: its top-k (token, logprob), the token itself first."""
+        row = _top_row(self.prompt_confidence("".join(pieces)), max(1, top_k))
+        alternatives = self._p.words(len(row), self.seed)
+        return [[(pieces[i], row[0])] + [(w, lp) for w, lp in zip(alternatives[1:], row[1:])]
+                for i in range(1, len(pieces))]
+
+
+def hashed_prompt_logprobs(pieces: Sequence[str], top_k: int, seed: int = 0) -> list[list[tuple[str, float]]]:
+    """Prompt logprobs for scripts that do not script them: deterministic values in (-2, 0]."""
+    out = []
+    for i in range(1, len(pieces)):
+        lp = -(_hash(seed, i, pieces[i]) % 2000) / 1000
+        out.append([(pieces[i], lp)] + [(w, lp - 0.5 * (j + 1)) for j, w in enumerate(_WORDS[: max(0, top_k - 1)])])
+    return out
+
+
+def problem_script(spec: dict[str, Any], seed: int = 0) -> ProblemScript:
+    """A ``ProblemScript`` from its JSON form: ``{"kind": "problems", "accuracy": 0.7, "problems":
+    [{"question": ..., "answer": ...}], "confidence_correct": 2.0, ...}``."""
+    return ProblemScript({p["question"]: str(p["answer"]) for p in spec["problems"]}, float(spec["accuracy"]),
+                         seed=int(spec.get("seed", seed)), reasoning_tokens=int(spec.get("reasoning_tokens", 12)),
+                         confidence_correct=float(spec.get("confidence_correct", 2.0)),
+                         confidence_wrong=float(spec.get("confidence_wrong", 1.0)),
+                         confidence_noise=float(spec.get("confidence_noise", 0.0)),
+                         by_answer={str(k): float(v) for k, v in (spec.get("by_answer") or {}).items()})

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from scheduler.sim.clock import RealTimeClock
 from scheduler.sim.cost import PRESETS, preset
 from scheduler.sim.engine import EngineConfig, SimEngine, SimRequest
-from scheduler.sim.script import AgentTraceScript, PseudoScript, Script, Turn
+from scheduler.sim.script import AgentTraceScript, PseudoScript, Script, Turn, hashed_prompt_logprobs, problem_script
 from scheduler.sim.tokenizer import SimTokenizer, render_chat
 
 
@@ -106,16 +106,31 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
         body = await request.json()
         sp = body.get("sampling_params") or {}
         input_ids = body.get("input_ids")
+        text = None if input_ids is not None else str(body.get("text") or "")
         if input_ids is None:
-            input_ids = tokenizer.encode(str(body.get("text") or ""))
+            input_ids = tokenizer.encode(text or "")
         if (bad := check_input(len(input_ids))) is not None:
             return bad
         if body.get("rid") and engine().is_live(str(body["rid"])):
             return _error(400, f"duplicate rid {body['rid']}")
         req, live = submit(body, list(input_ids), sp.get("max_new_tokens", 128), ignore_eos=bool(sp.get("ignore_eos")),
                            logprobs=bool(body.get("return_logprob")), top_logprobs=int(body.get("top_logprobs_num") or 0),
-                           seed=sp.get("sampling_seed", sp.get("seed")))
+                           seed=sp.get("sampling_seed", sp.get("seed")), prompt_text=text)
+        start = body.get("logprob_start_len", -1)
+        prompt_logprobs = bool(body.get("return_logprob")) and start is not None and int(start) >= 0
         t0 = time.monotonic()
+
+        def input_logprobs() -> tuple[list[Any], list[Any]]:
+            """SGLang's ``input_token_logprobs`` / ``input_top_logprobs`` from ``logprob_start_len``
+            on (the first prompt token has none): scripted when the script scripts them."""
+            pieces = tokenizer.split(text) if text is not None else [tokenizer.decode([i]) for i in input_ids]
+            k = int(body.get("top_logprobs_num") or 0)
+            scripted = getattr(engine().script, "prompt_logprobs", None)
+            rows = scripted(pieces, k) if scripted else hashed_prompt_logprobs(pieces, k)
+            tokens = [[None, input_ids[0], pieces[0]]] + [[r[0][1], input_ids[i + 1], pieces[i + 1]]
+                                                          for i, r in enumerate(rows)]
+            tops = [None] + [[[lp, tokenizer.piece_id(t), t] for t, lp in r[:k]] if k else [] for r in rows]
+            return tokens[int(start):], tops[int(start):]
 
         def payload() -> dict[str, Any]:
             assert req.plan is not None
@@ -129,6 +144,8 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                                                  zip(req.plan.logprobs[:n], req.output_ids[:n], req.plan.pieces[:n])]
                 meta["output_top_logprobs"] = [[[lp, tokenizer.piece_id(t), t] for t, lp in top]
                                                for top in req.plan.top_logprobs[:n]]
+            if prompt_logprobs and req.finish_reason is not None:
+                meta["input_token_logprobs"], meta["input_top_logprobs"] = input_logprobs()
             return {"text": req.text, "output_ids": req.output_ids[:n], "meta_info": meta}
 
         if not body.get("stream"):
@@ -162,7 +179,7 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
         req, live = submit(body, input_ids, max_tokens, messages=messages, tools=body.get("tools"),
                            tool_choice=body.get("tool_choice"), logprobs=bool(body.get("logprobs")),
                            top_logprobs=int(body.get("top_logprobs") or 0), seed=body.get("seed"),
-                           ignore_eos=bool(body.get("ignore_eos")))
+                           ignore_eos=bool(body.get("ignore_eos")), prompt_text=render_chat(messages))
         cid, created, model = f"chatcmpl-{req.rid}", int(time.time()), str(body.get("model") or model_name)
 
         def visible(n: int) -> int:
@@ -320,6 +337,16 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
     return app
 
 
+def load_script(path: str, seed: int = 0) -> Script:
+    """A script from a JSON file: ``{"kind": "problems", ...}`` is a ``ProblemScript`` (evolve),
+    anything else an agent trace (``load_trace``)."""
+    with open(path) as f:
+        spec = json.load(f)
+    if spec.get("kind") == "problems":
+        return problem_script(spec, seed)
+    return load_trace(path, seed)
+
+
 def load_trace(path: str, seed: int = 0) -> AgentTraceScript:
     """An ``AgentTraceScript`` from a JSON file (a scripted agent for end-to-end tests and demos)."""
     with open(path) as f:
@@ -346,13 +373,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--script", help="a JSON agent trace {\"turns\": [{\"output_tokens\": n, \"tool\": name, "
                                      "\"arguments\": {...}}, ...]}: the reply to a conversation is the turn "
-                                     "numbered by its assistant messages (default: pseudo-words)")
+                                     "numbered by its assistant messages; or {\"kind\": \"problems\", ...}, a solver "
+                                     "of known problems for evolve (ProblemScript); default: pseudo-words")
     args = ap.parse_args(argv)
     config = EngineConfig(cost=preset(args.preset), kv_capacity_tokens=args.capacity_tokens,
                           max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size,
                           enable_priority_scheduling=args.enable_priority_scheduling)
-    script: Script = PseudoScript(args.seed) if not args.script else load_trace(args.script, args.seed)
+    script: Script = PseudoScript(args.seed) if not args.script else load_script(args.script, args.seed)
     app = create_app(config, script=script, speed=args.speed, model_name=args.served_model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
