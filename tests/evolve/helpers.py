@@ -1,0 +1,50 @@
+"""Shared pieces of the evolve tests: scripted simulator models and the rules, restated."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+
+from tests.servers import SimServerProcess
+
+Q = "A farmer has 3 pens with 4 sheep each and buys 5 more sheep. How many sheep does he have?"
+TRUTH = "17"
+
+
+def sim_model(tmp_path: Path, name: str, accuracy: float, seed: int, **script: object) -> SimServerProcess:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"kind": "problems", "accuracy": accuracy, "seed": seed,
+                                "problems": [{"question": Q, "answer": TRUTH}], **script}))
+    return SimServerProcess("--speed", "200", "--script", str(path), "--served-model-name", name).start()
+
+
+def sim_metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"sglang:{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def expected_tiers(fitness: list[float], percentiles: list[float], lite_fraction: float) -> list[str]:
+    """The issue's rule, written out independently: 'm<i>' for model i (0 = most expensive), 'lite'."""
+    thresholds = [percentile(fitness, q) for q in percentiles]
+    tiers = []
+    for f in fitness:
+        i = 0
+        while i < len(thresholds) and f >= thresholds[i]:
+            i += 1
+        tiers.append(i)
+    cheapest = len(percentiles)
+    members = sorted((g for g, t in enumerate(tiers) if t == cheapest), key=lambda g: (-fitness[g], g))
+    lite = set(members[: int(lite_fraction * len(members) + 1e-9)])
+    return ["lite" if g in lite else f"m{t}" for g, t in enumerate(tiers)]
