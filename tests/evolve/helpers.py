@@ -14,11 +14,12 @@ Q = "A farmer has 3 pens with 4 sheep each and buys 5 more sheep. How many sheep
 TRUTH = "17"
 
 
-def sim_model(tmp_path: Path, name: str, accuracy: float, seed: int, **script: object) -> SimServerProcess:
+def sim_model(tmp_path: Path, name: str, accuracy: float, seed: int, *args: str, **script: object) -> SimServerProcess:
+    """A simulator server whose model answers ``Q`` right with probability ``accuracy``."""
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps({"kind": "problems", "accuracy": accuracy, "seed": seed,
                                 "problems": [{"question": Q, "answer": TRUTH}], **script}))
-    return SimServerProcess("--speed", "200", "--script", str(path), "--served-model-name", name).start()
+    return SimServerProcess(*(args or ("--speed", "200")), "--script", str(path), "--served-model-name", name).start()
 
 
 def sim_metric(url: str, name: str) -> float:
