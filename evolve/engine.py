@@ -27,9 +27,17 @@ from scheduler.backends.base import Generation
 class Calls(Protocol):
     async def generate(self, model: ModelSpec, problem: int, messages: Messages, seed: int) -> Generation: ...
 
-    async def score(self, model: ModelSpec, problem: int, prompt: str, top_k: int) -> Generation: ...
+    async def score(self, model: ModelSpec, problem: int, prompt: str, top_k: int,
+                    start: int = 0) -> Generation: ...
+
+    async def count(self, model: ModelSpec, problem: int, prompt: str) -> Generation: ...
 
     def render(self, model: ModelSpec, messages: Messages) -> str: ...
+
+
+# Tokens before the prefix's end that a tail-only scoring pass still asks for: a tokenizer may
+# merge the prefix's last characters with the candidate's first, shifting the boundary.
+TAIL_SLACK_TOKENS = 4
 
 
 def derived_seed(*parts: object) -> int:
@@ -63,6 +71,7 @@ class _Loop:
         self.index = index
         self.ledger = Ledger()
         self.timer = BusyTimer()
+        self._prefix_tokens: dict[tuple[int, str], asyncio.Task[int]] = {}
 
     async def generate(self, model: ModelSpec, problem: int, messages: Messages, seed: int) -> Generation:
         with self.timer:
@@ -75,14 +84,27 @@ class _Loop:
         scorer = evo.scorer
         assert scorer is not None
         messages = evo.recombine(problem["question"], [c["text"] for c in group])
+        prefix = evo.calls.render(scorer, messages)
         text = group[member]["text"]
+        start = 0
+        if evo.spec.score_tail_only:
+            # the group's shared prefix, counted once: the K passes then ask only for the tail's logprobs
+            key = (problem["index"], prefix)
+            if key not in self._prefix_tokens:
+                self._prefix_tokens[key] = asyncio.ensure_future(self._count(scorer, problem["index"], prefix))
+            start = max(0, await self._prefix_tokens[key] - TAIL_SLACK_TOKENS)
         with self.timer:
-            gen = await evo.calls.score(scorer, problem["index"], evo.calls.render(scorer, messages) + text,
-                                        evo.spec.top_k)
+            gen = await evo.calls.score(scorer, problem["index"], prefix + text, evo.spec.top_k, start)
         self.ledger.scoring(scorer.name, gen.usage, evo.prices[scorer.name])
         if not gen.prompt_logprobs:
             raise RuntimeError(f"model {scorer.name!r} returned no prompt logprobs; it cannot score confidence")
         return candidate_confidence(gen.prompt_logprobs, text, evo.spec.top_k)
+
+    async def _count(self, scorer: ModelSpec, problem: int, prefix: str) -> int:
+        with self.timer:
+            gen = await self.evo.calls.count(scorer, problem, prefix)
+        self.ledger.scoring(scorer.name, gen.usage, self.evo.prices[scorer.name])
+        return gen.usage.prompt_tokens
 
     def extract(self, text: str) -> str | None:
         return self.evo.extract(text)

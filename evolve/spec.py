@@ -78,6 +78,9 @@ class EvolveInput(BaseModel):
     scorer: str | None = Field(default=None, description=(
         "Model (name) that scores confidence; default the cheapest with `prompt_logprobs`."))
     top_k: int = Field(default=20, ge=1, le=20, description="Prompt logprobs per token for confidence.")
+    score_tail_only: bool = Field(default=True, description=(
+        "Ask for the candidate's prompt logprobs only: one extra prefix-only call per group counts its "
+        "tokens (and warms its KV). Off: every pass returns the whole prompt's logprobs."))
     lite_fraction: float = Field(default=0.0, ge=0, le=1, description=(
         "Share of the cheapest model's groups, most confident first, that make no call."))
     lite_method: str = Field(default="majority", description="`majority` or `random`.")

@@ -20,13 +20,16 @@ from evolve.operators import Messages, Operators, default_operators
 from evolve.spec import EvolveInput, ModelSpec, input_model
 from evolve.templates import render
 from orchestrator.runs.context import RunContext, RunFailed
-from scheduler.backends.base import GenerateRequest, Generation
+from scheduler.backends.base import BackendError, GenerateRequest, Generation, new_rid
 from scheduler.core import UnknownProgram
 from scheduler.runtime import estimate_tokens
 
 
+CALL_ATTEMPTS = 3  # a retryable backend error (nothing was streamed) is tried again, twice at most
+
+
 class ModelCallFailed(RuntimeError):
-    pass
+    """A model call finished without an answer (aborted or errored on the engine)."""
 
 
 class RuntimeCalls:
@@ -54,9 +57,18 @@ class RuntimeCalls:
             request = GenerateRequest(prompt=self.render(model, messages), seed=seed, **self._sampling(model))
         return await self._call(model, problem, request)
 
-    async def score(self, model: ModelSpec, problem: int, prompt: str, top_k: int) -> Generation:
+    async def score(self, model: ModelSpec, problem: int, prompt: str, top_k: int, start: int = 0) -> Generation:
+        """Prefill-only: one generated token, prompt logprobs from token ``start`` on (SGLang's
+        ``logprob_start_len``; a backend that ignores it returns them all, which is also right)."""
+        extra = dict(model.extra_body) | ({"logprob_start_len": start} if start else {})
         request = GenerateRequest(prompt=prompt, model=model.model, max_tokens=1, temperature=0.0,
-                                  prompt_logprobs=True, prompt_top_logprobs=top_k, extra_body=dict(model.extra_body))
+                                  prompt_logprobs=True, prompt_top_logprobs=top_k, extra_body=extra)
+        return await self._call(model, problem, request)
+
+    async def count(self, model: ModelSpec, problem: int, prompt: str) -> Generation:
+        """The prompt's length in the model's tokens (and its KV warmed for the passes that follow)."""
+        request = GenerateRequest(prompt=prompt, model=model.model, max_tokens=1, temperature=0.0,
+                                  extra_body=dict(model.extra_body))
         return await self._call(model, problem, request)
 
     def render(self, model: ModelSpec, messages: Messages) -> str:
@@ -67,8 +79,18 @@ class RuntimeCalls:
         key, tokens = self._prefix[problem]
         async with self.sem:
             self.programs.add(program)
-            chunks = [c async for c in self.runtime.stream(program, self.tenant, request, prefix_key=key,
-                                                           prefix_tokens=tokens, backends=(model.backend_name,))]
+            for attempt in range(CALL_ATTEMPTS):
+                try:
+                    chunks = [c async for c in self.runtime.stream(
+                        program, self.tenant, request, prefix_key=key, prefix_tokens=tokens,
+                        backends=(model.backend_name,))]
+                    break
+                except BackendError as exc:
+                    # nothing came back (a dropped keep-alive connection, a 503): the same call again
+                    if not exc.retryable or attempt == CALL_ATTEMPTS - 1:
+                        raise
+                    request = request.model_copy(update={"rid": new_rid()})
+                    await asyncio.sleep(0.2 * (attempt + 1))
         gen = Generation.from_chunks(request.rid, chunks)
         if gen.finish_reason in ("error", "abort"):
             raise ModelCallFailed(f"model {model.name!r} call {request.rid} ended with {gen.finish_reason}")

@@ -47,13 +47,15 @@ def create_server(engine: LocalEngine) -> FastAPI:
     async def generate(request: Request) -> Any:
         body = await request.json()
         sp = body.get("sampling_params") or {}
+        start = body.get("logprob_start_len")
+        start = -1 if start is None else int(start)  # SGLang: prompt logprobs from this position on
         try:
             req = GenerateRequest(
                 rid=body.get("rid") or uuid.uuid4().hex, prompt=body.get("text"), input_ids=body.get("input_ids"),
                 max_tokens=sp.get("max_new_tokens", 128), temperature=sp.get("temperature", 1.0),
                 top_p=sp.get("top_p", 1.0), stop=sp.get("stop"), seed=sp.get("sampling_seed"),
                 logprobs=bool(body.get("return_logprob")), top_logprobs=body.get("top_logprobs_num", 0),
-                prompt_logprobs=bool(body.get("return_logprob")) and body.get("logprob_start_len", -1) == 0,
+                prompt_logprobs=bool(body.get("return_logprob")) and start >= 0,
                 prompt_top_logprobs=body.get("top_logprobs_num", 0), priority=body.get("priority"))
         except (ValidationError, ValueError) as exc:
             return bad_request(str(exc))
@@ -64,7 +66,7 @@ def create_server(engine: LocalEngine) -> FastAPI:
                 text += chunk.text
                 ids += chunk.token_ids
                 lps += chunk.logprobs
-                yield _generate_frame(req, text, ids, lps, chunk)
+                yield _generate_frame(req, text, ids, lps, chunk, max(0, start))
 
         if body.get("stream"):
             async def stream() -> AsyncIterator[str]:
@@ -187,7 +189,7 @@ def create_server(engine: LocalEngine) -> FastAPI:
 
 
 def _generate_frame(req: GenerateRequest, text: str, ids: list[int], lps: list[TokenLogprob],
-                    chunk: GenerationChunk) -> dict[str, Any]:
+                    chunk: GenerationChunk, prompt_start: int = 0) -> dict[str, Any]:
     meta: dict[str, Any] = {"id": req.rid, "finish_reason": {"type": chunk.finish_reason}
                             if chunk.finish_reason else None}
     if chunk.usage is not None:
@@ -198,8 +200,8 @@ def _generate_frame(req: GenerateRequest, text: str, ids: list[int], lps: list[T
         meta["output_top_logprobs"] = _top_triples(lps)
         if chunk.prompt_logprobs is not None:
             # SGLang gives the first prompt token a null logprob.
-            meta["input_token_logprobs"] = [[None, None, None], *_lp_triples(chunk.prompt_logprobs)]
-            meta["input_top_logprobs"] = [None, *_top_triples(chunk.prompt_logprobs)]
+            meta["input_token_logprobs"] = [[None, None, None], *_lp_triples(chunk.prompt_logprobs)][prompt_start:]
+            meta["input_top_logprobs"] = [None, *_top_triples(chunk.prompt_logprobs)][prompt_start:]
     return {"text": text, "output_ids": ids, "meta_info": meta}
 
 

@@ -127,10 +127,12 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
             k = int(body.get("top_logprobs_num") or 0)
             scripted = getattr(engine().script, "prompt_logprobs", None)
             rows = scripted(pieces, k) if scripted else hashed_prompt_logprobs(pieces, k)
-            tokens = [[None, input_ids[0], pieces[0]]] + [[r[0][1], input_ids[i + 1], pieces[i + 1]]
-                                                          for i, r in enumerate(rows)]
-            tops = [None] + [[[lp, tokenizer.piece_id(t), t] for t, lp in r[:k]] if k else [] for r in rows]
-            return tokens[int(start):], tops[int(start):]
+            first = max(1, int(start))  # row i is prompt token i + 1; the first token has no logprob
+            tokens = [[r[0][1], input_ids[i + 1], pieces[i + 1]] for i, r in enumerate(rows[first - 1:], first - 1)]
+            tops = [[[lp, tokenizer.piece_id(t), t] for t, lp in r[:k]] if k else [] for r in rows[first - 1:]]
+            if int(start) == 0:
+                return [[None, input_ids[0], pieces[0]], *tokens], [None, *tops]
+            return tokens, tops
 
         def payload() -> dict[str, Any]:
             assert req.plan is not None
