@@ -106,7 +106,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
+    _document_workflow_inputs(app)
     return app
+
+
+def _document_workflow_inputs(app: FastAPI) -> None:
+    """Each registered workflow's input model in the OpenAPI components (``EvolveInput``, ...), so
+    clients can generate types for ``RunCreate.input``; the names are listed under
+    ``x-workflow-inputs`` (workflow -> schema name)."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        names: dict[str, str] = {}
+        for defn in app.state.registry:
+            js = defn.input_model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for def_name, sub in js.pop("$defs", {}).items():
+                components.setdefault(def_name, sub)
+            title = js.get("title") or f"{defn.name}-input"
+            components.setdefault(title, js)
+            names[defn.name] = title
+        schema["x-workflow-inputs"] = names
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def make_sandbox_pool(settings: Settings) -> SandboxPool:

@@ -192,3 +192,17 @@ async def test_bad_specs_are_refused_and_unknown_backends_fail_the_run(two_model
         assert "nowhere" in final["error"]["message"]
         schema = {w["name"]: w for w in (await http.get("/v1/workflows")).json()["data"]}["evolve"]["input_schema"]
         assert {"problems", "models", "percentiles", "lite_fraction"} <= set(schema["properties"])
+
+
+async def test_the_evolve_spec_is_in_the_openapi_schema(tmp_path: Path):
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/o.db", api_keys={KEY: "acme"}, log_json=False)
+    async with running_server(settings) as url, httpx.AsyncClient(base_url=url) as http:
+        spec = (await http.get("/openapi.json")).json()
+    assert spec["x-workflow-inputs"]["evolve"] == "EvolveInput"
+    evolve = spec["components"]["schemas"]["EvolveInput"]
+    assert {"problems", "models", "population", "k", "loops", "percentiles", "fitness", "lite_fraction",
+            "lite_method", "selection", "update", "recombination", "final", "answer_format"} <= set(evolve["properties"])
+    model = spec["components"]["schemas"]["ModelSpec"]
+    assert {"price_in", "price_out", "temperature", "top_p", "max_tokens", "endpoint", "prompt_logprobs",
+            "extra_body"} <= set(model["properties"])
+    assert evolve["properties"]["models"]["items"]["$ref"] == "#/components/schemas/ModelSpec"
