@@ -34,6 +34,8 @@ class BackendConfig(BaseModel):
     model: str | None = None
     api_key: str | None = None
     read_timeout_s: float = Field(default=120.0, gt=0)
+    capacity_tokens: int = Field(default=1_000_000, gt=0, description=(
+        "kind openai: the KV capacity the scheduler assumes (a hosted API reports none)."))
 
     @model_validator(mode="after")
     def _needs_url(self) -> "BackendConfig":

@@ -18,7 +18,8 @@ def make_backend(config: Any) -> Backend:
         from scheduler.backends.openai_compat import OpenAICompatBackend
 
         return OpenAICompatBackend(config.url, api_key=config.api_key or "none", model=config.model or "default",
-                                   name=config.name, timeout=config.read_timeout_s)
+                                   name=config.name, timeout=config.read_timeout_s,
+                                   capacity_tokens=getattr(config, "capacity_tokens", None) or 1_000_000)
     if config.kind == "local":
         from scheduler.local.engine import LocalEngine
 

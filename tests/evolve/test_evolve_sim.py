@@ -206,3 +206,28 @@ async def test_the_evolve_spec_is_in_the_openapi_schema(tmp_path: Path):
     assert {"price_in", "price_out", "temperature", "top_p", "max_tokens", "endpoint", "prompt_logprobs",
             "extra_body"} <= set(model["properties"])
     assert evolve["properties"]["models"]["items"]["$ref"] == "#/components/schemas/ModelSpec"
+
+
+async def test_mixed_backends_an_openai_compatible_api_and_an_sglang_scorer(tmp_path: Path):
+    # the strong model behind an OpenAI-compatible API (chat, no logprobs), the weak one on SGLang
+    sims = {"strong": sim_model(tmp_path, "strong", 0.6, seed=1),
+            "weak": sim_model(tmp_path, "weak", 0.0, seed=2, confidence_correct=3.0)}
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/m.db", api_keys={KEY: "acme"}, log_json=False,
+                        worker_poll_seconds=0.05, sandbox_root=str(tmp_path / "sb"),
+                        backends=[{"name": "api", "kind": "openai", "url": sims["strong"].url + "/v1",
+                                   "model": "strong"},
+                                  {"name": "weak", "kind": "sglang", "url": sims["weak"].url}])
+    try:
+        async with running_server(settings) as url, AsyncClient(base_url=url, api_key=KEY) as client:
+            spec = _spec(loops=2)
+            spec["models"][1]["backend"] = "api"
+            run = await client.runs.create("evolve", input=spec)
+            final = await client.runs.wait(run.id, timeout=60)
+            assert final.status == "succeeded", final.error
+        total = final.output["ledger"]["total"]
+        assert sim_metric(sims["strong"].url, "num_requests_total") == total["models"]["strong"]["calls"] >= 8
+        assert total["models"]["strong"]["input_tokens"] == sim_metric(sims["strong"].url, "prompt_tokens_total")
+        assert total["models"]["weak"]["scoring_calls"] > 0
+    finally:
+        for s in sims.values():
+            s.kill()
