@@ -83,7 +83,7 @@ class RuntimeCalls:
                 try:
                     chunks = [c async for c in self.runtime.stream(
                         program, self.tenant, request, prefix_key=key, prefix_tokens=tokens,
-                        backends=(model.backend_name,))]
+                        backends=(model.backend_name,), sandbox=False)]
                     break
                 except BackendError as exc:
                     # nothing came back (a dropped keep-alive connection, a 503): the same call again

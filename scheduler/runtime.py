@@ -74,6 +74,7 @@ class ProgramRuntime:
         self._hooks = {PrepareSandbox: on_prepare_sandbox, CollectSandbox: on_collect_sandbox}
         self.stats = RuntimeStats()
         self.token_totals = {"prompt": 0, "cached": 0}
+        self._sandboxless: set[str] = set()  # programs that run no tools: no sandbox prepared or collected
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class ProgramRuntime:
                 fut.set_result(d)
             return
         hook = self._hooks.get(type(d))  # type: ignore[call-overload]
-        if hook is not None:
+        if hook is not None and getattr(d, "program_id", None) not in self._sandboxless:
             asyncio.get_running_loop().create_task(hook(d.program_id))  # type: ignore[union-attr]
         # Pause / Resume are bookkeeping; Pin / Unpin have no lever on SGLang.
 
@@ -155,13 +156,16 @@ class ProgramRuntime:
 
     async def stream(self, program_id: str, tenant: str, request: GenerateRequest, *,
                      prefix_key: str | None = None, prefix_tokens: int = 0,
-                     backends: tuple[str, ...] | None = None) -> AsyncIterator[GenerationChunk]:
+                     backends: tuple[str, ...] | None = None, sandbox: bool = True) -> AsyncIterator[GenerationChunk]:
         """One LLM call of a program: waits while the program is paused, then streams.
-        ``backends`` restricts where it may run (a model or backend the caller chose)."""
+        ``backends`` restricts where it may run (a model or backend the caller chose);
+        ``sandbox=False``: the program runs no tools, so no sandbox is prepared for it."""
         unknown = [n for n in backends or () if n not in self.backends]
         if unknown:
             raise ValueError(f"unknown backends {unknown}; configured: {sorted(self.backends)}")
         self.claim(program_id, tenant)
+        if not sandbox:
+            self._sandboxless.add(program_id)
         if not any(b.healthy and b.capacity > 0 and (not backends or b.name in backends)
                    for b in self.sched.backends.values()):
             raise NoBackendAvailable("no healthy backend: every one " + ("allowed " if backends else "")
@@ -217,6 +221,8 @@ class ProgramRuntime:
             self._handle(ProgramReleased(self.clock(), program_id))
         except UnknownProgram:
             pass  # known to us, finished in the core: releasing twice is harmless
+        finally:
+            self._sandboxless.discard(program_id)
 
     def tool_started(self, program_id: str, tenant: str, tool: str) -> None:
         self._own(program_id, tenant)
