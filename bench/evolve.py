@@ -100,7 +100,7 @@ async def one(label: str, models: list[dict[str, Any]], problems: list[dict[str,
 
 
 async def run(quick: bool, n_problems: int | None, loops: int | None, preset: str, speed: float) -> dict[str, Any]:
-    n = n_problems or (10 if quick else 50)
+    n = n_problems or (8 if quick else 50)
     loops = loops or (3 if quick else 4)
     problems = gsm8k_test(n)
     t0 = time.perf_counter()
@@ -123,7 +123,7 @@ async def run(quick: bool, n_problems: int | None, loops: int | None, preset: st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10 problems, 3 loops (< 1 minute)")
+    ap.add_argument("--quick", action="store_true", help="8 problems, 3 loops (< 1 minute)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--problems", type=int, help="how many bundled GSM8K problems (max 200)")
     ap.add_argument("--loops", type=int)
