@@ -113,7 +113,7 @@ def _loop_event(out: dict[str, Any], totals: Ledger) -> dict[str, Any]:
 
 def _count(metrics: Any, ledger: dict[str, Any]) -> None:
     """Per-model and per-tier counters; called by a step that actually ran (never on replay)."""
-    if metrics is None or not hasattr(metrics, "evolve_tokens"):
+    if metrics is None:
         return
     for model, u in ledger["models"].items():
         for kind, n in (("input", u["input_tokens"]), ("output", u["output_tokens"] + u["scoring_output_tokens"]),
@@ -152,7 +152,7 @@ def make_workflow(ops: Operators):
         async def counted(coro: Any) -> dict[str, Any]:
             out = await coro
             _count(metrics, out["ledger"])
-            if metrics is not None and hasattr(metrics, "evolve_loops") and out.get("loop", -1) >= 0:
+            if metrics is not None and out.get("loop", -1) >= 0:
                 metrics.evolve_loops.inc()
             return out
 
@@ -185,7 +185,7 @@ def make_workflow(ops: Operators):
             "timing": {"wall_s": wall, "model_busy_s": busy,
                        "overhead_ratio": max(0.0, wall - busy) / wall if wall > 0 else 0.0},
         }
-        if metrics is not None and hasattr(metrics, "evolve_runs"):
+        if metrics is not None:
             metrics.evolve_runs.inc()
         await ctx.emit("evolve.finished", {"answer": result["answer"], "accuracy": result["accuracy"],
                                            "cost_usd": total.cost_usd, "tokens": total.tokens(),

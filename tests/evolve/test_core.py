@@ -173,3 +173,24 @@ def test_spec_is_checked_at_submission():
     # one model and no lite needs no fitness, so no scorer either
     assert Spec(problems=base["problems"], models=[{"name": "only"}]).scoring_model() is None
     assert Spec(**(base | {"models": [{"name": "a"}, {"name": "b"}], "fitness": "diversity"}))
+
+
+def test_operators_plug_in_by_name_without_global_state():
+    from orchestrator.workflows import WorkflowRegistry
+    from evolve.workflow import register
+
+    def first_k(population, groups, k, rng, temperature):
+        return [list(range(k)) for _ in range(groups)]
+
+    ops = default_operators()
+    ops.add("selection", "first", first_k)
+    base = {"problems": [{"question": "q"}], "models": [{"name": "m"}], "selection": "first"}
+    assert input_model(ops)(**base).selection == "first"
+    with pytest.raises(ValidationError):
+        Spec(**base)  # the default registry does not know it
+    assert ops.get("selection", "first") is first_k and "first" not in default_operators().names("selection")
+    registry = WorkflowRegistry()
+    register(registry, ops, name="evolve-custom")
+    assert registry.get("evolve-custom").input_model(**base).selection == "first"
+    with pytest.raises(ValueError):
+        ops.add("mutation", "x", first_k)

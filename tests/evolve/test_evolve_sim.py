@@ -147,8 +147,9 @@ async def test_confidence_routing_lite_and_ledger_follow_the_rules(two_models):
 async def test_diversity_single_model_and_synthesized_final(two_models):
     url, sims = two_models
     async with AsyncClient(base_url=url, api_key=KEY) as client:
-        div = await client.runs.create("evolve", input=_spec(fitness="diversity", lite_fraction=0.0, loops=2,
-                                                             percentiles=[50]))
+        dspec = _spec(fitness="diversity", lite_fraction=0.0, loops=2, percentiles=[50])
+        dspec["models"][0]["endpoint"] = "completions"  # weak gets the ChatML-rendered prompt on /generate
+        div = await client.runs.create("evolve", input=dspec)
         single = await client.runs.create("evolve", input=_spec(
             models=[{"name": "strong", "max_tokens": 64}], loops=2, final="synthesize", lite_fraction=0.0,
             percentiles=None, update="accumulate"))
@@ -163,6 +164,8 @@ async def test_diversity_single_model_and_synthesized_final(two_models):
     routing = dsteps["loop-1"]["routing"][0]
     assert routing["fitness"] == [-float(len({prev[i]["answer"] for i in g})) for g in routing["groups"]]
     assert ["lite" if t == -1 else f"m{t}" for t in routing["tiers"]] == expected_tiers(routing["fitness"], [50], 0)
+    weak_made = [c for c in dsteps["loop-1"]["populations"][0] if c["model"] == "weak"]
+    assert weak_made and all(c["answer"] is not None for c in weak_made)  # it found the question in the prompt
     # one model: no fitness, no routing; accumulate keeps loop 0's candidates; the final answer is synthesized
     out = s.output
     assert out["ledger"]["total"]["models"].keys() == {"strong"}
