@@ -75,10 +75,10 @@ async def one(label: str, models: list[dict[str, Any]], problems: list[dict[str,
                                                      "burst": 1000}})
         try:
             async with running_server(settings) as url, AsyncClient(base_url=url, api_key=KEY) as client:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 run = await client.runs.create("evolve", input=evolve_spec(problems, models, loops))
                 final = await client.runs.wait(run.id, timeout=900)
-                elapsed = time.perf_counter() - t0
+                elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         finally:
             for s in sims.values():
                 s.kill()
@@ -96,6 +96,11 @@ async def one(label: str, models: list[dict[str, Any]], problems: list[dict[str,
         "run_wall_s": round(run_wall, 3), "client_wall_s": round(elapsed, 3), "model_busy_s": round(busy, 3),
         "overhead_ratio": round(max(0.0, run_wall - busy) / run_wall, 4) if run_wall > 0 else None,
         "overhead_in_loops_ratio": round(out["timing"]["overhead_ratio"], 4),
+        # CPU of this process (the service: worker, runtime, backend clients, store; and the SDK's
+        # long-poll) per model call: what the orchestration costs even while calls overlap it
+        "service_cpu_s": round(cpu, 3),
+        "service_cpu_ms_per_call": round(1000 * cpu / max(1, sum(m["calls"] + m["scoring_calls"]
+                                                                   for m in total["models"].values())), 3),
     }
 
 
@@ -136,11 +141,11 @@ def main() -> None:
         return
     print(f"{result['problems']} GSM8K problems, {result['loops']} loops, N=8 K=3 M=8, percentiles [25], "
           f"lite 0.25; sim {result['sim_preset']} x{result['sim_speed']}")
-    print(f"{'':>8} {'accuracy':>9} {'cost $':>10} {'run s':>7} {'overhead':>9}  calls per tier")
+    print(f"{'':>8} {'accuracy':>9} {'cost $':>10} {'run s':>7} {'overhead':>9} {'cpu ms/call':>11}  calls per tier")
     for label in ("single", "routed"):
         r = result[label]
         print(f"{label:>8} {r['accuracy']:>9.3f} {r['cost_usd']:>10.4f} {r['run_wall_s']:>7.2f} "
-              f"{r['overhead_ratio']:>9.3f}  {r['tier_calls']}")
+              f"{r['overhead_ratio']:>9.3f} {r['service_cpu_ms_per_call']:>11.2f}  {r['tier_calls']}")
     ratios = result["ratios"]
     print(f"cost single/routed {ratios['cost_single_over_routed']}x, accuracy routed-single "
           f"{ratios['accuracy_routed_minus_single']:+.3f}; wall {result['wall_s']} s")
