@@ -35,7 +35,8 @@ class Scheduler:
         # indexes kept in step with status and placement, so policies never scan every program
         self.resident: dict[str, dict[str, Program]] = {name: {} for name in self.backends}
         self.waiting: dict[str, Program] = {}
-        self.touched: set[str] = set()  # backends whose resident programs changed (policies' caches)
+        # programs that changed since a policy's indexes last looked (None: no policy keeps any)
+        self.touched_programs: set[str] | None = None
         self._rid_program: dict[str, str] = {}
         self._rid_backend: dict[str, str] = {}
         self._out: list[Decision] = []
@@ -74,9 +75,10 @@ class Scheduler:
         return p
 
     def touch(self, p: Program) -> None:
-        """``p`` changed in a way that may change what it costs its backend."""
-        if p.backend is not None:
-            self.touched.add(p.backend)
+        """``p`` changed in a way that may change what it costs its backend (or its place in
+        the waiting queue)."""
+        if self.touched_programs is not None:
+            self.touched_programs.add(p.id)
 
     def _arrived(self, e: RequestArrived) -> None:
         p = self.programs.get(e.program_id)
