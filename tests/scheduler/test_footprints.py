@@ -1,6 +1,6 @@
 """The program policy's incremental indexes agree with a full scan after every event.
 
-``FootprintIndex`` keeps backend footprints, reasoning tokens, prefixes present and the waiting
+``FootprintIndex`` keeps backend footprints, prefixes present and the waiting
 queue by need in step from touched programs; a mistake there would silently admit too much or
 too little. A random agent workload (two tenants, shared and private prefixes, tools, releases,
 two backends small enough to pause and resume) is checked against a from-scratch scan."""
@@ -14,7 +14,7 @@ import pytest
 from scheduler.core import (
     BackendObserved, BackendView, ProgramReleased, RequestArrived, RequestFinished, Scheduler, Tick, ToolEnded,
 )
-from scheduler.core.state import Phase, Status
+from scheduler.core.state import Status
 
 
 def scan_footprint(policy, backend: str) -> float:
@@ -33,7 +33,6 @@ def check(s: Scheduler) -> None:
     for name in s.backends:
         resident = s.resident[name].values()
         assert policy.index.footprint(name) == pytest.approx(scan_footprint(policy, name), abs=1e-6)
-        assert policy.index.running_tokens(name) == sum(p.tokens for p in resident if p.phase is Phase.REASONING)
         assert policy.index.prefixes(name) == {p.prefix_key for p in resident if p.prefix_key is not None}
     waiting = sorted((policy.least_need(p), p.id) for p in s.waiting.values() if p.pending)
     assert [p.id for p in policy.index.waiting()] == [pid for _, pid in waiting]

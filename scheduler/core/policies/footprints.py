@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from scheduler.core.state import Phase, Program, Status
+from scheduler.core.state import Program, Status
 
 if TYPE_CHECKING:
     from scheduler.core.scheduler import Scheduler
@@ -31,7 +31,6 @@ class _Share:
     shared_key: str | None    # its prefix, counted once on the backend (only when it costs anything)
     prefix_tokens: int
     key: str | None           # its prefix, present on the backend (for the need of others)
-    running: int              # its tokens while reasoning (what a recompute on the backend stalls)
 
 
 class FootprintIndex:
@@ -45,7 +44,6 @@ class FootprintIndex:
         self._own: dict[str, float] = defaultdict(float)
         self._shared: dict[str, dict[str, Counter[int]]] = defaultdict(lambda: defaultdict(Counter))
         self._present: dict[str, Counter[str]] = defaultdict(Counter)
-        self._running: dict[str, int] = defaultdict(int)
         self._by_need: list[tuple[float, str]] = []   # waiting programs with a request, by least need
         self._need_of: dict[str, tuple[float, str]] = {}
 
@@ -55,11 +53,6 @@ class FootprintIndex:
         self.sync()
         shared = sum(max(c) for c in self._shared[backend].values() if c)
         return self._own[backend] + shared
-
-    def running_tokens(self, backend: str) -> int:
-        """Tokens of the backend's reasoning programs."""
-        self.sync()
-        return self._running[backend]
 
     def prefix_present(self, backend: str, key: str, besides: Program | None = None) -> bool:
         """Is a resident program (other than ``besides``) holding prefix ``key`` on ``backend``?"""
@@ -111,11 +104,9 @@ class FootprintIndex:
         c = self.cost(p)
         counted = bool(c) and p.prefix_key is not None
         share = _Share(p.backend or "", c - min(p.prefix_tokens, c) if counted else c,
-                       p.prefix_key if counted else None, p.prefix_tokens, p.prefix_key,
-                       p.tokens if p.phase is Phase.REASONING else 0)
+                       p.prefix_key if counted else None, p.prefix_tokens, p.prefix_key)
         self._share[p.id] = share
         self._own[share.backend] += share.own
-        self._running[share.backend] += share.running
         if share.shared_key is not None:
             self._shared[share.backend][share.shared_key][share.prefix_tokens] += 1
         if share.key is not None:
@@ -126,7 +117,6 @@ class FootprintIndex:
         if share is None:
             return
         self._own[share.backend] -= share.own
-        self._running[share.backend] -= share.running
         if share.shared_key is not None:
             counts = self._shared[share.backend][share.shared_key]
             counts[share.prefix_tokens] -= 1
