@@ -160,9 +160,25 @@ class Scheduler:
         if b is None:
             b = self.backends[e.backend] = BackendView(e.backend, e.capacity_tokens)
             self.resident[b.name] = {}
+        was_healthy = b.healthy
         b.capacity, b.used, b.running, b.queued = e.capacity_tokens, e.used_tokens, e.running, e.queued
         b.healthy, b.observed_at = e.healthy, e.now
+        if was_healthy and not b.healthy:
+            self._evict(b)
         self.policy.on_backend(b, e.now)
+
+    def _evict(self, b: BackendView) -> None:
+        """``b`` went down: its programs' KV is gone with it. They wait to be placed again
+        (anywhere healthy: no affinity to a dead backend); calls in flight there fail on their
+        own and come back as aborted."""
+        for p in list(self.resident[b.name].values()):
+            if p.pinned:
+                self.unpin(p)
+            self._place(p, Status.WAITING, None)
+            p.backend, p.kept = None, True
+            self.touch(p)
+        if self.waiting:
+            self.policy.after_release(self.now)  # room elsewhere may take them now
 
     # ---- actions for policies --------------------------------------------------------------
 
