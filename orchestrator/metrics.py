@@ -95,6 +95,12 @@ class SchedulerCollector:
             for q in (0.5, 0.99):
                 g.add_metric([str(q)], ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0)
             yield g
+        yield CounterMetricFamily("orchestrator_scheduler_calls_placed_again",
+                                  "Calls that failed on a backend before any output and were placed on another.",
+                                  value=rt.stats.calls_placed_again)  # type: ignore[attr-defined]
+        failures = CounterMetricFamily("orchestrator_backend_call_failures",
+                                       "Calls a backend failed (it is then marked down until it answers).",
+                                       labels=["backend"])
         cap = GaugeMetricFamily("orchestrator_backend_kv_capacity_tokens", "KV capacity.", labels=["backend"])
         used = GaugeMetricFamily("orchestrator_backend_kv_used_tokens", "KV tokens in use (observed).",
                                  labels=["backend"])
@@ -103,6 +109,8 @@ class SchedulerCollector:
             cap.add_metric([b.name], b.capacity)
             used.add_metric([b.name], b.used)
             healthy.add_metric([b.name], 1 if b.healthy else 0)
+            failures.add_metric([b.name], rt.stats.backend_failures.get(b.name, 0))  # type: ignore[attr-defined]
+        yield failures
         yield cap
         yield used
         yield healthy

@@ -47,6 +47,8 @@ def estimate_tokens(request: GenerateRequest) -> int:
 
 @dataclass
 class RuntimeStats:
+    backend_failures: dict[str, int] = field(default_factory=dict)  # backend -> calls it failed
+    calls_placed_again: int = 0  # failed before any output, then placed on another backend
     decisions: int = 0
     decision_seconds: list[float] = field(default_factory=list)
     held_seconds: list[float] = field(default_factory=list)
@@ -191,6 +193,7 @@ class ProgramRuntime:
                         b.healthy and b.capacity > 0 and b.name not in failed and (not backends or b.name in backends)
                         for b in self.sched.backends.values()):
                     raise
+                self.stats.calls_placed_again += 1
                 log.warning("call %s of %s failed on %s before any output (%s); placing it again",
                             request.rid, program_id, failed[-1], exc)
             finally:
@@ -203,6 +206,7 @@ class ProgramRuntime:
             return False
         name = fut.result().backend
         failed.append(name)
+        self.stats.backend_failures[name] = self.stats.backend_failures.get(name, 0) + 1
         view = self.sched.backends[name]
         if view.healthy:
             self._handle(BackendObserved(self.clock(), name, view.capacity, view.used, 0, 0, False))

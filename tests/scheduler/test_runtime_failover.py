@@ -54,6 +54,7 @@ async def test_a_call_on_a_dead_backend_is_placed_again_and_answered(servers, po
         p1 = runtime.sched.programs["p1"]
         assert p1.backend != victim and p1.status is Status.ACTIVE
         assert not runtime.sched.backends[victim].healthy
+        assert runtime.stats.calls_placed_again == 1 and runtime.stats.backend_failures == {victim: 1}
         assert all(q.backend != victim for q in runtime.sched.programs.values() if q.status is Status.ACTIVE)
         # the same reply as a healthy server gives: replies depend on the prompt, not the server
         survivor = SGLangBackend((b if victim == "a" else a).url)
