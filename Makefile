@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 PY_HELM ?= $(firstword $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/3.12*/bin/python3 $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/3.13*/bin/python3) $(shell for p in python3.12 python3.13; do $$p -c '' 2>/dev/null && command -v $$p; done))
 HELM_VENV := .venv-helm
 HELM_STAMP := $(HELM_VENV)/.installed
+# TypeScript and Grafana's schema types, to type-check the dashboards (npm registry).
+NODE_DEPLOY := .node-deploy
+NODE_STAMP := $(NODE_DEPLOY)/.installed
 
 .PHONY: install demo serve test test-fast bench clean deploy-tools promtool
 
@@ -27,10 +30,14 @@ $(HELM_STAMP): deploy/helm/requirements-tools.txt
 	$(HELM_VENV)/bin/pip install -q -r deploy/helm/requirements-tools.txt
 	touch $(HELM_STAMP)
 
+$(NODE_STAMP): Makefile
+	npm install --silent --no-audit --no-fund --prefix $(NODE_DEPLOY) typescript@5.9.3 @grafana/schema@13.2.3
+	touch $(NODE_STAMP)
+
 promtool:
 	@command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
-deploy-tools: $(HELM_STAMP) promtool
+deploy-tools: $(HELM_STAMP) $(NODE_STAMP) promtool
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
@@ -48,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/control_plane.py --quick
 
 clean:
-	rm -rf $(VENV) $(HELM_VENV) var .pytest_cache
+	rm -rf $(VENV) $(HELM_VENV) $(NODE_DEPLOY) var .pytest_cache

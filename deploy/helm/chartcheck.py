@@ -170,6 +170,40 @@ def cmd_render(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": True, "objects": objects, "notes": notes}
 
 
+def _selectors(node: Any) -> list[str]:
+    """Metric names of every vector selector under a parsed PromQL node."""
+    import promql_parser as pp
+
+    if isinstance(node, pp.VectorSelector):
+        names = [node.name] if node.name else []
+        return names + [m.value for m in node.matchers.matchers if m.name == "__name__"]
+    if isinstance(node, pp.MatrixSelector):
+        return _selectors(node.vector_selector)
+    if isinstance(node, pp.BinaryExpr):
+        return _selectors(node.lhs) + _selectors(node.rhs)
+    if isinstance(node, pp.Call):
+        return [n for arg in node.args for n in _selectors(arg)]
+    if isinstance(node, pp.AggregateExpr):
+        return _selectors(node.expr) + (_selectors(node.param) if node.param is not None else [])
+    if isinstance(node, (pp.ParenExpr, pp.UnaryExpr, pp.SubqueryExpr)):
+        return _selectors(node.expr)
+    return []
+
+
+def cmd_metric_names(_args: argparse.Namespace) -> list[dict[str, Any]]:
+    """PromQL expressions (a JSON list on stdin) parsed by promql-parser (the Rust port of
+    Prometheus' parser): the metric names each selects, or the parse error."""
+    import promql_parser
+
+    out = []
+    for expr in json.load(sys.stdin):
+        try:
+            out.append({"expr": expr, "names": sorted(set(_selectors(promql_parser.parse(expr))))})
+        except Exception as exc:  # the parser raises a plain ValueError-like error with the position
+            out.append({"expr": expr, "error": str(exc)})
+    return out
+
+
 COMMANDS = {"lint": cmd_lint, "schema": cmd_schema, "render": cmd_render}
 
 
@@ -188,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("batch").set_defaults(fn=cmd_batch)
+    sub.add_parser("metric-names").set_defaults(fn=cmd_metric_names)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name)
         p.add_argument("chart")
