@@ -159,7 +159,7 @@ def cmd_render(args: argparse.Namespace) -> dict[str, Any]:
         if template.endswith("NOTES.txt"):
             notes = text
             continue
-        for doc in yaml.safe_load_all(text):
+        for doc in yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
             if not doc:
                 continue
             if doc["apiVersion"].startswith("monitoring.coreos.com/"):
