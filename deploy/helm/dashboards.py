@@ -110,11 +110,10 @@ def dashboard(d: D) -> dict[str, Any]:
                    "url": "", "targetBlank": False}],
         "templating": {"list": [
             {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-             "current": {}, "hide": 0, "refresh": 1, "regex": "", "skipUrlSync": False, "options": []},
+             "hide": 0, "refresh": 1, "regex": "", "skipUrlSync": False, "options": []},
             {"name": "namespace", "label": "Namespace", "type": "query", "datasource": DS,
              "query": {"query": f"label_values({d.ns_metric}, namespace)", "refId": "namespace"},
-             "definition": f"label_values({d.ns_metric}, namespace)",
-             "includeAll": True, "allValue": ".*", "multi": True, "current": {}, "hide": 0,
+             "includeAll": True, "allValue": ".*", "multi": True, "hide": 0,
              "refresh": 2, "regex": "", "sort": 1, "skipUrlSync": False, "options": []},
         ]},
         "panels": panels,
