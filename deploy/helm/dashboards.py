@@ -187,7 +187,7 @@ DASHBOARDS = [
               P("Pinned KV tokens", [("sum(orchestrator_scheduler_pinned_tokens{NS})", "pinned")]),
           ]),
           ("Cache and decisions", [
-              P("KV hit ratio", [("orchestrator:kv_hit:ratio_rate5m{NS}", "{{namespace}} (5m)"),
+              P("KV hit ratio", [("orchestrator:kv_hit:ratio_rate5m{NS}", "last 5m {{namespace}}"),
                                  ("orchestrator_scheduler_kv_hit_ratio{NS}", "since start {{instance}}")],
                 "percentunit", max=1, description="Cached over prompt tokens of finished calls."),
               P("Decision time (p50 / p99)", [

@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def query_panels(prom: str, dashboard: dict[str, Any], start: float, end: float,
                 legend = t.get("legendFormat", "")
                 for k, v in res["metric"].items():
                     legend = legend.replace("{{" + k + "}}", v)
+                legend = re.sub(r"\{\{\s*\w+\s*\}\}", "", legend).strip()  # Grafana shows a missing label as ""
                 series.append({"legend": legend or json.dumps(res["metric"]), "values": res["values"]})
         panels.append({"type": p["type"], "title": p["title"], "gridPos": p["gridPos"],
                        "unit": p["fieldConfig"]["defaults"].get("unit", "short"), "series": series,
@@ -151,14 +153,14 @@ for (const p of data) {{
   const ts = [...new Set(p.series.flatMap(s => s.values.map(v => v[0])))].sort((a, b) => a - b);
   const cols = [ts]; const stackBase = ts.map(() => 0);
   for (const s of p.series) {{ const m = new Map(s.values.map(v => [v[0], +v[1]]));
-    let col = ts.map(t => m.has(t) && isFinite(m.get(t)) ? m.get(t) : null);
-    if (p.stack) col = col.map((v, i) => v == null ? null : (stackBase[i] += v));
+    let col = ts.map(t => m.has(t) && isFinite(m.get(t)) ? m.get(t) : (p.stack ? 0 : null));
+    if (p.stack) col = col.map((v, i) => (stackBase[i] += v));
     cols.push(col); }}
   const opts = {{ width: w - 12, height: h - 56, legend: {{show: true, live: false}}, cursor: {{show: false}},
     axes: [{{stroke: '#8e8e9e', grid: {{stroke: '#2c3235'}}, ticks: {{stroke: '#2c3235'}}, font: '10px DejaVu Sans'}},
-           {{stroke: '#8e8e9e', grid: {{stroke: '#2c3235'}}, ticks: {{stroke: '#2c3235'}}, font: '10px DejaVu Sans', size: 62,
+           {{stroke: '#8e8e9e', grid: {{stroke: '#2c3235'}}, ticks: {{stroke: '#2c3235'}}, font: '10px DejaVu Sans', size: 78,
              values: (u, vals) => vals.map(v => fmt(p.unit, v))}}],
-    series: [{{}}, ...p.series.map((s, i) => ({{label: s.legend, stroke: colors[i % colors.length], width: 1.5,
+    series: [{{}}, ...p.series.map((s, i) => ({{label: s.legend, stroke: colors[i % colors.length], width: 1.5, points: {show: false},
              fill: colors[i % colors.length] + (p.stack ? '55' : '22'), value: (u, v) => fmt(p.unit, v)}}))] }};
   new uPlot(opts, cols, el); }}
 grid.style.height = (maxY + 10) + 'px'; document.title = 'ready';
