@@ -126,7 +126,19 @@ def test_every_rendered_object_is_valid_kubernetes(results: dict[str, Any], name
     assert rendered["ok"], rendered.get("error")
     bad = [(o["template"], o["object"]["kind"], o["error"]) for o in rendered["objects"] if o["error"]]
     assert not bad
+    nulls = [(o["template"], path) for o in rendered["objects"] for path in _null_paths(o["object"], "")]
+    assert not nulls  # an empty `key:` is a template bug the API server would silently drop
     assert len(rendered["objects"]) >= 7
+
+
+def _null_paths(value: Any, path: str) -> list[str]:
+    if value is None:
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _null_paths(v, f"{path}/{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _null_paths(v, f"{path}/{i}")]
+    return []
 
 
 def test_validation_catches_a_bad_object(results: dict[str, Any]) -> None:
