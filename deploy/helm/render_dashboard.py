@@ -160,7 +160,7 @@ for (const p of data) {{
     axes: [{{stroke: '#8e8e9e', grid: {{stroke: '#2c3235'}}, ticks: {{stroke: '#2c3235'}}, font: '10px DejaVu Sans'}},
            {{stroke: '#8e8e9e', grid: {{stroke: '#2c3235'}}, ticks: {{stroke: '#2c3235'}}, font: '10px DejaVu Sans', size: 78,
              values: (u, vals) => vals.map(v => fmt(p.unit, v))}}],
-    series: [{{}}, ...p.series.map((s, i) => ({{label: s.legend, stroke: colors[i % colors.length], width: 1.5, points: {show: false},
+    series: [{{}}, ...p.series.map((s, i) => ({{label: s.legend, stroke: colors[i % colors.length], width: 1.5, points: {{show: false}},
              fill: colors[i % colors.length] + (p.stack ? '55' : '22'), value: (u, v) => fmt(p.unit, v)}}))] }};
   new uPlot(opts, cols, el); }}
 grid.style.height = (maxY + 10) + 'px'; document.title = 'ready';
@@ -189,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity-tokens", type=int, default=12000, help="simulated KV pool (small: the scheduler must pause)")
     ap.add_argument("--uplot-dir", type=Path, default=Path("/tmp/uplot"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard-scheduling.png")
+    ap.add_argument("--save-data", type=Path, help="also write the queried panels (JSON) here")
+    ap.add_argument("--redraw", type=Path, help="draw panels saved by --save-data; start nothing")
     args = ap.parse_args(argv)
     dashboard = json.loads((DASHBOARDS / f"{args.uid}.json").read_text())
+    if args.redraw:
+        saved = json.loads(args.redraw.read_text())
+        draw(saved["panels"], dashboard, saved["sub"], args.uplot_dir, args.out)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="render-dashboard-"))
     sim_port, orch_port, prom_port = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -230,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{counts['programs']} agent programs ({args.concurrency} at a time, KV pool {args.capacity_tokens} tokens) "
                f"and {counts['runs']} runs over {args.minutes:g} min. Drawn with uPlot from the dashboard JSON "
                f"(uid {args.uid}); not rendered by Grafana.")
+        if args.save_data:
+            args.save_data.write_text(json.dumps({"panels": panels, "sub": sub}))
         draw(panels, dashboard, sub, args.uplot_dir, args.out)
         print(json.dumps({"out": str(args.out), **counts,
                           "empty_panels": [p["title"] for p in panels if p["type"] != "row" and not p["series"]]}))

@@ -300,10 +300,16 @@ def test_bundled_databases_and_network_policy(results: dict[str, Any], monkeypat
     assert settings.backends[-1].kind == "openai"
     policies = {p["metadata"]["name"]: p for p in find(objs, "NetworkPolicy")}
     assert set(policies) == {"orch-orchestrator", "orch-orchestrator-backends", "orch-orchestrator-postgresql",
-                             "orch-orchestrator-redis"}
+                             "orch-orchestrator-redis", "orch-orchestrator-sandbox-deny-egress"}
     # The engines accept requests from the control plane's pods only (and scrapes).
     [from_cp, *_] = policies["orch-orchestrator-backends"]["spec"]["ingress"][0]["from"]
     assert from_cp["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "control-plane"
+    # Sandbox pods: the very policy the sandbox code documents, in the sandbox namespace.
+    from tools.sandbox.kubernetes import AGENT_PORT, sandbox_network_policy
+
+    [sandbox_policy] = [p for p in find(objs, "NetworkPolicy") if p["metadata"]["name"].endswith("sandbox-deny-egress")]
+    assert sandbox_policy["metadata"]["namespace"] == "agents"
+    assert sandbox_policy["spec"] == sandbox_network_policy("agents", agent_port=AGENT_PORT)["spec"]
     # The helm test pod carries the label the API policy admits.
     [test_pod] = find(objs, "Pod")
     assert test_pod["metadata"]["labels"]["orch-orchestrator-client"] == "true"
