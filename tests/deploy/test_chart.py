@@ -289,12 +289,18 @@ def test_bundled_databases_and_network_policy(results: dict[str, Any], monkeypat
     assert env["ORCH_REDIS_URL"] == "redis://orch-orchestrator-redis:6379/0"
     # The password comes from the chart's Secret; the pod spec's $(VAR) refers to a variable defined before it.
     [dep] = find(objs, "Deployment", "orch-orchestrator")
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     names = [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]
     assert names.index("POSTGRES_PASSWORD") < names.index("ORCH_DATABASE_URL")
     assert find(objs, "Secret", "orch-orchestrator-postgresql")
     # On install the database does not exist before the hooks: migrate on upgrades only.
     [migrate] = find(objs, "Job")
     assert migrate["metadata"]["annotations"]["helm.sh/hook"] == "pre-upgrade"
+    [wait] = dep["spec"]["template"]["spec"]["initContainers"]
+    compile(wait["args"][0], "wait-for-database", "exec")  # the wait loop is valid Python
+    assert "orch-orchestrator-postgresql" in wait["args"][0]
+    [engine_pdb] = find(objs, "PodDisruptionBudget", "orch-orchestrator-sim")
+    assert engine_pdb["spec"]["maxUnavailable"] == 1
     settings = _settings({**env, "ORCH_DATABASE_URL": "postgresql+asyncpg://u:p@h/d"}, monkeypatch)
     assert [b.name for b in settings.backends] == ["sim-0", "sim-1", "sim-2", "hosted"]
     assert settings.backends[-1].kind == "openai"
