@@ -47,6 +47,8 @@ RENDERS: dict[str, dict[str, Any]] = {
     "production-newest-kube": job("render", "production", kube_version=KUBE_NEWEST),
     "bundled": job("render", values=BUNDLED),
     "invalid-extra-objects": job("render", values={"extraObjects": INVALID}),
+    "inline-urls": job("render", values={"database": {"url": "postgresql+asyncpg://u:p@pg:5432/orch"},
+                                         "redis": {"url": "redis://redis:6379/0"}, "auth": {"apiKeys": "sk-x=team"}}),
 }
 
 CONTRADICTIONS = {
@@ -352,3 +354,18 @@ def test_chart_default_image_is_this_release() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
+
+
+def test_inline_urls_reach_the_migration_hook_first(results: dict[str, Any]) -> None:
+    """Hooks run before the release's other objects: a Secret the pre-install Job reads must
+    itself be a hook, of a lower weight, or the Job would start without its database URL."""
+    objs = objects(results, "inline-urls")
+    [secret] = find(objs, "Secret")
+    [migrate] = find(objs, "Job")
+    assert secret["stringData"] == {"database-url": "postgresql+asyncpg://u:p@pg:5432/orch",
+                                    "redis-url": "redis://redis:6379/0", "api-keys": "sk-x=team"}
+    s_ann, j_ann = secret["metadata"]["annotations"], migrate["metadata"]["annotations"]
+    assert s_ann["helm.sh/hook"] == j_ann["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(s_ann["helm.sh/hook-weight"]) < int(j_ann["helm.sh/hook-weight"])
+    [env] = [e for e in migrate["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "ORCH_DATABASE_URL"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "database-url"}
