@@ -144,6 +144,7 @@ def summary(results: list[dict[str, Any]], scale: float) -> dict[str, Any]:
             "prefill_tokens": agg["prompt_tokens"], "cached_tokens": agg["cached_tokens"],
             "cached_share": round(agg["cached_tokens"] / max(1, agg["prompt_tokens"]), 3),
             "all_agents_prefill_tokens": results[-1]["usage"]["prompt_tokens"],
+            "all_agents_cached_tokens": results[-1]["usage"]["cached_tokens"],
             "repeats": len(results)}
 
 
