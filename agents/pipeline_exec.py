@@ -166,6 +166,8 @@ class PipelineExecutor:
         self.first_token_at: float | None = None
         self.streamed: list[str] = []  # the final aggregator's text this attempt, as it came
         self.rounds = 0
+        self._conv: Conversation | None = None  # staircase: the aggregator's conversation
+        self._partial: list[str] = []  # ...and the text of its round in progress
         # staircase
         self._outputs: dict[str, _Output] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -182,7 +184,8 @@ class PipelineExecutor:
             async with asyncio.timeout(self.spec.time_budget_s):
                 answer, reason = await (self._wait() if self.spec.mode == "wait" else self._staircase())
         except TimeoutError:
-            answer, reason = "".join(self.streamed), "time_budget"
+            written = self._conv.text + "".join(self._partial) if self._conv is not None else "".join(self.streamed)
+            answer, reason = written, "time_budget"
         finally:
             await self._stop_graph()
         total = {k: sum(u[k] for u in self.usage.values()) for k in ("prompt_tokens", "completion_tokens",
@@ -203,6 +206,7 @@ class PipelineExecutor:
         if self.first_token_at is None:
             self.first_token_at = self.clock()
         self.streamed.append(text)
+        self._partial.append(text)
 
     # ---- wait --------------------------------------------------------------------------------
 
@@ -265,7 +269,7 @@ class PipelineExecutor:
     async def _staircase(self) -> tuple[str, str]:
         node = self.final
         inputs = len(self.layers[-1])
-        conv = Conversation(self.spec.task, node.agent.system_prompt or "", inputs)
+        conv = self._conv = Conversation(self.spec.task, node.agent.system_prompt or "", inputs)
         planner = RoundPlanner(inputs)
         restored: dict[str, dict[str, Any]] = {}
         produced = 0
@@ -325,12 +329,16 @@ class PipelineExecutor:
         o = await stream_call(self.llm, node, request_for(node, conv.messages(), max_tokens),
                               self.spec.stall_timeout_s, on_text)
         current.output = o.text
+        self._partial = []
         return plan, o
 
     def _ensure_graph(self, restored: dict[str, dict[str, Any]]) -> list[_Output]:
-        """Start the agents (on the first round this attempt runs): ended ones from their checkpoint."""
+        """Start the agents (on the first round this attempt runs): ended ones from their checkpoint,
+        and none whose readers all ended already (after a resume)."""
         if not self._outputs:
+            last = len(self.layers) - 1
             for li, nodes in enumerate(self.layers):
+                needed = li == last or any(n.id not in restored for n in self.layers[li + 1])
                 wake = asyncio.Event()
                 ups = [self._outputs[n.id] for n in self.layers[li - 1]] if li else []
                 for u in ups:
@@ -342,6 +350,10 @@ class PipelineExecutor:
                         out.end(restored[n.id]["status"])
                         self.status[n.id] = restored[n.id]["status"]
                         self._recorded.add(n.id)
+                        continue
+                    if not needed:
+                        out.end("skipped")
+                        self.status[n.id] = "skipped"
                         continue
                     coro = self._propose(n, out) if li == 0 else self._aggregate_mid(n, ups, out, wake)
                     self._tasks.append(asyncio.create_task(coro, name=f"pipeline-{n.id}"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -279,3 +280,57 @@ async def test_cancel_closes_every_call_in_flight():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sorted(llm.closed) == ["agg"] * len(agg_prompts(llm)) + ["p0.0", "p0.1", "p0.2"]
+
+
+class Checkpoints:
+    """``Step`` with a checkpoint store that outlives one executor (as the run store does)."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, Any] = {}
+
+    def step(self) -> Any:
+        counter = iter(range(10**6))
+
+        async def step(_name: str, fn: Any, *args: Any) -> Any:
+            i = next(counter)
+            if i in self.done:
+                return self.done[i]
+            out = await fn(*args)
+            self.done[i] = json.loads(json.dumps(out))
+            return self.done[i]
+
+        return step
+
+
+async def test_a_resumed_staircase_replays_its_rounds_and_appends():
+    store = Checkpoints()
+    never = asyncio.Event()
+    first = FakeLLM({"p0.0": Proposer(words("a", 2)), "p0.1": Proposer(words("b", 9), {6: never}),
+                     "p0.2": Proposer(words("c", 9), {6: never})}, agg_tokens=2)
+    s = spec(aggregator={"max_tokens": 40})
+    task = asyncio.create_task(PipelineExecutor(s, first, Recorder(), store.step()).run())
+    for _ in range(200):
+        await asyncio.sleep(0)
+    assert len(store.done) == 2 and len(agg_prompts(first)) == 2  # rounds 0-1 done, round 2 waits for chunk 2
+    task.cancel()  # the process dies
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    second = FakeLLM({"p0.0": Proposer(words("a", 2)), "p0.1": Proposer(words("b", 9)),
+                      "p0.2": Proposer(words("c", 9))}, agg_tokens=2)
+    result = await PipelineExecutor(s, second, Recorder(), store.step()).run()
+    called = [nid for nid, _ in second.requests]
+    assert "p0.0" not in called and called.count("p0.1") == called.count("p0.2") == 1  # ended one re-used
+    resumed = agg_prompts(second)
+    assert sum(m["role"] == "assistant" for m in resumed[0]) == 2  # it went on with round 2
+    assert resumed[0][:4] == agg_prompts(first)[1]  # on the conversation the checkpoints rebuilt
+    assert " a0 a1" in resumed[0][0]["content"]
+    outputs = [store.done[i]["output"] for i in sorted(store.done)]
+    assert result["answer"] == "".join(outputs) and result["rounds"] == len(outputs) >= 3
+
+
+async def test_the_time_budget_ends_the_run_with_what_was_written():
+    never = asyncio.Event()
+    llm = FakeLLM({f"p0.{i}": Proposer(words("a", 9), {6: never}) for i in range(3)}, agg_tokens=2)
+    result = await PipelineExecutor(spec(time_budget_s=0.3), llm, Recorder()).run()
+    assert result["stop_reason"] == "time_budget" and result["rounds"] == 2
+    assert count_tokens(result["answer"]) == 4 and sorted(set(llm.closed)) == ["agg", "p0.0", "p0.1", "p0.2"]
