@@ -86,7 +86,8 @@ async def stream_call(llm: LLM, node: Node, request: GenerateRequest, stall_s: f
                 usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
                          "cached_tokens": u.cached_tokens} if u else Outcome("", "").usage
                 if chunk.finish_reason in ("abort", "error"):
-                    return Outcome("".join(parts), "failed", chunk.finish_reason, usage, f"finish {chunk.finish_reason}")
+                    return Outcome("".join(parts), "failed", chunk.finish_reason, usage,
+                                   f"finish {chunk.finish_reason}")
                 return Outcome("".join(parts), "finished", chunk.finish_reason, usage)
     except TimeoutError:
         return Outcome("".join(parts), "stalled", error=f"nothing for {stall_s:g} s")

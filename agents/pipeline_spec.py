@@ -57,7 +57,7 @@ class PipelineInput(AgentSettings):
         description="Tokens an aggregating agent writes in a round that is not its last (default: that round's "
                     "chunk size). Its last round, when every input has finished, writes to the end.")
     stall_timeout_s: float = Field(default=30.0, gt=0, le=3600,
-                                   description="A proposer that sends nothing for this long is dropped; the rest go on.")
+                                   description="A call that sends nothing for this long is dropped; the rest go on.")
     delta_interval_s: float = Field(default=0.05, ge=0, le=10,
                                     description="The aggregator's tokens are batched into one event per interval.")
     time_budget_s: float | None = Field(default=600.0, gt=0, le=86_400)

@@ -38,7 +38,8 @@ def test_sigkill_mid_pipeline_resumes_from_the_last_round(tmp_path: Path):
     first = ServiceProcess(env, tmp_path / "first.log").start()
     second = None
     try:
-        run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json={"workflow": "pipeline", "input": spec}).json()["id"]
+        body = {"workflow": "pipeline", "input": spec}
+        run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json=body).json()["id"]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             rounds = [e for e in _events(first.url, run_id) if e["type"] == "pipeline.round"]
@@ -71,8 +72,10 @@ def test_sigkill_mid_pipeline_resumes_from_the_last_round(tmp_path: Path):
         assert [s["name"] for s in steps] == [f"round-{r}" for r in range(out["rounds"])]
         assert [s["attempt"] for s in steps] == [1] * len(before) + [2] * len(after)
         # the answer is the rounds of attempt 1 followed by those of attempt 2: appended, never restarted
-        text = lambda attempt, n: "".join(e["data"]["text"] for e in events if e["type"] == "pipeline.delta"  # noqa: E731
-                                          and e["data"]["attempt"] == attempt and e["data"]["round"] < n)
+        def text(attempt: int, n: int) -> str:
+            return "".join(e["data"]["text"] for e in events if e["type"] == "pipeline.delta"
+                           and e["data"]["attempt"] == attempt and e["data"]["round"] < n)
+
         assert out["answer"].startswith(text(1, len(before))) and out["answer"].endswith(
             text(2, out["rounds"])) and len(text(1, len(before))) > 0
         assert out["answer"] == text(1, len(before)) + text(2, out["rounds"])

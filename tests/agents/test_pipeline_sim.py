@@ -26,7 +26,8 @@ def sims() -> Iterator[dict[str, SimServerProcess]]:
     started: dict[str, SimServerProcess] = {}
     try:
         for name, args in {"prop": ["--speed", "2", *CHUNK], "agg": ["--speed", "2"],
-                           "stall": ["--speed", "0.05", *CHUNK, "--stall-after-tokens", "12"],  # still generating when dropped
+                           # slow: still generating when the stall gets it dropped, so the abort shows
+                           "stall": ["--speed", "0.05", *CHUNK, "--stall-after-tokens", "12"],
                            "fail": ["--speed", "2", *CHUNK, "--fail-after-tokens", "20"],
                            "slow": ["--speed", "0.5", "--preset", "llama-3.1-70b-h100-tp4"]}.items():
             started[name] = SimServerProcess(*args).start()
@@ -75,8 +76,13 @@ async def test_staircase_streams_the_aggregator_through_the_sdk_and_the_cache_se
     assert steps == [f"round-{r}" for r in range(out["rounds"])]
     agents = {e.data["agent"]: e.data["status"] for e in events if e.type == "pipeline.agent"}
     assert agents == {"p0.0": "finished", "p0.1": "finished", "p0.2": "finished"}
+    started = next(e.data for e in events if e.type == "pipeline.started")
+    assert started["programs"] == {n: f"{run.id}:{n}" for n in ("p0.0", "p0.1", "p0.2", "agg")}
     async with httpx.AsyncClient(base_url=str(client._http.base_url), headers={"Authorization": f"Bearer {KEY}"}) as h:
         assert (await h.get("/v1/programs")).json()["data"] == []  # every agent's program released
+        metrics = (await h.get("/metrics")).text
+    calls = sum(a["requests"] for a in out["agents"].values())
+    assert f"orchestrator_scheduler_dispatches_total {float(calls)}" in metrics  # every call was scheduled
 
 
 async def test_wait_and_staircase_agree_when_a_chunk_holds_every_output(client: AsyncClient):
