@@ -78,9 +78,15 @@ async def stream_call(llm: LLM, node: Node, request: GenerateRequest, stall_s: f
                     chunk = await anext(gen)
             except StopAsyncIteration:
                 return Outcome("".join(parts), "failed", error="stream ended without a final chunk")
+            except TimeoutError:
+                return Outcome("".join(parts), "stalled", error=f"nothing for {stall_s:g} s")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a backend error, no backend, a bad request: this agent's failure
+                return Outcome("".join(parts), "failed", error=f"{type(exc).__name__}: {exc}")
             if chunk.text:
                 parts.append(chunk.text)
-                await on_text(chunk.text)
+                await on_text(chunk.text)  # its errors (a lost lease...) are the caller's, not the agent's
             if chunk.finish_reason is not None:
                 u = chunk.usage
                 usage = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
@@ -89,12 +95,6 @@ async def stream_call(llm: LLM, node: Node, request: GenerateRequest, stall_s: f
                     return Outcome("".join(parts), "failed", chunk.finish_reason, usage,
                                    f"finish {chunk.finish_reason}")
                 return Outcome("".join(parts), "finished", chunk.finish_reason, usage)
-    except TimeoutError:
-        return Outcome("".join(parts), "stalled", error=f"nothing for {stall_s:g} s")
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # a backend error, no backend, a bad request: this agent's failure
-        return Outcome("".join(parts), "failed", error=f"{type(exc).__name__}: {exc}")
     finally:
         await gen.aclose()
 
