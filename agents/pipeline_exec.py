@@ -245,7 +245,7 @@ class PipelineExecutor:
         self.status[self.final.id] = "finished"
         self._count(self.final, out["usage"])
         self.rounds = 1
-        return out["text"], "finished"
+        return out["text"], "max_tokens" if out["finish"] == "length" else "finished"
 
     async def _wait_layer(self, li: int, inputs: list[str] | None) -> list[dict[str, Any]]:
         async def one(node: Node) -> dict[str, Any]:
@@ -307,7 +307,7 @@ class PipelineExecutor:
             self.rounds = r
             if rec["final"] or produced >= node.agent.max_tokens:
                 self.status[node.id] = "finished"
-                return conv.text, "finished" if rec["final"] else "max_tokens"
+                return conv.text, "max_tokens" if rec["finish"] == "length" else "finished"
 
     async def _live_round(self, r: int, conv: Conversation, planner: RoundPlanner,
                           restored: dict[str, dict[str, Any]], live: list[bool]) -> dict[str, Any]:

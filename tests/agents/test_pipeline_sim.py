@@ -70,7 +70,7 @@ async def test_staircase_streams_the_aggregator_through_the_sdk_and_the_cache_se
         assert cur["prompt_tokens"] > prev["prompt_tokens"]
     agg = out["aggregator_usage"]
     assert agg["requests"] == out["rounds"] and agg["cached_tokens"] == sum(r["cached_tokens"] for r in rounds) > 0
-    assert out["agents"]["p0.0"]["completion_tokens"] == 48 and out["stop_reason"] == "finished"
+    assert out["agents"]["p0.0"]["completion_tokens"] == 48 and out["stop_reason"] in ("finished", "max_tokens")
     assert [e.type for e in events][:1] == ["run.started"] or "pipeline.started" in [e.type for e in events]
     steps = [s.name for s in await client.runs.steps(run.id)]
     assert steps == [f"round-{r}" for r in range(out["rounds"])]

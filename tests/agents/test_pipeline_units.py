@@ -352,3 +352,11 @@ async def test_a_call_that_fails_before_its_first_token_is_retried(monkeypatch: 
     assert rids[1] == rids[0] + "-r1" and rids[2] == rids[0] + "-r2"
     # a failure after output is not retried: the aggregator may have read it already
     assert called.count("p0.2") == 1 and result["agents"]["p0.2"]["status"] == "failed"
+
+
+async def test_an_aggregator_cut_at_its_max_tokens_says_so_in_both_modes():
+    for mode in ("wait", "staircase"):
+        llm = FakeLLM({f"p0.{i}": Proposer(words("a", 9)) for i in range(3)}, agg_tokens=12)
+        result = await PipelineExecutor(spec(mode=mode, aggregator={"max_tokens": 5}), llm, Recorder()).run()
+        assert result["stop_reason"] == "max_tokens" and count_tokens(result["answer"]) == 5
+        assert result["aggregator_usage"]["completion_tokens"] == 5
