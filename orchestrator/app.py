@@ -22,7 +22,7 @@ from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
 from orchestrator.errors import APIError, InvalidRequest, ValidationFailed
 from orchestrator.events import create_bus
-from orchestrator.metrics import Metrics, SandboxCollector, SchedulerCollector
+from orchestrator.metrics import Metrics, SandboxCollector, SchedulerCollector, StorageCollector
 from orchestrator.middleware import RequestContextMiddleware
 from orchestrator.quotas import create_rate_limiter
 from orchestrator.runs.store import RunStore
@@ -61,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.sandboxes = sandboxes
         sandbox_collector = SandboxCollector(sandboxes)
         metrics.registry.register(sandbox_collector)  # type: ignore[arg-type]
+        storage_collector = StorageCollector(engine, bus)
+        metrics.registry.register(storage_collector)  # type: ignore[arg-type]
         runtime = None
         if settings.backends:
             runtime = ProgramRuntime({b.name: make_backend(b) for b in settings.backends},
@@ -86,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for b in runtime.backends.values():
                     await b.close()
             metrics.registry.unregister(sandbox_collector)  # type: ignore[arg-type]
+            metrics.registry.unregister(storage_collector)  # type: ignore[arg-type]
             await sandboxes.close()
             await app.state.rate_limiter.close()
             await bus.close()

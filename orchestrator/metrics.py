@@ -39,6 +39,9 @@ class Metrics:
                                    registry=r)
         self.rate_limited = Counter("orchestrator_rate_limited_total", "Requests refused by a tenant quota.",
                                     ["reason"], registry=r)
+        self.readiness_failures = Counter("orchestrator_readiness_check_failures_total",
+                                          "Failed /readyz checks (the kubelet probes every few seconds).",
+                                          ["check"], registry=r)
         self.tool_calls = Counter("orchestrator_tool_calls_total", "Agent tool calls by tool and outcome "
                                   "(ok, or the error kind).", ["tool", "outcome"], registry=r)
         self.tool_seconds = Histogram("orchestrator_tool_seconds", "Duration of agent tool calls.", ["tool"],
@@ -106,6 +109,12 @@ class SchedulerCollector:
             for q in (0.5, 0.99):
                 g.add_metric([str(q)], ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0)
             yield g
+        yield CounterMetricFamily("orchestrator_scheduler_calls_placed_again",
+                                  "Calls that failed on a backend before any output and were placed on another.",
+                                  value=rt.stats.calls_placed_again)  # type: ignore[attr-defined]
+        failures = CounterMetricFamily("orchestrator_backend_call_failures",
+                                       "Calls a backend failed (it is then marked down until it answers).",
+                                       labels=["backend"])
         cap = GaugeMetricFamily("orchestrator_backend_kv_capacity_tokens", "KV capacity.", labels=["backend"])
         used = GaugeMetricFamily("orchestrator_backend_kv_used_tokens", "KV tokens in use (observed).",
                                  labels=["backend"])
@@ -114,6 +123,8 @@ class SchedulerCollector:
             cap.add_metric([b.name], b.capacity)
             used.add_metric([b.name], b.used)
             healthy.add_metric([b.name], 1 if b.healthy else 0)
+            failures.add_metric([b.name], rt.stats.backend_failures.get(b.name, 0))  # type: ignore[attr-defined]
+        yield failures
         yield cap
         yield used
         yield healthy
@@ -134,3 +145,36 @@ class SandboxCollector:
         yield states
         yield GaugeMetricFamily("orchestrator_sandbox_disk_bytes", "Disk held by sandbox workspaces.",
                                 value=self.pool.total_disk_bytes)  # type: ignore[attr-defined]
+
+
+class StorageCollector:
+    """The database connection pool and the event bus, read at scrape time.
+
+    Why: the service's state lives in the database and its fan-out in Redis; a saturated pool
+    or a bus that keeps reconnecting shows here before runs slow down."""
+
+    def __init__(self, engine: object, bus: object) -> None:
+        self.engine = engine
+        self.bus = bus
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        pool = self.engine.sync_engine.pool  # type: ignore[attr-defined]
+        if hasattr(pool, "checkedout"):
+            conns = GaugeMetricFamily("orchestrator_db_pool_connections", "Database connections by state.",
+                                      labels=["state"])
+            conns.add_metric(["checked_out"], pool.checkedout())
+            conns.add_metric(["idle"], pool.checkedin())
+            conns.add_metric(["overflow"], max(0, pool.overflow()))
+            yield conns
+            yield GaugeMetricFamily("orchestrator_db_pool_size", "Connections the pool keeps open.",
+                                    value=pool.size())
+        bus = self.bus
+        info = GaugeMetricFamily("orchestrator_bus_info", "The event bus in use (1).", labels=["kind"])
+        info.add_metric([bus.name], 1)  # type: ignore[attr-defined]
+        yield info
+        yield CounterMetricFamily("orchestrator_bus_messages_delivered", "Bus messages handed to local subscribers.",
+                                  value=bus.delivered)  # type: ignore[attr-defined]
+        yield CounterMetricFamily("orchestrator_bus_reconnects", "Times the bus lost its connection and reconnected.",
+                                  value=bus.reconnects)  # type: ignore[attr-defined]

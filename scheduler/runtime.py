@@ -4,7 +4,10 @@
 ``RequestArrived``; the core answers with a ``Dispatch`` (now, or later when the program
 is resumed: until then the call simply waits, which is how a program is paused on an
 engine that has no pause API); the chosen backend streams; usage and whether the answer
-called a tool go back as ``RequestFinished``. Backends are observed periodically
+called a tool go back as ``RequestFinished``. A backend that fails a call is marked down in
+the core (its programs are placed again elsewhere) and, if the caller has seen no output
+yet, the call is placed again on a healthy backend; the periodic observation brings the
+backend back when it answers. Backends are observed periodically
 (capacity and live load) and the policy gets its ticks. Everything runs on one event
 loop, so the core needs no locks.
 """
@@ -18,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from scheduler.backends.base import Backend, BackendError, GenerateRequest, GenerationChunk
+from scheduler.backends.base import Backend, BackendError, GenerateRequest, GenerationChunk, StreamInterrupted
 from scheduler.backends.pool import NoBackendAvailable
 from scheduler.core import (
     BackendObserved, BackendView, CollectSandbox, Decision, Dispatch, PrepareSandbox, ProgramReleased,
@@ -44,6 +47,8 @@ def estimate_tokens(request: GenerateRequest) -> int:
 
 @dataclass
 class RuntimeStats:
+    backend_failures: dict[str, int] = field(default_factory=dict)  # backend -> calls it failed
+    calls_placed_again: int = 0  # failed before any output, then placed on another backend
     decisions: int = 0
     decision_seconds: list[float] = field(default_factory=list)
     held_seconds: list[float] = field(default_factory=list)
@@ -171,11 +176,49 @@ class ProgramRuntime:
             raise NoBackendAvailable("no healthy backend: every one " + ("allowed " if backends else "")
                                      + "failed its last check", backend="runtime")
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Dispatch] = loop.create_future()
-        self._waiters[request.rid] = fut
-        arrived = self.clock()
-        self._handle(RequestArrived(arrived, program_id, request.rid, estimate_tokens(request), tenant,
-                                    request.max_tokens, prefix_key, prefix_tokens, backends or None))
+        failed: list[str] = []  # backends that failed this call before any output
+        while True:
+            fut: asyncio.Future[Dispatch] = loop.create_future()
+            self._waiters[request.rid] = fut
+            arrived = self.clock()
+            self._handle(RequestArrived(arrived, program_id, request.rid, estimate_tokens(request), tenant,
+                                        request.max_tokens, prefix_key, prefix_tokens, backends or None))
+            yielded = False
+            attempt = self._run(fut, arrived, request)
+            try:
+                async for chunk in attempt:
+                    yielded = True
+                    yield chunk
+                return
+            except BackendError as exc:
+                if not (exc.retryable or isinstance(exc, StreamInterrupted)):
+                    raise  # the request's fault (4xx), not the backend's
+                if not self._mark_down(fut, failed) or yielded or not exc.retryable or not any(
+                        b.healthy and b.capacity > 0 and b.name not in failed and (not backends or b.name in backends)
+                        for b in self.sched.backends.values()):
+                    raise
+                self.stats.calls_placed_again += 1
+                log.warning("call %s of %s failed on %s before any output (%s); placing it again",
+                            request.rid, program_id, failed[-1], exc)
+            finally:
+                await attempt.aclose()  # at once, not when collected: aborts the engine's request
+
+    def _mark_down(self, fut: "asyncio.Future[Dispatch]", failed: list[str]) -> bool:
+        """A call failed on its backend: mark it down in the core, so its programs are placed
+        again elsewhere (the next observation brings it back when it answers)."""
+        if not fut.done() or fut.cancelled():
+            return False
+        name = fut.result().backend
+        failed.append(name)
+        self.stats.backend_failures[name] = self.stats.backend_failures.get(name, 0) + 1
+        view = self.sched.backends[name]
+        if view.healthy:
+            self._handle(BackendObserved(self.clock(), name, view.capacity, view.used, 0, 0, False))
+        return True
+
+    async def _run(self, fut: "asyncio.Future[Dispatch]", arrived: float,
+                   request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        """Wait for the core's dispatch, then stream from the chosen backend."""
         finished = False
         try:
             try:

@@ -87,3 +87,6 @@ async def test_readyz_fails_when_the_database_is_gone(pg_dsn):
             assert r.status_code == 503
             assert r.json()["status"] == "unavailable" and r.json()["checks"]["database"].startswith("error")
             assert (await c.get("/healthz")).status_code == 200
+            text = (await c.get("/metrics")).text
+            assert 'orchestrator_readiness_check_failures_total{check="database"} 1.0' in text
+            assert 'orchestrator_readiness_check_failures_total{check="bus"}' not in text

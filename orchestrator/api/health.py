@@ -27,6 +27,9 @@ async def readyz(request: Request) -> Response:
         checks["bus"] = "ok"
     except Exception as exc:
         checks["bus"] = f"error: {type(exc).__name__}"
+    for check, result in checks.items():
+        if result != "ok":
+            state.metrics.readiness_failures.labels(check).inc()
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 

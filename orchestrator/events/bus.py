@@ -51,6 +51,8 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
+        self.delivered = 0  # messages handed to local subscribers (metrics)
+        self.reconnects = 0  # lost connections (metrics; only a remote bus has any)
 
     async def start(self) -> None:
         return None
@@ -71,6 +73,7 @@ class EventBus:
                 del self._subs[sub.channel]
 
     def deliver(self, channel: str, message: dict[str, Any]) -> None:
+        self.delivered += 1
         for sub in list(self._subs.get(channel, ())):
             sub.offer(message)
 

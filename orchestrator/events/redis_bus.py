@@ -71,6 +71,7 @@ class RedisBus(EventBus):
                 raise
             except Exception as exc:  # reconnect: readers recover missed events from the log
                 log.warning("redis bus connection lost: %s", exc)
+                self.reconnects += 1
                 for subs in list(self._subs.values()):
                     for sub in subs:
                         sub.lagged = True

@@ -40,11 +40,16 @@ async def raise_for_status(response: httpx.Response, backend: str) -> None:
 
 
 async def sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of an SSE response, up to ``data: [DONE]``."""
+    """The JSON payloads of an SSE response, up to ``data: [DONE]``.
+
+    The body is read to its end after ``[DONE]`` (the chunked terminator follows it): a response
+    left unfinished closes its connection, and every call would pay a new TCP connect."""
+    done = False
     async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+        if done or not line.startswith("data:"):
             continue
         payload = line[5:].strip()
         if payload == "[DONE]":
-            return
+            done = True
+            continue
         yield json.loads(payload)

@@ -127,6 +127,7 @@ class OpenAICompatBackend(Backend):
             kw["tool_choice"] = r.tool_choice if r.tool_choice is not None else "auto"
         calls = ToolCallBuffer()
         finish: FinishReason | None = None
+        usage: Any = None
         async with await self._client.chat.completions.create(messages=r.messages, **kw) as stream:
             async for chunk in stream:
                 for choice in chunk.choices:
@@ -143,9 +144,8 @@ class OpenAICompatBackend(Backend):
                     if delta.content or lps:
                         yield GenerationChunk(rid=r.rid, text=delta.content or "", logprobs=lps)
                 if chunk.usage is not None:
-                    yield self._final(r.rid, chunk.usage, finish, calls)
-                    return
-        yield self._final(r.rid, None, finish, calls)
+                    usage = chunk.usage  # the end comes after [DONE]: read to it, the connection is reused
+        yield self._final(r.rid, usage, finish, calls)
 
     async def _completion(self, r: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         kw = self._sampling(r)
@@ -153,6 +153,7 @@ class OpenAICompatBackend(Backend):
             kw["logprobs"] = max(r.top_logprobs, 1)
         prompt: Any = r.prompt if r.prompt is not None else r.input_ids
         finish: FinishReason | None = None
+        usage: Any = None
         async with await self._client.completions.create(prompt=prompt, **kw) as stream:
             async for chunk in stream:
                 for choice in chunk.choices:
@@ -167,9 +168,8 @@ class OpenAICompatBackend(Backend):
                     if choice.text or lps:
                         yield GenerationChunk(rid=r.rid, text=choice.text, logprobs=lps)
                 if chunk.usage is not None:
-                    yield self._final(r.rid, chunk.usage, finish, ToolCallBuffer())
-                    return
-        yield self._final(r.rid, None, finish, ToolCallBuffer())
+                    usage = chunk.usage  # read on to [DONE] (see _chat)
+        yield self._final(r.rid, usage, finish, ToolCallBuffer())
 
     @staticmethod
     def _final(rid: str, usage: Any, finish: FinishReason | None, calls: ToolCallBuffer) -> GenerationChunk:

@@ -92,6 +92,7 @@ class SGLangBackend(Backend):
         streamed = [False]
         calls = ToolCallBuffer()
         finish: FinishReason | None = None
+        final: GenerationChunk | None = None
         async with mapped_errors(self.name, streamed=streamed):
             async with self._http.stream("POST", "/v1/chat/completions", json=self._chat_body(r)) as resp:
                 await raise_for_status(resp, self.name)
@@ -112,12 +113,16 @@ class SGLangBackend(Backend):
                             yield GenerationChunk(rid=r.rid, text=text, logprobs=lps)
                     if usage:
                         details = usage.get("prompt_tokens_details") or {}
-                        yield GenerationChunk(
+                        final = GenerationChunk(
                             rid=r.rid, tool_calls=calls.calls(), finish_reason=calls.finish_reason(finish),
                             usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0),
                                         completion_tokens=usage.get("completion_tokens", 0),
                                         cached_tokens=details.get("cached_tokens") or 0))
-                        return
+                # read on to `[DONE]` before yielding the end: a response read to its end hands
+                # its connection back to the pool (closed early, every call paid a new connect)
+        if final is not None:
+            yield final
+            return
         raise StreamInterrupted(f"{self.name}: stream of {r.rid} ended without a final chunk", backend=self.name)
 
     # ---- raw prompt / token ids ------------------------------------------------
@@ -147,6 +152,7 @@ class SGLangBackend(Backend):
         text_so_far = ""
         ids_so_far = 0
         lps_so_far = 0
+        final: GenerationChunk | None = None
         async with mapped_errors(self.name, streamed=streamed):
             async with self._http.stream("POST", "/generate", json=self._generate_body(r)) as resp:
                 await raise_for_status(resp, self.name)
@@ -173,13 +179,16 @@ class SGLangBackend(Backend):
                     if r.prompt_logprobs:
                         prompt_lps = _generate_logprobs(meta.get("input_token_logprobs"),
                                                         meta.get("input_top_logprobs"))
-                    yield GenerationChunk(
+                    final = GenerationChunk(
                         rid=r.rid, text=delta, token_ids=new_ids, logprobs=lps, finish_reason=finish,
                         prompt_logprobs=prompt_lps,
                         usage=Usage(prompt_tokens=meta.get("prompt_tokens", 0),
                                     completion_tokens=meta.get("completion_tokens", 0),
                                     cached_tokens=meta.get("cached_tokens", 0)))
-                    return
+                    # on to `[DONE]`, so the connection goes back to the pool (see _chat)
+        if final is not None:
+            yield final
+            return
         raise StreamInterrupted(f"{self.name}: stream of {r.rid} ended without a final chunk", backend=self.name)
 
     # ---- control ---------------------------------------------------------------

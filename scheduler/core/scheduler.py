@@ -35,7 +35,8 @@ class Scheduler:
         # indexes kept in step with status and placement, so policies never scan every program
         self.resident: dict[str, dict[str, Program]] = {name: {} for name in self.backends}
         self.waiting: dict[str, Program] = {}
-        self.touched: set[str] = set()  # backends whose resident programs changed (policies' caches)
+        # programs that changed since a policy's indexes last looked (None: no policy keeps any)
+        self.touched_programs: set[str] | None = None
         self._rid_program: dict[str, str] = {}
         self._rid_backend: dict[str, str] = {}
         self._out: list[Decision] = []
@@ -74,9 +75,10 @@ class Scheduler:
         return p
 
     def touch(self, p: Program) -> None:
-        """``p`` changed in a way that may change what it costs its backend."""
-        if p.backend is not None:
-            self.touched.add(p.backend)
+        """``p`` changed in a way that may change what it costs its backend (or its place in
+        the waiting queue)."""
+        if self.touched_programs is not None:
+            self.touched_programs.add(p.id)
 
     def _arrived(self, e: RequestArrived) -> None:
         p = self.programs.get(e.program_id)
@@ -158,9 +160,25 @@ class Scheduler:
         if b is None:
             b = self.backends[e.backend] = BackendView(e.backend, e.capacity_tokens)
             self.resident[b.name] = {}
+        was_healthy = b.healthy
         b.capacity, b.used, b.running, b.queued = e.capacity_tokens, e.used_tokens, e.running, e.queued
         b.healthy, b.observed_at = e.healthy, e.now
+        if was_healthy and not b.healthy:
+            self._evict(b)
         self.policy.on_backend(b, e.now)
+
+    def _evict(self, b: BackendView) -> None:
+        """``b`` went down: its programs' KV is gone with it. They wait to be placed again
+        (anywhere healthy: no affinity to a dead backend); calls in flight there fail on their
+        own and come back as aborted."""
+        for p in list(self.resident[b.name].values()):
+            if p.pinned:
+                self.unpin(p)
+            self._place(p, Status.WAITING, None)
+            p.backend, p.kept = None, True
+            self.touch(p)
+        if self.waiting:
+            self.policy.after_release(self.now)  # room elsewhere may take them now
 
     # ---- actions for policies --------------------------------------------------------------
 

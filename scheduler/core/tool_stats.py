@@ -25,8 +25,6 @@ class ToolDurations:
         self.prior_mean_s = prior_mean_s
         self._recent: deque[float] = deque()
         self._sorted: list[float] = []
-        self._suffix: list[float] = []  # _suffix[i] = sum(_sorted[i:]); rebuilt lazily
-        self._dirty = False
 
     def record(self, seconds: float) -> None:
         seconds = max(0.0, seconds)
@@ -35,7 +33,6 @@ class ToolDurations:
         if len(self._recent) > self.window:
             old = self._recent.popleft()
             del self._sorted[bisect.bisect_left(self._sorted, old)]
-        self._dirty = True
 
     @property
     def samples(self) -> int:
@@ -66,18 +63,14 @@ class ToolDurations:
         presumed to be in its tail, not about to finish)."""
         if not self.learned:
             return self.prior_mean_s  # memoryless prior
-        if self._dirty:
-            acc, self._suffix = 0.0, [0.0] * (len(self._sorted) + 1)
-            for i in range(len(self._sorted) - 1, -1, -1):
-                acc += self._sorted[i]
-                self._suffix[i] = acc
-            self._dirty = False
         i = bisect.bisect_right(self._sorted, elapsed)
         n = len(self._sorted) - i
         if n == 0:
             top = self._sorted[-max(1, len(self._sorted) // 10):]
             return max(sum(top) / len(top), 1e-3)
-        return self._suffix[i] / n - elapsed
+        # a C-level sum of at most `window` floats: cheaper than keeping suffix sums, which had
+        # to be rebuilt in Python after every recorded duration (a tool ends before the next starts)
+        return sum(self._sorted[i:]) / n - elapsed
 
 
 class ToolStats:

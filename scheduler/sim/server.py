@@ -26,7 +26,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from scheduler.sim.clock import RealTimeClock
 from scheduler.sim.cost import PRESETS, preset
 from scheduler.sim.engine import EngineConfig, SimEngine, SimRequest
-from scheduler.sim.script import AgentTraceScript, PseudoScript, Script, Turn, hashed_prompt_logprobs, problem_script
+from scheduler.sim.script import (
+    AgentTraceScript, ChunkedScript, PseudoScript, Script, Turn, hashed_prompt_logprobs, problem_script,
+)
 from scheduler.sim.tokenizer import SimTokenizer, render_chat
 
 
@@ -49,6 +51,34 @@ class _Live:
                 return
 
 
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Scripted misbehaviour of every streamed response, for tests of callers that must survive it:
+    after ``stall_after_tokens`` tokens the stream sends nothing for ``stall_seconds`` (wall time;
+    the engine goes on, as when a network path or a proxy stalls); after ``fail_after_tokens``
+    tokens the connection is dropped mid-response (the request is aborted on the engine)."""
+
+    stall_after_tokens: int | None = None
+    stall_seconds: float = 3600.0
+    fail_after_tokens: int | None = None
+
+    def limit(self, sent: int, n: int, stalled: bool) -> int:
+        """How many of ``n`` generated tokens may go out now."""
+        for at in (None if stalled else self.stall_after_tokens, self.fail_after_tokens):
+            if at is not None and sent <= at < n:
+                n = at
+        return n
+
+    async def after(self, sent: int, stalled: bool) -> bool:
+        """Called once ``sent`` tokens went out: stalls or fails here if scripted; returns ``stalled``."""
+        if self.fail_after_tokens is not None and sent >= self.fail_after_tokens:
+            raise ConnectionAbortedError(f"scripted failure after {sent} tokens")
+        if not stalled and self.stall_after_tokens is not None and sent >= self.stall_after_tokens:
+            await asyncio.sleep(self.stall_seconds)
+            return True
+        return stalled
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": "invalid_request_error", "code": status, "message": message, "param": None}},
                         status_code=status)
@@ -59,8 +89,9 @@ def _sse(obj: Any) -> str:
 
 
 def create_app(config: EngineConfig, script: Script | None = None, speed: float = 1.0,
-               model_name: str = "sim-model") -> FastAPI:
+               model_name: str = "sim-model", faults: Faults | None = None) -> FastAPI:
     """The app; the engine starts with the app's lifespan (it needs the running loop)."""
+    faults = faults or Faults()
     tokenizer = SimTokenizer()
     state: dict[str, SimEngine] = {}
     config = dataclasses.replace(config, max_macro_steps=1)  # stream every decode step
@@ -150,18 +181,31 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                 meta["input_token_logprobs"], meta["input_top_logprobs"] = input_logprobs()
             return {"text": req.text, "output_ids": req.output_ids[:n], "meta_info": meta}
 
+        def payload_upto(n: int) -> dict[str, Any]:
+            """A frame that shows only the first ``n`` tokens (a scripted fault holds the rest back)."""
+            assert req.plan is not None
+            return {"text": "".join(req.plan.pieces[:n]), "output_ids": req.output_ids[:n],
+                    "meta_info": {"id": req.rid, "finish_reason": None, "prompt_tokens": req.prompt_tokens,
+                                  "completion_tokens": n, "cached_tokens": req.cached_tokens}}
+
         if not body.get("stream"):
             async for _ in live.updates(req):
                 pass
             return JSONResponse(payload())
 
         async def events() -> AsyncIterator[str]:
+            sent, stalled = 0, False
             try:
                 async for _ in live.updates(req):
+                    while (n := faults.limit(sent, req.generated, stalled)) < req.generated:
+                        yield _sse(payload_upto(n))
+                        sent = n
+                        stalled = await faults.after(sent, stalled)
                     yield _sse(payload())
+                    sent = req.generated
                 yield "data: [DONE]\n\n"
             finally:
-                if req.finish_reason is None:  # client went away: SGLang aborts the request
+                if req.finish_reason is None or sent < req.generated:  # client went away: SGLang aborts it
                     engine().abort(req.rid)
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -230,15 +274,19 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                          "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
         async def events() -> AsyncIterator[str]:
-            sent = 0
+            sent, stalled = 0, False
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for _ in live.updates(req):
                     assert req.plan is not None
-                    n = visible(req.generated)
-                    if n > sent:
-                        yield chunk({"content": "".join(req.plan.pieces[sent:n])}, lp=logprobs(sent, n))
-                        sent = n
+                    while True:
+                        n = faults.limit(sent, visible(req.generated), stalled)
+                        if n > sent:
+                            yield chunk({"content": "".join(req.plan.pieces[sent:n])}, lp=logprobs(sent, n))
+                            sent = n
+                        if n == visible(req.generated):
+                            break
+                        stalled = await faults.after(sent, stalled)
                 if req.tool_calls:
                     yield chunk({"tool_calls": tool_calls()})
                 yield chunk({}, finish=req.finish_reason)
@@ -373,6 +421,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--enable-priority-scheduling", action="store_true")
     ap.add_argument("--served-model-name", default="sim-model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunked-script", metavar="TOKENS,CHUNKS",
+                    help="replies of CHUNKS numbered chunks of TOKENS tokens each (' [k]' opens chunk k)")
+    ap.add_argument("--stall-after-tokens", type=int, help="scripted fault: every stream pauses after N tokens")
+    ap.add_argument("--stall-seconds", type=float, default=3600.0, help="how long a scripted stall lasts (wall)")
+    ap.add_argument("--fail-after-tokens", type=int, help="scripted fault: every stream breaks after N tokens")
     ap.add_argument("--script", help="a JSON agent trace {\"turns\": [{\"output_tokens\": n, \"tool\": name, "
                                      "\"arguments\": {...}}, ...]}: the reply to a conversation is the turn "
                                      "numbered by its assistant messages; or {\"kind\": \"problems\", ...}, a solver "
@@ -383,7 +436,11 @@ def main(argv: list[str] | None = None) -> None:
                           chunked_prefill_size=args.chunked_prefill_size,
                           enable_priority_scheduling=args.enable_priority_scheduling)
     script: Script = PseudoScript(args.seed) if not args.script else load_script(args.script, args.seed)
-    app = create_app(config, script=script, speed=args.speed, model_name=args.served_model_name)
+    if args.chunked_script:
+        tokens, chunks = (int(x) for x in args.chunked_script.split(","))
+        script = ChunkedScript(tokens, chunks, args.seed)
+    faults = Faults(args.stall_after_tokens, args.stall_seconds, args.fail_after_tokens)
+    app = create_app(config, script=script, speed=args.speed, model_name=args.served_model_name, faults=faults)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -129,3 +129,33 @@ async def test_the_project_sglang_backend_works_against_the_simulator() -> None:
             assert (await backend.load()).running == 0 and await backend.health()
         finally:
             await backend.close()
+
+
+async def test_the_sglang_backend_reuses_one_connection_for_consecutive_calls() -> None:
+    """Each stream is read to its end (past ``[DONE]``), so its connection goes back to the pool;
+    a stream closed early costs every call a new TCP connect (it did: ~2 ms a call)."""
+    from scheduler.backends.base import GenerateRequest
+    from scheduler.backends.sglang import SGLangBackend
+
+    async with sim_server(speed=1000) as client:
+        connects = 0
+        transport = httpx.AsyncHTTPTransport()
+
+        async def count(request: httpx.Request) -> None:
+            nonlocal connects
+            if not any(not c.is_closed() for c in transport._pool.connections):
+                connects += 1
+
+        http = httpx.AsyncClient(base_url=str(client.base_url), transport=transport,
+                                 event_hooks={"request": [count]})
+        backend = SGLangBackend(str(client.base_url), http_client=http)
+        try:
+            for i in range(4):
+                chat = await backend.generate(GenerateRequest(messages=[{"role": "user", "content": f"hi {i}"}],
+                                                              max_tokens=4))
+                raw = await backend.generate(GenerateRequest(prompt=f"count {i}", max_tokens=4))
+                assert chat.usage.completion_tokens > 0 and raw.usage.completion_tokens > 0
+            assert [c.is_idle() for c in transport._pool.connections] == [True]
+            assert connects == 1
+        finally:
+            await http.aclose()

@@ -1,0 +1,82 @@
+"""The ``pipeline`` workflow: Mixture-of-Agents layers and an aggregator, ``wait`` or ``staircase``.
+
+Each agent is its own scheduler program (``<run id>:p<layer>.<index>``, ``<run id>:agg``), so the
+scheduler sees, places and can hold each one like any gateway program; they are released when the
+run ends, however it ends. The aggregator's tokens reach the user as ``pipeline.delta`` events
+(batched, see ``delta_interval_s``) on the run's stream, which the SDK's ``runs.stream`` yields.
+
+Events written from concurrent agents cannot use ``RunContext.emit`` (its replay keys follow call
+order), so they carry their own keys, unique per attempt: a resumed run does not re-send the
+rounds it replays, and a round that was cut off by a crash and is run again says so with a new
+``attempt`` on its deltas.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, AsyncIterator
+
+from agents.pipeline_exec import PipelineError, PipelineExecutor
+from agents.pipeline_spec import Node, PipelineInput
+from orchestrator.runs.context import RunContext, RunFailed
+from scheduler.backends.base import GenerateRequest, GenerationChunk
+from scheduler.core import UnknownProgram
+
+
+class RunEvents:
+    """``Events`` on the run's log, keyed ``pipeline:<attempt>:<n>``."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self._n = itertools.count()
+
+    async def _emit(self, type_: str, data: dict[str, Any]) -> None:
+        key = f"pipeline:{self.ctx.attempt}:{next(self._n)}"
+        await self.ctx.store.emit(self.ctx.lease, type_, data, op_key=key)
+
+    async def delta(self, round: int, text: str) -> None:
+        await self._emit("pipeline.delta", {"round": round, "attempt": self.ctx.attempt, "text": text})
+
+    async def agent(self, node: str, data: dict[str, Any]) -> None:
+        await self._emit("pipeline.agent", {"agent": node, **data})
+
+    async def round(self, data: dict[str, Any]) -> None:
+        await self._emit("pipeline.round", {"attempt": self.ctx.attempt, **data})
+
+
+async def pipeline(ctx: RunContext, inp: PipelineInput) -> dict[str, Any]:
+    """Run proposer layers and an aggregator; the aggregator's tokens stream as ``pipeline.delta``."""
+    runtime = getattr(ctx.services, "runtime", None)
+    if runtime is None:
+        raise RunFailed("no_backends", "The pipeline workflow needs an LLM backend; configure ORCH_BACKENDS.")
+    unknown = sorted(inp.backends() - set(runtime.backends))
+    if unknown:
+        raise RunFailed("unknown_backend", f"No backend {', '.join(map(repr, unknown))} here; configured: "
+                                           f"{', '.join(sorted(runtime.backends))}.")
+    tenant = ctx.tenant
+    programs: dict[str, str] = {n.id: f"{ctx.run_id}:{n.id}" for n in inp.nodes()}
+
+    async def llm(node: Node, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        only = (node.agent.backend,) if node.agent.backend else None
+        async for chunk in runtime.stream(programs[node.id], tenant, request, backends=only):
+            yield chunk
+
+    await ctx.emit("pipeline.started", {"mode": inp.mode, "layers": [len(layer.agents) for layer in inp.layers],
+                                        "programs": programs})
+    try:
+        result = await PipelineExecutor(inp, llm, RunEvents(ctx), ctx.step).run()
+    except PipelineError as exc:
+        raise RunFailed(exc.code, exc.message) from None
+    finally:
+        for program in programs.values():
+            try:
+                runtime.release(program, tenant)
+            except UnknownProgram:
+                pass  # never called (replayed, or its layer was not reached)
+    await ctx.emit("pipeline.finished", {k: result[k] for k in ("stop_reason", "rounds", "usage", "ttft_s",
+                                                                "elapsed_s")})
+    return result
+
+
+def register(registry: Any) -> None:
+    registry.workflow("pipeline", PipelineInput)(pipeline)

@@ -1,0 +1,94 @@
+"""The prompts of a pipeline: proposers answer the task; aggregating agents synthesize.
+
+An aggregating agent (a proposer of layer 2+, or the final aggregator) gets the previous layer's
+outputs in its system prompt, as in Mixture-of-Agents. In staircase mode those outputs arrive in
+parts, so its conversation grows by appending, never by editing: round 0 is the system prompt
+(instruction + the first parts) and the task; each later round adds the agent's own previous
+output as an assistant turn and the next parts as a user turn. Every request is therefore the
+previous request plus the previous answer plus new text: the engine's prefix cache serves all
+of it but the new text. With one round (every output complete), the messages are exactly the
+classic ``wait``-mode prompt, which is what makes the two modes agree when chunks are large.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+AGGREGATE_PROMPT = (
+    "Several assistants have answered the user's request below; their responses follow. Write one answer of "
+    "your own that is better than each of them: weigh the responses critically, since any of them may be "
+    "wrong, biased or incomplete, keep what is correct and useful, fix or drop what is not, and do not merely "
+    "copy or list them. Answer the user directly, clearly and accurately."
+)
+PARTIAL_MARK = " [...]"
+CONTINUE = "Continue your answer exactly where you stopped; do not repeat or restart it."
+
+
+def proposer_messages(task: str, system_prompt: str | None) -> list[dict[str, Any]]:
+    """A first-layer proposer: its own system prompt (if any) and the task."""
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return head + [{"role": "user", "content": task}]
+
+
+def _listing(parts: list[str], complete: list[bool]) -> str:
+    return "\n\n".join(f"Response {i + 1}:\n{text or ('(no response)' if done else '')}{'' if done else PARTIAL_MARK}"
+                       for i, (text, done) in enumerate(zip(parts, complete)))
+
+
+def _more(parts: list[str], complete: list[bool], newly_complete: list[bool]) -> str:
+    lines = [f"Response {i + 1}, continued:\n{text}{'' if done else PARTIAL_MARK}"
+             for i, (text, done) in enumerate(zip(parts, complete)) if text]
+    ended = [str(i + 1) for i, (text, now) in enumerate(zip(parts, newly_complete)) if now and not text]
+    if ended:
+        lines.append(f"Response{'s' if len(ended) > 1 else ''} {', '.join(ended)} ended there.")
+    if not lines:
+        lines.append("The responses are complete.")
+    return "More of the responses arrived.\n\n" + "\n\n".join(lines) + "\n\n" + CONTINUE
+
+
+@dataclass
+class Round:
+    """One round of an aggregating agent: what it was given, and what it wrote."""
+
+    parts: list[str]  # the new text of each upstream output ("" when none)
+    complete: list[bool]  # whether each upstream output had ended by this round
+    output: str = ""
+
+
+@dataclass
+class Conversation:
+    """An aggregating agent's growing conversation (see the module docstring)."""
+
+    task: str
+    instruction: str
+    upstreams: int
+    rounds: list[Round] = field(default_factory=list)
+
+    def add_round(self, parts: list[str], complete: list[bool]) -> Round:
+        if len(parts) != self.upstreams or len(complete) != self.upstreams:
+            raise ValueError(f"a round needs one part per upstream ({self.upstreams})")
+        r = Round(list(parts), list(complete))
+        self.rounds.append(r)
+        return r
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The request for the last round added."""
+        if not self.rounds:
+            raise ValueError("no round yet")
+        first = self.rounds[0]
+        msgs: list[dict[str, Any]] = [
+            {"role": "system", "content": f"{self.instruction}\n\n{_listing(first.parts, first.complete)}"},
+            {"role": "user", "content": self.task}]
+        before = first.complete
+        for prev, r in zip(self.rounds, self.rounds[1:]):
+            msgs.append({"role": "assistant", "content": prev.output})
+            newly = [now and not was for now, was in zip(r.complete, before)]
+            msgs.append({"role": "user", "content": _more(r.parts, r.complete, newly)})
+            before = r.complete
+        return msgs
+
+    @property
+    def text(self) -> str:
+        """What the agent has written so far: its rounds' outputs, appended."""
+        return "".join(r.output for r in self.rounds)

@@ -1,0 +1,260 @@
+"""Staircase vs wait: time to first token and total time of Mixture-of-Agents pipelines.
+
+    .venv/bin/python bench/pipeline.py --quick --json
+
+Every configuration runs both modes, side by side, with the same agents and lengths, through the
+project's scheduler runtime (``ProgramRuntime``, one program per agent) and the pipeline executor
+the ``pipeline`` workflow uses (without the run store, whose cost is not what is compared here).
+
+Simulator configurations: simulator servers in their own processes, in real time at ``--speed``
+(simulated seconds per wall second; the figures are simulated seconds, HTTP and Python overheads
+included and scaled by the same factor, so they count against staircase's extra rounds).
+Each proposer is its own engine (the paper's proposers are different models); the aggregator is
+another. Token rates are those of the cost presets (scheduler/sim/cost.py, sources there):
+
+- ``llama-3.1-8b-h100`` proposers: ~6 ms a decode step (~165 tokens/s a stream), 35 us a prefill token.
+- ``llama-3.1-70b-h100-tp4`` aggregator: ~15 ms a decode step (~65 tokens/s), 79 us a prefill token.
+
+Every agent writes a fixed length (simulator traces), so both modes produce as many tokens:
+
+- ``moa-3x8b-70b`` mirrors the paper's setting (3 proposers + 1 aggregator, full-length answers).
+- ``moa-2layers``: two layers of 3 proposers, then the aggregator.
+
+Local configuration (``local-smollm2``): the real SmolLM2-135M-Instruct on CPU (LocalEngine, one
+process, no batching: the agents share one forward-pass thread), 3 proposers + 1 aggregator.
+
+Per mode: ``ttft_s`` (pipeline start to the aggregator's first token), ``total_s`` (to its last),
+``prefill_tokens`` (prompt tokens the aggregator sent over all its rounds), ``cached_tokens`` and
+``cached_share`` (how many of them the engine's prefix cache served), ``rounds``, ``output_tokens``.
+Per configuration: ``ttft_reduction`` (1 - staircase / wait) and ``total_ratio`` (staircase / wait).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx  # noqa: E402
+
+from agents.pipeline_exec import PipelineExecutor  # noqa: E402
+from agents.pipeline_spec import Node, PipelineInput  # noqa: E402
+from scheduler.backends.base import Backend, GenerateRequest  # noqa: E402
+from scheduler.backends.sglang import SGLangBackend  # noqa: E402
+from scheduler.runtime import ProgramRuntime  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASK = "Explain how a radix-tree prefix cache lets an LLM server skip recomputing shared prompt prefixes."
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sims:
+    """Simulator servers, one per engine, each answering with a fixed number of tokens."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.dir = tempfile.mkdtemp(prefix="bench-pipeline-")
+
+    def start(self, name: str, preset: str, tokens: int) -> str:
+        trace = os.path.join(self.dir, f"{name}.json")
+        with open(trace, "w") as f:
+            json.dump({"turns": [{"output_tokens": tokens}]}, f)
+        port = free_port()
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "scheduler.sim.server", "--port", str(port), "--preset", preset,
+             "--speed", str(self.speed), "--script", trace],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"simulator {name} did not start")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+
+
+class _NoEvents:
+    async def delta(self, round: int, text: str) -> None:
+        return None
+
+    async def agent(self, node: str, data: dict[str, Any]) -> None:
+        return None
+
+    async def round(self, data: dict[str, Any]) -> None:
+        return None
+
+
+async def run_once(runtime: ProgramRuntime, spec: PipelineInput, tag: str) -> dict[str, Any]:
+    async def llm(node: Node, request: GenerateRequest):  # type: ignore[no-untyped-def]
+        only = (node.agent.backend,) if node.agent.backend else None
+        async for chunk in runtime.stream(f"{tag}:{node.id}", "bench", request, backends=only):
+            yield chunk
+
+    try:
+        return await PipelineExecutor(spec, llm, _NoEvents()).run()
+    finally:
+        for n in spec.nodes():
+            try:
+                runtime.release(f"{tag}:{n.id}", "bench")
+            except Exception:
+                pass
+
+
+async def flush(backends: dict[str, Backend]) -> None:
+    """Empty every prefix cache, so neither mode profits from the other's run."""
+    for b in backends.values():
+        if isinstance(b, SGLangBackend):
+            await b.flush_cache()
+        else:
+            b.cache.clear()  # type: ignore[attr-defined]  # the local engine
+
+
+def summary(results: list[dict[str, Any]], scale: float) -> dict[str, Any]:
+    med = lambda k: statistics.median(r[k] for r in results)  # noqa: E731
+    agg = results[-1]["aggregator_usage"]
+    return {"ttft_s": round(med("ttft_s") * scale, 3), "total_s": round(med("elapsed_s") * scale, 3),
+            "rounds": results[-1]["rounds"], "output_tokens": agg["completion_tokens"],
+            "prefill_tokens": agg["prompt_tokens"], "cached_tokens": agg["cached_tokens"],
+            "cached_share": round(agg["cached_tokens"] / max(1, agg["prompt_tokens"]), 3),
+            "all_agents_prefill_tokens": results[-1]["usage"]["prompt_tokens"],
+            "all_agents_cached_tokens": results[-1]["usage"]["cached_tokens"],
+            "repeats": len(results)}
+
+
+async def compare(name: str, backends: dict[str, Backend], spec: dict[str, Any], repeats: int,
+                  scale: float, setup: dict[str, Any]) -> dict[str, Any]:
+    runtime = ProgramRuntime(backends, observe_interval_s=5.0)
+    await runtime.start()
+    out: dict[str, Any] = {}
+    try:
+        for mode in ("wait", "staircase"):
+            results = []
+            for i in range(repeats):
+                await flush(backends)
+                r = await run_once(runtime, PipelineInput(**{**spec, "mode": mode}), f"{name}-{mode}-{i}")
+                if r["stop_reason"] != "finished" and r["stop_reason"] != "max_tokens":
+                    raise RuntimeError(f"{name} {mode}: {r['stop_reason']}")
+                results.append(r)
+            out[mode] = summary(results, scale)
+            log(f"{name:>16} {mode:>9}: ttft {out[mode]['ttft_s']:.3f} s, total {out[mode]['total_s']:.3f} s, "
+                f"rounds {out[mode]['rounds']}, cached {out[mode]['cached_share']:.0%} of "
+                f"{out[mode]['prefill_tokens']} prefill tokens")
+    finally:
+        await runtime.close()
+    w, s = out["wait"], out["staircase"]
+    out["ttft_reduction"] = round(1 - s["ttft_s"] / w["ttft_s"], 3)
+    out["total_ratio"] = round(s["total_s"] / w["total_s"], 3)
+    out["setup"] = setup
+    return out
+
+
+def moa_spec(proposers: list[str], layers: int, proposer_tokens: int, agg_tokens: int,
+             schedule: list[int], chunk: int) -> dict[str, Any]:
+    layer = {"agents": [{"backend": b} for b in proposers], "max_tokens": proposer_tokens}
+    return {"task": TASK, "temperature": 0, "layers": [layer] * layers, "chunk_tokens": chunk,
+            "chunk_schedule": schedule, "aggregator": {"backend": "agg", "max_tokens": agg_tokens},
+            "delta_interval_s": 0.05, "stall_timeout_s": 120, "time_budget_s": 3600}
+
+
+async def sim_configs(quick: bool, speed: float) -> dict[str, Any]:
+    tokens = [384, 512, 448] if not quick else [256, 320, 288]
+    agg_tokens = 512 if not quick else 320
+    schedule, chunk = [16, 32], 64
+    repeats = 1 if quick else 3
+    sims = Sims(speed)
+    backends: dict[str, Backend] = {}
+    try:
+        for i, n in enumerate(tokens):
+            backends[f"p{i}"] = SGLangBackend(sims.start(f"p{i}", "llama-3.1-8b-h100", n), name=f"p{i}")
+        backends["agg"] = SGLangBackend(sims.start("agg", "llama-3.1-70b-h100-tp4", agg_tokens), name="agg")
+        setup = {"engine": "simulator", "speed": speed, "proposers": "llama-3.1-8b-h100 x3 (own engines)",
+                 "aggregator": "llama-3.1-70b-h100-tp4", "proposer_tokens": tokens, "aggregator_tokens": agg_tokens,
+                 "chunk_schedule": schedule, "chunk_tokens": chunk}
+        out = {}
+        names = list(backends)[:-1]
+        out["moa-3x8b-70b"] = await compare("moa-3x8b-70b", backends, moa_spec(names, 1, max(tokens), agg_tokens,
+                                                                               schedule, chunk), repeats, speed, setup)
+        out["moa-2layers"] = await compare("moa-2layers", backends, moa_spec(names, 2, max(tokens), agg_tokens,
+                                                                             schedule, chunk), repeats, speed,
+                                           {**setup, "layers": 2})
+        return out
+    finally:
+        for b in backends.values():
+            await b.close()
+        sims.stop()
+
+
+async def local_config(quick: bool) -> dict[str, Any]:
+    from scheduler.local.engine import LocalEngine
+
+    engine = LocalEngine(name="local")
+    tokens, chunk = (12, 4) if quick else (64, 8)
+    spec = {"task": "Name three uses of a hash map, briefly.", "temperature": 0, "chunk_tokens": chunk,
+            "layers": [{"agents": [], "max_tokens": tokens}], "aggregator": {"max_tokens": tokens},
+            "delta_interval_s": 0.05, "stall_timeout_s": 300, "time_budget_s": 1800}
+    # three different proposers from one model: different system prompts
+    spec["layers"][0]["agents"] = [{"system_prompt": p} for p in (
+        "You are a concise engineer.", "You are a teacher who gives examples.", "You answer in a numbered list.")]
+    try:
+        return await compare("local-smollm2", {"local": engine}, spec, 1, 1.0, {
+            "engine": "local SmolLM2-135M-Instruct on CPU (one forward pass at a time)", "max_tokens": tokens,
+            "chunk_tokens": chunk})
+    finally:
+        await engine.close()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    out = await sim_configs(args.quick, args.speed)
+    if not args.no_local:
+        out["local-smollm2"] = await local_config(args.quick)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter answers, one repeat (under a minute)")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ap.add_argument("--speed", type=float, help="simulated seconds per wall second (default: 2 with --quick, "
+                                                "else 1; higher speeds scale this process's overheads up too)")
+    ap.add_argument("--no-local", action="store_true", help="skip the local-engine configuration")
+    args = ap.parse_args()
+    args.speed = args.speed or (2.0 if args.quick else 1.0)
+    out = asyncio.run(main_async(args))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for name, r in out.items():
+            print(f"{name}: ttft {r['wait']['ttft_s']} -> {r['staircase']['ttft_s']} s "
+                  f"(-{r['ttft_reduction']:.0%}), total {r['wait']['total_s']} -> {r['staircase']['total_s']} s "
+                  f"(x{r['total_ratio']}), cached {r['staircase']['cached_share']:.0%} of staircase prefill")
+
+
+if __name__ == "__main__":
+    main()
