@@ -58,7 +58,7 @@ async def pipeline(ctx: RunContext, inp: PipelineInput) -> dict[str, Any]:
 
     async def llm(node: Node, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         only = (node.agent.backend,) if node.agent.backend else None
-        async for chunk in runtime.stream(programs[node.id], tenant, request, backends=only):
+        async for chunk in runtime.stream(programs[node.id], tenant, request, backends=only, sandbox=False):
             yield chunk
 
     await ctx.emit("pipeline.started", {"mode": inp.mode, "layers": [len(layer.agents) for layer in inp.layers],
