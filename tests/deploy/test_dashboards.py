@@ -36,7 +36,7 @@ def test_the_issue_asks_for_these_dashboards() -> None:
     titles = {load(p)["title"] for p in DASHBOARDS}
     assert titles == {"Orchestrator / Service health", "Orchestrator / Runs", "Orchestrator / Programs and scheduling",
                       "Orchestrator / Backends", "Orchestrator / Tools and sandboxes", "Orchestrator / Reliability",
-                      "Orchestrator / Database and Redis"}
+                      "Orchestrator / Database and Redis", "Orchestrator / Evolve"}
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
