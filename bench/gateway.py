@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from scheduler.core import (  # noqa: E402
     BackendObserved, BackendView, ProgramReleased, RequestArrived, RequestFinished, Scheduler, Tick,
 )
 from scheduler.sim.cluster import percentile  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-bench"
@@ -42,12 +42,6 @@ KEY = "sk-bench"
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 60) -> None:

@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from agents.pipeline_spec import Node, PipelineInput  # noqa: E402
 from scheduler.backends.base import Backend, GenerateRequest  # noqa: E402
 from scheduler.backends.sglang import SGLangBackend  # noqa: E402
 from scheduler.runtime import ProgramRuntime  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = "Explain how a radix-tree prefix cache lets an LLM server skip recomputing shared prompt prefixes."
@@ -59,12 +59,6 @@ TASK = "Explain how a radix-tree prefix cache lets an LLM server skip recomputin
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sims:
