@@ -4,10 +4,11 @@
 ``RequestArrived``; the core answers with a ``Dispatch`` (now, or later when the program
 is resumed: until then the call simply waits, which is how a program is paused on an
 engine that has no pause API); the chosen backend streams; usage and whether the answer
-called a tool go back as ``RequestFinished``. A backend that fails a call is marked down in
-the core (its programs are placed again elsewhere) and, if the caller has seen no output
-yet, the call is placed again on a healthy backend; the periodic observation brings the
-backend back when it answers. Backends are observed periodically
+called a tool go back as ``RequestFinished``. A backend that fails a call while another can
+serve is marked down in the core (its programs are placed again elsewhere) and, if the caller
+has seen no output yet, the call is placed again on a healthy backend (the only backend is
+never marked down by one failed call: the caller retries, the observation judges it); the
+periodic observation brings a backend back when it answers. Backends are observed periodically
 (capacity and live load) and the policy gets its ticks. Everything runs on one event
 loop, so the core needs no locks.
 """
@@ -171,8 +172,7 @@ class ProgramRuntime:
         self.claim(program_id, tenant)
         if not sandbox:
             self._sandboxless.add(program_id)
-        if not any(b.healthy and b.capacity > 0 and (not backends or b.name in backends)
-                   for b in self.sched.backends.values()):
+        if not self._available(backends):
             raise NoBackendAvailable("no healthy backend: every one " + ("allowed " if backends else "")
                                      + "failed its last check", backend="runtime")
         loop = asyncio.get_running_loop()
@@ -193,9 +193,18 @@ class ProgramRuntime:
             except BackendError as exc:
                 if not (exc.retryable or isinstance(exc, StreamInterrupted)):
                     raise  # the request's fault (4xx), not the backend's
-                if not self._mark_down(fut, failed) or yielded or not exc.retryable or not any(
-                        b.healthy and b.capacity > 0 and b.name not in failed and (not backends or b.name in backends)
-                        for b in self.sched.backends.values()):
+                if not fut.done() or fut.cancelled():
+                    raise  # it failed before any backend was chosen
+                name = fut.result().backend
+                failed.append(name)
+                self.stats.backend_failures[name] = self.stats.backend_failures.get(name, 0) + 1
+                if not self._available(backends, excluding=failed):
+                    # nowhere else to go: marking the only backend down would refuse every call
+                    # until the next observation, even after a transient failure; the caller's
+                    # retry (or the next observation, if it is really dead) decides
+                    raise
+                self._mark_down(name)
+                if yielded or not exc.retryable:
                     raise
                 self.stats.calls_placed_again += 1
                 log.warning("call %s of %s failed on %s before any output (%s); placing it again",
@@ -203,18 +212,18 @@ class ProgramRuntime:
             finally:
                 await attempt.aclose()  # at once, not when collected: aborts the engine's request
 
-    def _mark_down(self, fut: "asyncio.Future[Dispatch]", failed: list[str]) -> bool:
-        """A call failed on its backend: mark it down in the core, so its programs are placed
-        again elsewhere (the next observation brings it back when it answers)."""
-        if not fut.done() or fut.cancelled():
-            return False
-        name = fut.result().backend
-        failed.append(name)
-        self.stats.backend_failures[name] = self.stats.backend_failures.get(name, 0) + 1
+    def _available(self, allowed: tuple[str, ...] | None, excluding: list[str] | tuple[str, ...] = ()) -> bool:
+        """Is a healthy backend with capacity there (among ``allowed``, other than ``excluding``)?"""
+        return any(b.healthy and b.capacity > 0 and b.name not in excluding and (not allowed or b.name in allowed)
+                   for b in self.sched.backends.values())
+
+    def _mark_down(self, name: str) -> None:
+        """A call failed on ``name`` and another backend can serve: mark it down in the core, so
+        its programs are placed again elsewhere (the next observation brings it back when it
+        answers)."""
         view = self.sched.backends[name]
         if view.healthy:
             self._handle(BackendObserved(self.clock(), name, view.capacity, view.used, 0, 0, False))
-        return True
 
     async def _run(self, fut: "asyncio.Future[Dispatch]", arrived: float,
                    request: GenerateRequest) -> AsyncIterator[GenerationChunk]:

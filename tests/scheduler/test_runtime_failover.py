@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from scheduler.backends import GenerateRequest, StreamInterrupted
+from scheduler.backends import BackendUnavailable, GenerateRequest, StreamInterrupted
 from scheduler.backends.pool import NoBackendAvailable
 from scheduler.backends.sglang import SGLangBackend
 from scheduler.core import Status
@@ -70,7 +70,7 @@ async def test_a_call_on_a_dead_backend_is_placed_again_and_answered(servers, po
         await runtime.close()
 
 
-async def test_no_second_try_after_output_and_when_no_backend_is_left(servers) -> None:
+async def test_no_second_try_after_output_and_the_only_backend_is_judged_by_observation(servers) -> None:
     a, b = servers
     runtime = ProgramRuntime({"a": SGLangBackend(a.url, read_timeout=5)}, observe_interval_s=60)
     await runtime.start()
@@ -82,10 +82,17 @@ async def test_no_second_try_after_output_and_when_no_backend_is_left(servers) -
         with pytest.raises(StreamInterrupted):
             async for _ in stream:
                 pass
-        assert not runtime.sched.backends["a"].healthy
-        # the only backend is down now: a new call fails at once, clearly
-        with pytest.raises(NoBackendAvailable, match="no healthy backend"):
+        # one failed call does not take the only backend down (a transient failure would refuse
+        # every call until the next observation): the next call is tried, and fails as it is
+        assert runtime.sched.backends["a"].healthy and runtime.stats.backend_failures == {"a": 1}
+        with pytest.raises(BackendUnavailable) as err:
             await call(runtime, "q", chat("anyone there?"))
+        assert not isinstance(err.value, NoBackendAvailable)  # it was tried
+        # the observation finds it dead: from then on a call fails at once, clearly
+        await runtime.observe()
+        assert not runtime.sched.backends["a"].healthy
+        with pytest.raises(NoBackendAvailable, match="no healthy backend"):
+            await call(runtime, "r", chat("anyone there?"))
     finally:
         await runtime.close()
 
