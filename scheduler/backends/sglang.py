@@ -13,7 +13,8 @@ from typing import Any, AsyncIterator
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler.backends._http import mapped_errors, raise_for_status, sse_json
+from scheduler.backends._http import mapped_errors, raise_for_status, sse_json, stream_post
+from scheduler.backends._http1 import Http1Pool
 from scheduler.backends.base import (
     Backend, Capacity, FinishReason, GenerateRequest, GenerationChunk, Load, StreamInterrupted, TokenLogprob,
     ToolCallBuffer, Usage,
@@ -58,6 +59,10 @@ class SGLangBackend(Backend):
         self.model = model or "default"
         self._http = http_client or httpx.AsyncClient(
             base_url=self.base_url, timeout=httpx.Timeout(read_timeout, connect=connect_timeout))
+        # generation streams (the gateway's hot path) on the lean HTTP/1.1 pool; httpx for the
+        # rest, and for everything when the caller brings a client or the URL is https
+        self._pool = Http1Pool(self.base_url, connect_timeout=connect_timeout, read_timeout=read_timeout) \
+            if http_client is None and self.base_url.startswith("http://") else None
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         source = self._chat if request.messages is not None else self._generate
@@ -94,7 +99,7 @@ class SGLangBackend(Backend):
         finish: FinishReason | None = None
         final: GenerationChunk | None = None
         async with mapped_errors(self.name, streamed=streamed):
-            async with self._http.stream("POST", "/v1/chat/completions", json=self._chat_body(r)) as resp:
+            async with stream_post(self._http, self._pool, "/v1/chat/completions", self._chat_body(r)) as resp:
                 await raise_for_status(resp, self.name)
                 async for data in sse_json(resp):
                     usage = data.get("usage")
@@ -154,7 +159,7 @@ class SGLangBackend(Backend):
         lps_so_far = 0
         final: GenerationChunk | None = None
         async with mapped_errors(self.name, streamed=streamed):
-            async with self._http.stream("POST", "/generate", json=self._generate_body(r)) as resp:
+            async with stream_post(self._http, self._pool, "/generate", self._generate_body(r)) as resp:
                 await raise_for_status(resp, self.name)
                 async for data in sse_json(resp):
                     meta = data.get("meta_info") or {}
@@ -254,5 +259,7 @@ class SGLangBackend(Backend):
         return out
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.aclose()
         await self._http.aclose()
 

@@ -70,8 +70,10 @@ async def test_a_call_on_a_dead_backend_is_placed_again_and_answered(servers, po
         await runtime.close()
 
 
-async def test_no_second_try_after_output_and_the_only_backend_is_judged_by_observation(servers) -> None:
-    a, b = servers
+async def test_no_second_try_after_output_and_the_only_backend_is_judged_by_observation() -> None:
+    # slow enough that the answer is still streaming when the server dies (at speed 200 the
+    # whole answer took ~25 ms, and a busy machine could kill it only after the end)
+    a = SimServerProcess("--speed", "5").start()
     runtime = ProgramRuntime({"a": SGLangBackend(a.url, read_timeout=5)}, observe_interval_s=60)
     await runtime.start()
     try:
@@ -95,6 +97,7 @@ async def test_no_second_try_after_output_and_the_only_backend_is_judged_by_obse
             await call(runtime, "r", chat("anyone there?"))
     finally:
         await runtime.close()
+        a.kill()
 
 
 async def test_a_4xx_is_the_request_s_fault_not_retried_and_the_backend_stays_up() -> None:
