@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orchestrator.api import gateway, health, runs
+from orchestrator.api.fast import FastRoutes, document
 from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
 from orchestrator.errors import APIError, InvalidRequest, ValidationFailed
@@ -107,6 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(gateway.router)
     app.include_router(health.router)
+    # innermost first: the fast routes run inside the request context (id, access log, metrics)
+    app.add_middleware(FastRoutes, routes=gateway.FAST_ROUTES)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
     _document_workflow_inputs(app)
@@ -116,7 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _document_workflow_inputs(app: FastAPI) -> None:
     """Each registered workflow's input model in the OpenAPI components (``EvolveInput``, ...), so
     clients can generate types for ``RunCreate.input``; the names are listed under
-    ``x-workflow-inputs`` (workflow -> schema name)."""
+    ``x-workflow-inputs`` (workflow -> schema name). The plain ASGI routes (``FastRoutes``) are
+    documented here too, with their body models."""
     base = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -133,6 +137,12 @@ def _document_workflow_inputs(app: FastAPI) -> None:
             components.setdefault(title, js)
             names[defn.name] = title
         schema["x-workflow-inputs"] = names
+        for model in gateway.FAST_SCHEMAS:
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for def_name, sub in js.pop("$defs", {}).items():
+                components.setdefault(def_name, sub)
+            components.setdefault(model.__name__, js)
+        document(schema, gateway.FAST_ROUTES)
         app.openapi_schema = schema
         return schema
 

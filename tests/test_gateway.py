@@ -3,6 +3,7 @@ loopback whose backend is the simulator's SGLang-compatible server in its own pr
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -128,3 +129,56 @@ async def test_backend_down_is_503_and_no_backends_is_503(tmp_path: Path):
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer sk-a"}) as http:
             r = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
             assert r.status_code == 503 and r.json()["error"]["code"] == "no_backends"
+
+
+async def test_the_fast_route_keeps_the_api_s_errors_docs_metrics_and_aborts_on_disconnect(
+        service: str, sim: SimServerProcess):
+    """``/v1/chat/completions`` is a plain ASGI route ahead of FastAPI: the same error bodies,
+    its OpenAPI entry, its HTTP metrics label, and a client that leaves a stream aborts the call
+    on the engine."""
+    async with httpx.AsyncClient(base_url=service, headers={"Authorization": "Bearer sk-a"}, timeout=30) as http:
+        ok = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
+        r = await http.post("/v1/chat/completions", content=b"{not json")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
+        r = await http.post("/v1/chat/completions", json={**ok, "temperature": 9})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "temperature"
+        r = await http.post("/v1/chat/completions", json=ok, headers={"Authorization": "Bearer sk-wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = await http.post("/v1/chat/completions", json=ok, headers={"X-Program-Id": "p" * 201})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "x-program-id"
+        r = await http.get("/v1/chat/completions")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        assert r.headers["allow"] == "POST" and r.headers["x-request-id"]
+        assert (await http.get("/v1/programs")).json()["data"] == []  # nothing half-written
+
+        spec = (await http.get("/openapi.json")).json()
+        op = spec["paths"]["/v1/chat/completions"]["post"]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert "program_id" in spec["components"]["schemas"][ref]["properties"]
+        assert "ChatMessage" in spec["components"]["schemas"] and "ErrorBody" in spec["components"]["schemas"]
+
+        def aborted(metrics: str) -> float:
+            line = next(x for x in metrics.splitlines() if x.startswith("sglang:num_aborted_requests_total"))
+            return float(line.split()[-1])
+
+        async with httpx.AsyncClient(base_url=sim.url) as direct:
+            before = aborted((await direct.get("/metrics")).text)
+            body = {**ok, "max_tokens": 4000, "stream": True, "program_id": "leaver", "ignore_eos": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: {"):
+                        break  # leave after the first chunk: the connection closes
+            for _ in range(100):
+                if aborted((await direct.get("/metrics")).text) > before:
+                    break
+                await asyncio.sleep(0.05)
+            assert aborted((await direct.get("/metrics")).text) == before + 1
+            loads = (await direct.get("/v1/loads")).json()["loads"][0]
+            assert loads["num_running_reqs"] == 0
+        prog = (await http.get("/v1/programs/leaver")).json()
+        assert prog["status"] == "active"  # kept (it has an id), its aborted call gone from the engine
+        metrics = (await http.get("/metrics")).text
+        for status in ("200", "401", "422"):
+            assert f'orchestrator_http_requests_total{{method="POST",route="/v1/chat/completions",status="{status}"}}' \
+                in metrics

@@ -10,15 +10,16 @@ done; ``GET /v1/programs`` shows each program's phase, status, tokens, backend a
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
-from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import Receive, Scope, Send
 
+from orchestrator.api.fast import FastRoute, json_bytes, send_json
 from orchestrator.api.schemas import ERROR_RESPONSES
 from orchestrator.auth import Tenant, authenticate
 from orchestrator.errors import APIError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
@@ -126,18 +127,23 @@ def _logprobs(lps: list[Any]) -> dict[str, Any]:
                         for lp in lps]}
 
 
-@router.post("/chat/completions", summary="OpenAI-compatible chat completion, scheduled as part of a program")
-async def chat_completions(
-    request: Request, tenant: TenantDep, x_program_id: Annotated[str | None, Header(max_length=200)] = None,
-) -> Any:
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /v1/chat/completions``: a plain ASGI route (``orchestrator.api.fast``), because this
+    is the one call an agent makes per turn and the framework's share of it was the larger."""
+    request = Request(scope, receive)
+    tenant = await authenticate(request)
+    x_program_id = request.headers.get("x-program-id")
+    if x_program_id is not None and not 1 <= len(x_program_id) <= 200:
+        raise ValidationFailed("X-Program-Id must be 1 to 200 characters.", code="invalid_request",
+                               param="x-program-id")
     try:
-        body = ChatCompletionRequest.model_validate(await request.json())
+        body = ChatCompletionRequest.model_validate_json(await request.body())
     except ValidationError as exc:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ValidationFailed("The body is not valid JSON.", code="invalid_json") from None
         loc = ".".join(str(p) for p in first["loc"])
         raise ValidationFailed(f"{first['msg']} at {loc}.", code="invalid_request", param=loc) from None
-    except json.JSONDecodeError:
-        raise ValidationFailed("The body is not valid JSON.", code="invalid_json") from None
     _check_messages(body)
     runtime = _runtime(request)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -160,42 +166,8 @@ async def chat_completions(
                 pass
 
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        stream = runtime.stream(program_id, tenant.name, gen_req)
-        try:  # the first chunk before the 200: a dead backend becomes a clean error status
-            first = await anext(stream)
-        except BackendError as exc:
-            done()
-            raise _backend_error(exc) from None
-        except StopAsyncIteration:
-            first = None
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                chunk = first
-                while chunk is not None:
-                    delta: dict[str, Any] = {}
-                    if chunk.text:
-                        delta["content"] = chunk.text
-                    if chunk.tool_calls:
-                        delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(_tool_calls(chunk))]
-                    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
-                    if body.logprobs and chunk.logprobs:
-                        choice["logprobs"] = _logprobs(chunk.logprobs)
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
-                    if chunk.usage is not None and include_usage:
-                        yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
-                                    "usage": _usage(chunk.usage)})
-                    chunk = await anext(stream, None)
-                yield "data: [DONE]\n\n"
-            except BackendError as exc:
-                err = _backend_error(exc)
-                yield _sse(err.body())
-            finally:
-                await stream.aclose()
-                done()
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        await _stream_events(body, base, runtime.stream(program_id, tenant.name, gen_req), done, receive, send)
+        return
 
     chunks: list[GenerationChunk] = []
     try:
@@ -212,15 +184,94 @@ async def chat_completions(
     choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
     if body.logprobs:
         choice["logprobs"] = _logprobs(gen.logprobs)
-    return {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen.usage)}
+    await send_json(send, 200, {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen.usage)})
+
+
+async def _stream_events(body: ChatCompletionRequest, base: dict[str, Any], stream: AsyncIterator[GenerationChunk],
+                         done: Callable[[], None], receive: Receive, send: Send) -> None:
+    """SSE chunks as the backend streams. The first chunk comes before the 200, so a dead
+    backend is a clean error status; a client that goes away aborts the call on the engine."""
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    try:
+        try:
+            first = await anext(stream)
+        except BackendError as exc:
+            raise _backend_error(exc) from None
+        except StopAsyncIteration:
+            first = None
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+
+        async def write() -> None:
+            chunk = first
+            try:
+                while chunk is not None:
+                    delta: dict[str, Any] = {}
+                    if chunk.text:
+                        delta["content"] = chunk.text
+                    if chunk.tool_calls:
+                        delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(_tool_calls(chunk))]
+                    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
+                    if body.logprobs and chunk.logprobs:
+                        choice["logprobs"] = _logprobs(chunk.logprobs)
+                    out = _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
+                    if chunk.usage is not None and include_usage:
+                        out += _sse({**base, "object": "chat.completion.chunk", "choices": [],
+                                     "usage": _usage(chunk.usage)})
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    chunk = await anext(stream, None)
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+            except BackendError as exc:
+                await send({"type": "http.response.body", "body": _sse(_backend_error(exc).body()),
+                            "more_body": True})
+
+        writer = asyncio.ensure_future(write())
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (writer, watcher):
+                t.cancel()
+            await asyncio.gather(writer, watcher, return_exceptions=True)
+        if writer.done() and not writer.cancelled() and writer.exception() is not None:
+            raise writer.exception()  # type: ignore[misc]
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        await stream.aclose()  # at once: a call still running is aborted on its engine
+        done()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+CHAT_ROUTE = FastRoute("/v1/chat/completions", "POST", chat_completions, {
+    "tags": ["gateway"], "summary": "OpenAI-compatible chat completion, scheduled as part of a program",
+    "operationId": "chat_completions",
+    "description": "The OpenAI chat completions body plus `program_id` (or an `X-Program-Id` header); "
+                   "`stream: true` answers with server-sent events ending in `data: [DONE]`.",
+    "parameters": [{"name": "x-program-id", "in": "header", "required": False,
+                    "schema": {"type": "string", "maxLength": 200}}],
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+    "responses": {"200": {"description": "A `chat.completion`, or `chat.completion.chunk` events"},
+                  **{str(code): {"description": r["description"], "content": {"application/json": {
+                      "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                     for code, r in ERROR_RESPONSES.items()},
+                  "503": {"description": "No backend, or the backend failed", "content": {"application/json": {
+                      "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}},
+})
+FAST_ROUTES = [CHAT_ROUTE]
+FAST_SCHEMAS = [ChatCompletionRequest]
 
 
 def _backend_error(exc: BackendError) -> APIError:
     return ServiceUnavailable(f"The LLM backend failed: {exc}", code="backend_unavailable")
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
 @router.post("/programs/{program_id}/release", summary="The agent is done: free its program")
