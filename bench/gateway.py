@@ -5,7 +5,7 @@
 1. Added latency: the same short chat call sent directly to an SGLang-compatible backend
    (the simulator's server at high speed, in its own process) and through the gateway (the
    service in its own process, SQLite, program ids), alternating, on loopback; p50 and p99
-   of each and of the difference.
+   of each and of the difference; once as plain JSON and once streamed (SSE to ``[DONE]``).
 2. The highest call rate the gateway sustains: concurrent clients for a few seconds.
 3. Decision time of the core alone with 1,000 live programs on 8 backends, per policy:
    p50 and p99 of one ``Scheduler.handle`` for each call event (request arrived, finished,
@@ -61,19 +61,27 @@ def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def latency(direct: str, gateway: str, n: int) -> dict[str, float]:
-    body = {"model": "m", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2}
+async def latency(direct: str, gateway: str, n: int, stream: bool = False) -> dict[str, float]:
+    """The same call direct and through the gateway, alternating; with ``stream``, SSE read to
+    ``[DONE]`` (how agents that stream see it)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2, "stream": stream}
     d_times, g_times = [], []
     async with httpx.AsyncClient(timeout=30) as c:
         for i in range(n + 10):
             for target in ("direct", "gateway"):
+                url, payload, headers = f"{direct}/v1/chat/completions", body, {}
+                if target == "gateway":
+                    url, payload = f"{gateway}/v1/chat/completions", {**body, "program_id": f"lat-{i % 50}"}
+                    headers = {"Authorization": f"Bearer {KEY}"}
                 t0 = time.perf_counter()
-                if target == "direct":
-                    r = await c.post(f"{direct}/v1/chat/completions", json=body)
+                if stream:
+                    async with c.stream("POST", url, json=payload, headers=headers) as r:
+                        r.raise_for_status()
+                        lines = [line async for line in r.aiter_lines()]
+                    assert "data: [DONE]" in lines
                 else:
-                    r = await c.post(f"{gateway}/v1/chat/completions", json={**body, "program_id": f"lat-{i % 50}"},
-                                     headers={"Authorization": f"Bearer {KEY}"})
-                r.raise_for_status()
+                    r = await c.post(url, json=payload, headers=headers)
+                    r.raise_for_status()
                 if i >= 10:  # warm-up
                     (d_times if target == "direct" else g_times).append(time.perf_counter() - t0)
     diffs = [g - d for g, d in zip(g_times, d_times)]
@@ -188,6 +196,8 @@ async def run(quick: bool) -> dict:
         direct, gateway = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{svc_port}"
         out["latency"] = await latency(direct, gateway, 100 if quick else 500)
         log(f"latency: {out['latency']}")
+        out["latency_streamed"] = await latency(direct, gateway, 100 if quick else 500, stream=True)
+        log(f"latency, streamed: {out['latency_streamed']}")
         out["throughput"] = await throughput(gateway, 16 if quick else 64, 4 if quick else 15)
         log(f"throughput: {out['throughput']}")
     finally:
