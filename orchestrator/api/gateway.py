@@ -132,9 +132,9 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     is the one call an agent makes per turn and the framework's share of it was the larger."""
     request = Request(scope, receive)
     tenant = await authenticate(request)
-    x_program_id = request.headers.get("x-program-id")
-    if x_program_id is not None and not 1 <= len(x_program_id) <= 200:
-        raise ValidationFailed("X-Program-Id must be 1 to 200 characters.", code="invalid_request",
+    x_program_id = request.headers.get("x-program-id") or None  # empty: no program id
+    if x_program_id is not None and len(x_program_id) > 200:
+        raise ValidationFailed("X-Program-Id must be at most 200 characters.", code="invalid_request",
                                param="x-program-id")
     try:
         body = ChatCompletionRequest.model_validate_json(await request.body())
