@@ -140,6 +140,8 @@ async def test_the_fast_route_keeps_the_api_s_errors_docs_metrics_and_aborts_on_
         ok = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4}
         r = await http.post("/v1/chat/completions", content=b"{not json")
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json"
+        r = await http.post("/v1/chat/completions", json=[ok])
+        assert r.status_code == 422 and r.json()["error"]["param"] is None and "object" in r.json()["error"]["message"]
         r = await http.post("/v1/chat/completions", json={**ok, "temperature": 9})
         assert r.status_code == 422 and r.json()["error"]["param"] == "temperature"
         r = await http.post("/v1/chat/completions", json=ok, headers={"Authorization": "Bearer sk-wrong"})

@@ -142,8 +142,9 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             raise ValidationFailed("The body is not valid JSON.", code="invalid_json") from None
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ValidationFailed(f"{first['msg']} at {loc}.", code="invalid_request", param=loc) from None
+        loc = ".".join(str(p) for p in first["loc"]) or None  # None: the body as a whole
+        raise ValidationFailed(f"{first['msg']}" + (f" at {loc}." if loc else "."), code="invalid_request",
+                               param=loc) from None
     _check_messages(body)
     runtime = _runtime(request)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
