@@ -79,12 +79,12 @@ class AgentWorkload:
 class VirtualCluster:
     def __init__(self, n_engines: int, preset_name: str | CostModel = "llama-3.1-8b-h100", seed: int = 0,
                  script: Script | None = None, enable_priority_scheduling: bool = False,
-                 kv_capacity_tokens: int | None = None) -> None:
+                 kv_capacity_tokens: int | None = None, radix_eviction_policy: str = "lru") -> None:
         cost = preset(preset_name) if isinstance(preset_name, str) else preset_name
         self.seed = seed
         self.clock = VirtualClock()
         config = EngineConfig(cost=cost, enable_priority_scheduling=enable_priority_scheduling,
-                              kv_capacity_tokens=kv_capacity_tokens)
+                              kv_capacity_tokens=kv_capacity_tokens, radix_eviction_policy=radix_eviction_policy)
         self.engines = [SimEngine(self.clock, config, script=script, name=f"engine-{i}") for i in range(n_engines)]
         self.agent_steps = 0
         self._totals = {"requests": 0, "prompt": 0, "cached": 0, "generated": 0}

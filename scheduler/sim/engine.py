@@ -9,7 +9,8 @@ request, decaying from 0.7 to 0.1 as SGLang does) to fit in free + evictable KV;
 shared by the radix cache and the running requests' own tokens; when a decode step lacks room
 the LRU cache is evicted first, then running requests are retracted (fewest output tokens first,
 lowest priority first) back to the queue, to be re-prefilled later. Finished (and aborted)
-requests leave their computed tokens in the radix cache.
+requests leave their computed tokens in the radix cache, ranked by their ``priority`` with
+``radix_eviction_policy="priority"`` (SGLang's flag of that name; see ``radix.py``).
 
 Why decode runs as "macro steps": a cluster-hour is millions of decode steps. While nothing
 changes, ``k`` steps are one event whose duration is the closed-form sum of growing-context
@@ -113,6 +114,7 @@ class EngineConfig:
     max_running_requests: int | None = None
     chunked_prefill_size: int | None = None
     enable_priority_scheduling: bool = False
+    radix_eviction_policy: str = "lru"  # or "priority": SGLang's --radix-eviction-policy
     max_macro_steps: int = 256
 
 
@@ -146,10 +148,11 @@ class SimEngine:
         self.max_running = config.max_running_requests or self.cost.max_running_requests
         self.chunk_size = config.chunked_prefill_size or self.cost.chunked_prefill_size
         self.priority_scheduling = config.enable_priority_scheduling
+        self.radix_eviction_policy = config.radix_eviction_policy
         self.max_macro_steps = max(1, config.max_macro_steps)
         self.script: Script = script or PseudoScript()
         self.name = name
-        self.cache = RadixCache(self.capacity)
+        self.cache = RadixCache(self.capacity, eviction=config.radix_eviction_policy)
         self.stats = EngineStats()
         self.waiting: list[SimRequest] = []
         self.running: list[SimRequest] = []
@@ -439,7 +442,7 @@ class SimEngine:
         if keep_in_cache:  # before unlocking: the locked prefix is still there to start from
             prompt, kv, start = len(req.input_ids), req._kv, match.length
             tail = req.input_ids[start:kv] + req.output_ids[: max(0, kv - prompt)]
-            self.cache.insert(tail, match)
+            self.cache.insert(tail, match, priority=req.priority)
         self.cache.unlock(match.node)
         req._match, req._kv, req._admitted = None, 0, False
 

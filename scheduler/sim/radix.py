@@ -5,6 +5,12 @@ earlier turns); one node per edge segment keeps matching to a few slice comparis
 a Python step per token. Eviction, like SGLang's, removes whole unreferenced leaves in LRU order,
 so a prefix that a running request holds (``lock``) is never evicted. LRU order uses a logical
 tick, not a clock, so the cache behaves identically in virtual and real time.
+
+``eviction="priority"`` is SGLang's ``--radix-eviction-policy priority`` (read in the 0.5.23
+source, ``mem_cache/evict_policy.py`` and ``radix_cache.py``): the leaf with the lowest
+``priority`` goes first, LRU among equals; an insert raises every node on its path to at
+least its request's priority (a node keeps the highest priority of any request that
+inserted through it; it is never lowered), and a split node inherits its child's.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ class RadixNode:
     children: dict[int, "RadixNode"] = field(default_factory=dict)
     ref: int = 0
     last_access: int = 0
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,10 +59,13 @@ class RadixCache:
     references from a node up to the root, so locking a match protects the whole prefix.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, eviction: str = "lru") -> None:
         if capacity < 0:
             raise ValueError("capacity must be >= 0")
+        if eviction not in ("lru", "priority"):
+            raise ValueError(f"eviction must be 'lru' or 'priority', not {eviction!r}")
         self.capacity = capacity
+        self.by_priority = eviction == "priority"
         self.size = 0
         self.evictable_size = 0
         self.reset()
@@ -69,7 +79,7 @@ class RadixCache:
         self.size = 0
         self.evictable_size = 0
         self._tick = 0
-        self._lru: list[tuple[int, int, RadixNode]] = []
+        self._lru: list[tuple[tuple[int, int], int, RadixNode]] = []  # ((priority, last access), seq, node)
         self._seq = 0
 
     # ---- lookup -------------------------------------------------------------------------
@@ -116,11 +126,16 @@ class RadixCache:
 
     # ---- insert / evict -----------------------------------------------------------------
 
-    def insert(self, tokens: Sequence[int], start: PrefixMatch | None = None) -> int:
+    def insert(self, tokens: Sequence[int], start: PrefixMatch | None = None, priority: int = 0) -> int:
         """Store ``tokens``; evicts LRU leaves to make room and, if the locked part leaves too
         little, stores only the prefix that fits. Returns how many new tokens were stored.
-        ``start`` as in ``match_prefix``."""
+        ``start`` as in ``match_prefix``. ``priority``: the request's, under priority eviction
+        (raises the whole path, from the root, to at least it)."""
         match = self.match_prefix(tokens, start)
+        if not self.by_priority:
+            priority = 0
+        elif priority:
+            self._raise_path(match.node, priority)
         offset = 0 if start is None else start.length  # tokens[0] sits at this depth
         missing = len(tokens) + offset - match.length
         if missing == 0:
@@ -134,7 +149,7 @@ class RadixCache:
             if missing <= 0:
                 return 0
         key = list(tokens[match.length - offset:match.length - offset + missing])
-        leaf = RadixNode(key=key, parent=match.node, last_access=self._next_tick())
+        leaf = RadixNode(key=key, parent=match.node, last_access=self._next_tick(), priority=priority)
         match.node.children[key[0]] = leaf
         self.size += len(key)
         self.evictable_size += len(key)
@@ -146,8 +161,8 @@ class RadixCache:
         freed = 0
         while freed < n and self._lru:
             stamp, _, node = heapq.heappop(self._lru)
-            if node.last_access != stamp or not self._evictable_leaf(node):
-                continue  # stale entry: touched, locked, grown or already gone since pushed
+            if stamp != (node.priority, node.last_access) or not self._evictable_leaf(node):
+                continue  # stale entry: touched, raised, locked, grown or already gone since pushed
             parent = node.parent
             assert parent is not None
             del parent.children[node.key[0]]
@@ -178,6 +193,13 @@ class RadixCache:
         self._tick += 1
         return self._tick
 
+    def _raise_path(self, node: RadixNode, priority: int) -> None:
+        while node is not None and node is not self.root:
+            if node.priority < priority:
+                node.priority = priority
+                self._offer(node)
+            node = node.parent  # type: ignore[assignment]
+
     def _evictable_leaf(self, node: RadixNode) -> bool:
         return node is not self.root and node.parent is not None and not node.children and node.ref == 0
 
@@ -185,13 +207,14 @@ class RadixCache:
         """Queue ``node`` for eviction if it is an unlocked leaf now (entries go stale lazily)."""
         if self._evictable_leaf(node):
             self._seq += 1
-            heapq.heappush(self._lru, (node.last_access, self._seq, node))
+            heapq.heappush(self._lru, ((node.priority, node.last_access), self._seq, node))
 
     def _split(self, child: RadixNode, n: int) -> RadixNode:
         """Cut ``child`` after ``n`` tokens; returns the new upper node."""
         parent = child.parent
         assert parent is not None
-        upper = RadixNode(key=child.key[:n], parent=parent, ref=child.ref, last_access=child.last_access)
+        upper = RadixNode(key=child.key[:n], parent=parent, ref=child.ref, last_access=child.last_access,
+                          priority=child.priority)
         parent.children[upper.key[0]] = upper
         child.key = child.key[n:]
         child.parent = upper

@@ -356,7 +356,7 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                 "max_req_input_len": min(e.capacity, e.cost.context_length) - 1,
                 "context_length": e.cost.context_length, "chunked_prefill_size": e.chunk_size,
                 "max_running_requests": e.max_running, "enable_priority_scheduling": e.priority_scheduling,
-                "enable_cache_report": True, "enable_metrics": True, "version": "sim", "status": "ready",
+                "radix_eviction_policy": e.radix_eviction_policy, "enable_cache_report": True, "enable_metrics": True, "version": "sim", "status": "ready",
                 "sim_preset": e.cost.name, "sim_speed": speed,
                 "internal_states": [{"memory_usage": {"token_capacity": e.capacity},
                                      "effective_max_running_requests_per_dp": e.max_running}]}
@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-running-requests", type=int)
     ap.add_argument("--chunked-prefill-size", type=int)
     ap.add_argument("--enable-priority-scheduling", action="store_true")
+    ap.add_argument("--radix-eviction-policy", choices=["lru", "priority"], default="lru")
     ap.add_argument("--served-model-name", default="sim-model")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunked-script", metavar="TOKENS,CHUNKS",
@@ -434,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     config = EngineConfig(cost=preset(args.preset), kv_capacity_tokens=args.capacity_tokens,
                           max_running_requests=args.max_running_requests,
                           chunked_prefill_size=args.chunked_prefill_size,
-                          enable_priority_scheduling=args.enable_priority_scheduling)
+                          enable_priority_scheduling=args.enable_priority_scheduling,
+                          radix_eviction_policy=args.radix_eviction_policy)
     script: Script = PseudoScript(args.seed) if not args.script else load_script(args.script, args.seed)
     if args.chunked_script:
         tokens, chunks = (int(x) for x in args.chunked_script.split(","))

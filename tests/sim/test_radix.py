@@ -100,3 +100,33 @@ def test_match_and_insert_can_continue_from_a_locked_match() -> None:
     assert cache.match_prefix([7], start=m).length == 4
     cache.unlock(m.node)
     assert cache.sequences() == [[1, 2, 3, 4, 5, 6]] and cache.size == 6
+
+
+def test_priority_eviction_takes_the_lowest_priority_first_then_lru() -> None:
+    """SGLang's ``--radix-eviction-policy priority``: a high-priority leaf outlives more recent
+    low-priority ones; among equals, LRU; under ``lru`` the priorities are ignored."""
+    for eviction, survivor in (("priority", [1, 1, 1]), ("lru", [3, 3, 3])):
+        cache = RadixCache(capacity=9, eviction=eviction)
+        cache.insert([1, 1, 1], priority=50)  # oldest, but protected
+        cache.insert([2, 2, 2], priority=10)
+        cache.insert([3, 3, 3], priority=10)  # most recent
+        cache.insert([4, 4, 4, 4, 4, 4], priority=10)  # needs six: two leaves go
+        left = [s for s in cache.sequences() if s[0] != 4]
+        assert left == [survivor], eviction
+
+
+def test_priority_is_raised_along_the_path_and_never_lowered() -> None:
+    cache = RadixCache(capacity=100, eviction="priority")
+    cache.insert([9] * 10 + [1, 1], priority=5)
+    cache.insert([9] * 10 + [2, 2], priority=80)  # splits the shared prefix, raises it to 80
+    prefix = cache.root.children[9]
+    assert prefix.key == [9] * 10 and prefix.priority == 80
+    assert {c.key[0]: c.priority for c in prefix.children.values()} == {1: 5, 2: 80}
+    cache.insert([9] * 10 + [2, 2, 7], priority=3)  # a lower request through it lowers nothing
+    assert prefix.priority == 80 and prefix.children[2].priority == 80
+    assert prefix.children[2].children[7].priority == 3
+    # a protected prefix survives a flood of more recent low-priority entries
+    for k in range(20, 40):
+        cache.insert([k] * 5, priority=4)
+    assert cache.match_prefix([9] * 10 + [2, 2]).length == 12
+    assert cache.match_prefix([9] * 10 + [1, 1]).length == 12  # 5 > 4: it outranks the flood too
