@@ -5,7 +5,10 @@
 For each workload family (``coding``: mini-SWE-agent-like, short stable tools;
 ``stochastic``: heavy-tailed tool times; parameters and sources in
 ``scheduler/sim/workloads.py``) and each number of parallel programs, every policy runs
-the same programs, in the same order, on the same simulated engine, and the report gives
+the same programs, in the same order, on the same simulated engine (run with the SGLang flags
+the policy declares: ``program`` wants ``--radix-eviction-policy priority``, ``ttl``
+``--enable-priority-scheduling``; ``program-lru-engine`` is ``program`` on SGLang's defaults),
+and the report gives
 steps/min (one step = one reasoning plus one acting period), mean and p95 program
 completion time, KV hit rate, recomputed tokens, peak sandbox disk, and ratios to
 ``request`` and ``thunderagent``. Virtual time makes the figures deterministic for a seed;
@@ -27,6 +30,9 @@ from scheduler.sim.agentic import AgenticSimulation  # noqa: E402
 from scheduler.sim.workloads import FAMILIES  # noqa: E402
 
 POLICIES = ["request", "ttl", "thunderagent", "program"]
+# ``program`` on engines with SGLang's default flags (LRU eviction): what its Retain lever adds,
+# and what an operator gets without ``--radix-eviction-policy priority``
+VARIANTS = {"program-lru-engine": ("program", {})}
 
 
 def log(msg: str) -> None:
@@ -45,11 +51,13 @@ def run(quick: bool, preset: str, engines: int, seed: int, concurrency: list[int
         out[fam_name] = {}
         for n in levels:
             row = {}
-            for policy in POLICIES:
-                r = AgenticSimulation(policy, family, n, engines=engines, preset=preset, seed=seed).run(duration)
-                row[policy] = {**r.figures(), "decision_p99_us": round(r.decision_p99_us, 1),
-                               "wall_s": round(r.wall_s, 2)}
-            for policy in POLICIES:
+            runs = [(p, p, None) for p in POLICIES] + [(k, p, f) for k, (p, f) in VARIANTS.items()]
+            for key, policy, flags in runs:
+                r = AgenticSimulation(policy, family, n, engines=engines, preset=preset, seed=seed,
+                                      engine_flags=flags).run(duration)
+                row[key] = {**r.figures(), "decision_p99_us": round(r.decision_p99_us, 1),
+                            "wall_s": round(r.wall_s, 2)}
+            for policy in list(POLICIES) + list(VARIANTS):
                 f = row[policy]
                 for base in ("request", "thunderagent"):
                     b = row[base]["steps_per_min"]
@@ -57,7 +65,7 @@ def run(quick: bool, preset: str, engines: int, seed: int, concurrency: list[int
             out[fam_name][str(n)] = row
             log(f"{fam_name:10s} {n:4d} programs: " + "  ".join(
                 f"{p} {row[p]['steps_per_min']:.1f}/min p95 {row[p]['p95_completion_s']}s "
-                f"hit {row[p]['kv_hit_ratio']:.2f}" for p in POLICIES))
+                f"hit {row[p]['kv_hit_ratio']:.2f}" for p in list(POLICIES) + list(VARIANTS)))
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
 

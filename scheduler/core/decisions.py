@@ -9,10 +9,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
+    """Send a held request to ``backend``. ``priority`` orders the engine's queue (SGLang's
+    ``--enable-priority-scheduling``). ``retain_until`` ranks the KV the call leaves behind for
+    eviction (``--radix-eviction-policy priority``): it is evicted before KV ranked later. A
+    policy sets one or the other, since SGLang has only one ``priority`` field."""
+
     rid: str
     program_id: str
     backend: str
     priority: int | None = None
+    retain_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,18 @@ class Pin:
 
 
 @dataclass(frozen=True, slots=True)
+class Retain:
+    """Rank this program's cached KV on ``backend`` as if used at ``until`` (core clock), so it
+    outlives KV used before then. On SGLang with priority eviction: a one-token request over the
+    program's context whose ``priority`` is ``until``, which raises every node of the path (a
+    node keeps the highest priority that touched it; it lapses as later calls outrank it)."""
+
+    program_id: str
+    backend: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class Unpin:
     program_id: str
     backend: str
@@ -52,4 +70,4 @@ class CollectSandbox:
     program_id: str
 
 
-Decision = Dispatch | Pause | Resume | Pin | Unpin | PrepareSandbox | CollectSandbox
+Decision = Dispatch | Pause | Resume | Pin | Retain | Unpin | PrepareSandbox | CollectSandbox

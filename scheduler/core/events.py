@@ -62,6 +62,9 @@ class BackendObserved:
     running: int = 0
     queued: int = 0
     healthy: bool = True
+    # it evicts cached KV by request priority (SGLang's --radix-eviction-policy priority, and
+    # no --enable-priority-scheduling, which would read the same field as queue order); None: as before
+    ranks_kv: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

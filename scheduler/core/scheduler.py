@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from scheduler.core.decisions import (
-    CollectSandbox, Decision, Dispatch, Pause, Pin, PrepareSandbox, Resume, Unpin,
+    CollectSandbox, Decision, Dispatch, Pause, Pin, PrepareSandbox, Resume, Retain, Unpin,
 )
 from scheduler.core.events import (
     BackendObserved, Event, ProgramReleased, RequestArrived, RequestFinished, Tick, ToolEnded, ToolStarted,
@@ -41,7 +41,7 @@ class Scheduler:
         self._rid_backend: dict[str, str] = {}
         self._out: list[Decision] = []
         self.now = 0.0
-        self.counters = {"dispatches": 0, "pauses": 0, "resumes": 0, "pins": 0, "unpins": 0, "released": 0}
+        self.counters = {"dispatches": 0, "pauses": 0, "resumes": 0, "pins": 0, "unpins": 0, "retains": 0, "released": 0}
         self.policy.attach(self)
 
     # ---- events ------------------------------------------------------------------------
@@ -163,6 +163,8 @@ class Scheduler:
         was_healthy = b.healthy
         b.capacity, b.used, b.running, b.queued = e.capacity_tokens, e.used_tokens, e.running, e.queued
         b.healthy, b.observed_at = e.healthy, e.now
+        if e.ranks_kv is not None:
+            b.ranks_kv = e.ranks_kv
         if was_healthy and not b.healthy:
             self._evict(b)
         self.policy.on_backend(b, e.now)
@@ -207,7 +209,8 @@ class Scheduler:
             self._rid_backend[r.rid] = backend
             b.inflight += 1
             self.counters["dispatches"] += 1
-            self._out.append(Dispatch(r.rid, p.id, backend, priority))
+            self._out.append(Dispatch(r.rid, p.id, backend, priority,
+                                      self.now if self.policy.ranks_kv and b.ranks_kv and priority is None else None))
 
     def pause(self, p: Program) -> None:
         if p.status is Status.PAUSED:
@@ -237,6 +240,15 @@ class Scheduler:
             p.pinned = True
             self.counters["pins"] += 1
             self._out.append(Pin(p.id, p.backend))
+
+    def retain(self, p: Program, until: float) -> None:
+        """Rank ``p``'s cached KV as used at ``until`` (see ``Retain``); only where the backend
+        evicts by priority (elsewhere a one-token request would only refresh its LRU order,
+        which measured worse than nothing on ``coding``)."""
+        if p.backend is not None and self.backends[p.backend].ranks_kv:
+            p.retain_until = until
+            self.counters["retains"] += 1
+            self._out.append(Retain(p.id, p.backend, until))
 
     def unpin(self, p: Program) -> None:
         if p.pinned and p.backend is not None:

@@ -52,6 +52,7 @@ class Program:
     paused_at: float | None = None
     pinned: bool = False
     pin_until: float | None = None
+    retain_until: float | None = None  # its KV ranked for eviction as if used then (Retain)
     kept: bool = True               # an acting program's KV counts as resident
     sandbox_ready: bool = False
     allowed: frozenset[str] | None = None  # backends that may serve it; None: any
@@ -79,3 +80,4 @@ class BackendView:
     observed_at: float = 0.0
     inflight: int = 0               # requests we dispatched and have not seen finish
     prefill_s_per_token: float = 4e-5  # recompute cost, for keep/release decisions
+    ranks_kv: bool = False          # evicts cached KV by request priority (see BackendObserved)

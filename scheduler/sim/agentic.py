@@ -5,8 +5,10 @@ the engines would produce (request arrived, request finished, tool ended, backen
 load, ticks) and its decisions are carried out on ``VirtualCluster`` engines: a
 ``Dispatch`` submits the program's whole context (the engine's radix cache decides
 what is cached), a held request simply waits, ``Pin`` locks the program's cached
-prefix (the Continuum baseline's lever), sandboxes take time to become ready and hold
-disk until collected. Closed loop: ``concurrency`` programs run at once; when one
+prefix (the Continuum baseline's lever), ``Retain`` is a one-token request over the
+program's computed context carrying the rank as its priority (what the gateway sends
+SGLang), sandboxes take time to become ready and hold disk until collected. Each policy's
+engines run with the SGLang flags it declares (``Policy.engine_flags``). Closed loop: ``concurrency`` programs run at once; when one
 ends the next trace starts, so every policy sees the same programs in the same order.
 """
 
@@ -18,7 +20,7 @@ from typing import Iterator
 
 from scheduler.core import (
     BackendObserved, BackendView, Decision, Dispatch, Pin, PrepareSandbox, ProgramReleased, RequestArrived,
-    RequestFinished, Scheduler, Tick, ToolEnded, Unpin, CollectSandbox,
+    RequestFinished, Retain, Scheduler, Tick, ToolEnded, Unpin, CollectSandbox, policy_class,
 )
 from scheduler.sim.cluster import VirtualCluster, percentile
 from scheduler.sim.engine import SimRequest
@@ -41,6 +43,7 @@ class AgenticResult:
     peak_sandbox_bytes: int = 0
     pauses: int = 0
     resumes: int = 0
+    retains: int = 0  # one-token Retain requests sent
     wall_s: float = 0.0
     decision_p99_us: float = 0.0
 
@@ -64,6 +67,7 @@ class AgenticResult:
             "peak_sandbox_gb": round(self.peak_sandbox_bytes / 1024**3, 1),
             "pauses": self.pauses,
             "resumes": self.resumes,
+            "retains": self.retains,
         }
 
 
@@ -81,14 +85,18 @@ class _Prog:
 class AgenticSimulation:
     def __init__(self, policy: str, family: Family, concurrency: int, *, engines: int = 1,
                  preset: str = "llama-3.1-70b-h100-tp4", kv_capacity_tokens: int | None = None, seed: int = 0,
-                 start_spread_s: float = 10.0, max_tokens: int = 4096, **policy_options: object) -> None:
+                 start_spread_s: float = 10.0, max_tokens: int = 4096, engine_flags: dict | None = None,
+                 **policy_options: object) -> None:
         self.family, self.concurrency, self.seed = family, concurrency, seed
-        self.cluster = VirtualCluster(engines, preset, seed=seed, enable_priority_scheduling=True,
-                                      kv_capacity_tokens=kv_capacity_tokens)
+        flags = policy_class(policy).engine_flags if engine_flags is None else engine_flags
+        self.cluster = VirtualCluster(engines, preset, seed=seed, kv_capacity_tokens=kv_capacity_tokens,
+                                      **flags)  # type: ignore[arg-type]
         e0 = self.cluster.engines[0]
         per_token = e0.cost.prefill_time([(1000, 0)]) / 1000
         self.sched = Scheduler(policy, backends=[
-            BackendView(e.name, e.capacity, prefill_s_per_token=per_token) for e in self.cluster.engines],
+            BackendView(e.name, e.capacity, prefill_s_per_token=per_token,
+                        ranks_kv=e.radix_eviction_policy == "priority" and not e.priority_scheduling)
+            for e in self.cluster.engines],
             **policy_options)
         self.engine_index = {e.name: i for i, e in enumerate(self.cluster.engines)}
         self.system = self.cluster.fresh_tokens(family.system_tokens)
@@ -139,13 +147,17 @@ class AgenticSimulation:
         if isinstance(d, Dispatch):
             prog = self.progs[d.program_id]
             turn = prog.trace.turns[prog.turn]
+            rank = d.priority if d.priority is not None else int(d.retain_until or 0)
             req = SimRequest(rid=d.rid, input_ids=prog.context, max_new_tokens=turn.output_tokens, ignore_eos=True,
-                             priority=d.priority or 0, meta={"program": prog.id})
+                             priority=rank, meta={"program": prog.id})
             self.cluster.submit(req, engine=self.engine_index[d.backend], on_finish=self._finished)
         elif isinstance(d, Pin):
             prog = self.progs.get(d.program_id)
             if prog is not None:
                 self.cluster.engines[self.engine_index[d.backend]].pin(d.program_id, prog.context)
+        elif isinstance(d, Retain):
+            # after the event that decided it: the finishing call's output joins the context first
+            self.cluster.clock.call_at(now, lambda: self._retain(d))
         elif isinstance(d, Unpin):
             self.cluster.engines[self.engine_index[d.backend]].unpin(d.program_id)
         elif isinstance(d, PrepareSandbox):
@@ -153,6 +165,22 @@ class AgenticSimulation:
             self._account_disk()
         elif isinstance(d, CollectSandbox):
             self._sandboxes.pop(d.program_id, None)
+
+    def _retain(self, d: Retain) -> None:
+        prog = self.progs.get(d.program_id)
+        if prog is None:
+            return
+        self._rid_seq += 1
+        self.result.retains += 1
+        req = SimRequest(rid=f"{prog.id}-retain-{self._rid_seq}", input_ids=prog.context[:prog.computed],
+                         max_new_tokens=1, ignore_eos=True, priority=int(d.until), meta={"retain": prog.id})
+        self.cluster.submit(req, engine=self.engine_index[d.backend], on_finish=self._retained)
+
+    def _retained(self, req: SimRequest) -> None:
+        """A Retain request's own cost: what it had to prefill again (its context was evicted)
+        counts as recomputed; it is not a program's call."""
+        if req.finish_reason != "abort":
+            self.result.recomputed_tokens += max(0, req.prefilled_tokens - 1)
 
     def _account_disk(self) -> None:
         disk = len(self._sandboxes) * self.family.sandbox_bytes

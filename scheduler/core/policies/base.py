@@ -26,6 +26,12 @@ def make_policy(name: str, **options: Any) -> "Policy":
     return _REGISTRY[name](**options)
 
 
+def policy_class(name: str) -> type["Policy"]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]  # type: ignore[return-value]
+
+
 def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -36,6 +42,10 @@ class Policy:
 
     name = "policy"
     tick_s: float = 1.0  # how often a driver should send ``Tick``
+    # The SGLang flags this policy is designed for (the simulator runs each policy's engines
+    # with them; deploy/helm sets them on the backends). SGLang's defaults: FCFS, LRU eviction.
+    engine_flags: dict[str, object] = {}
+    ranks_kv: bool = False  # its dispatches carry ``retain_until`` (needs priority eviction)
 
     def attach(self, sched: "Scheduler") -> None:
         self.s = sched

@@ -26,6 +26,12 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   least-attained-service tenant, paused programs before new ones, smallest first
   (cheapest to rebuild, quickest to finish a step). Affinity: a program resumes on the
   backend that holds its KV when it fits there, else by best fit.
+- **Kept KV outlives released KV on the engine.** Keeping a program's KV is worth nothing
+  if the engine's LRU evicts it for more recently used KV of programs we released. With
+  SGLang's priority eviction (``--radix-eviction-policy priority``) every call is ranked by
+  its dispatch time and a kept acting program by the end of its expected tool call
+  (``Retain``: a one-token request over its context), once per tool call and only when
+  programs wait for memory. The ranks lapse by themselves: later calls outrank them.
 - **Sandboxes** of the next programs to be restored are prepared (at the tick) before they resume.
 """
 
@@ -44,6 +50,9 @@ from scheduler.core.state import BackendView, Phase, Program, Status
 @register("program")
 class ProgramPolicy(CapacityPolicy):
     check_interval_s = 1.0
+    engine_flags = {"radix_eviction_policy": "priority"}
+    ranks_kv = True
+    retain_max_s = 600.0  # the longest a kept program's KV is ranked ahead at once
 
     def __init__(self, check_interval_s: float | None = None, capacity_fraction: float = 1.0,
                  admit_fraction: float = 0.9, prepare_ahead: int = 4, starvation_s: float = 300.0,
@@ -116,11 +125,24 @@ class ProgramPolicy(CapacityPolicy):
         held = self.footprint(b, now)
         return p.tokens * remaining < self.keep_factor * b.prefill_s_per_token * p.tokens * max(held, p.tokens)
 
+    def retain(self, p: Program, now: float) -> None:
+        """Rank a kept acting program's KV to the end of its expected tool call, so the engine
+        evicts released programs' KV first. Once per tool call (at its start, or at the first
+        tick that finds programs waiting for memory): renewing a rank that has lapsed
+        would re-prefill whatever the engine evicted meanwhile (measured: more recompute and a
+        worse p95 than letting it lapse)."""
+        remaining = self.s.tools[p.tool].expected_remaining(p.time_in_tool(now)) if p.tool else 0.0
+        self.s.retain(p, now + min(self.retain_max_s, max(remaining, 2 * self.check_interval_s)))
+
     def on_tool_start(self, p: Program, now: float) -> None:
         if p.status is Status.ACTIVE:
-            self.set_kept(p, self.worth_keeping(p, now))
+            p.retain_until = None
+            demand = self.demand()
+            self.set_kept(p, self.worth_keeping(p, now, demand=demand))
             if not p.kept:
                 self.restore(now)
+            elif demand:
+                self.retain(p, now)
 
     def on_finished(self, p: Program, now: float) -> None:
         self.restore(now)  # its output is known now; headroom it reserved may be free
@@ -158,6 +180,8 @@ class ProgramPolicy(CapacityPolicy):
                 for p in self.s.resident[b.name].values():
                     if p.phase is Phase.ACTING and p.kept:
                         self.set_kept(p, self.worth_keeping(p, now, demand=True))
+                        if p.kept and p.retain_until is None:  # kept before anyone waited
+                            self.retain(p, now)
         for b in self.s.healthy_backends():
             self.relieve(b, now)
         self.restore(now, tick=True)

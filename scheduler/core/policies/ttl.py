@@ -20,6 +20,8 @@ _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 @register("ttl")
 class TTLPolicy(Policy):
+    engine_flags = {"enable_priority_scheduling": True}  # resumes go first by their priority
+
     def __init__(self, pressure_used_fraction: float = 0.95) -> None:
         self.pressure = pressure_used_fraction
         self._order: dict[str, int] = {}
