@@ -6,7 +6,7 @@ import pytest
 
 from scheduler.core import (
     BackendObserved, BackendView, CollectSandbox, Dispatch, Pause, Pin, PrepareSandbox, ProgramReleased,
-    RequestArrived, RequestFinished, Resume, Scheduler, Status, Tick, ToolDurations, ToolEnded, Unpin,
+    RequestArrived, RequestFinished, Resume, Retain, Scheduler, Status, Tick, ToolDurations, ToolEnded, Unpin,
     UnknownProgram, make_policy,
 )
 
@@ -181,6 +181,32 @@ def test_program_keeps_short_tools_releases_heavy_tails_when_others_wait():
     # a comes back: it was kept, so it is dispatched at once
     s.handle(ToolEnded(1.6, "a"))
     assert dispatched(arrive(s, 4.1, "a", 8200, rid="a2", max_tokens=100)) == [("a", "b0")]
+
+
+@pytest.mark.parametrize("ranks", [True, False])
+def test_program_ranks_kv_only_on_backends_that_evict_by_priority(ranks: bool):
+    """On a backend with SGLang's priority eviction: every call carries its dispatch time as its
+    rank, and a program kept through a tool call while others wait gets one Retain to the end
+    of its expected tool time (a lapsed rank is not renewed). Elsewhere: neither."""
+    s = sched("program", 20_000)
+    s.backends["b0"].prefill_s_per_token = 1e-2  # recomputing is dear: short tools are kept
+    s.handle(BackendObserved(0, "b0", 20_000, ranks_kv=ranks))
+    for _ in range(20):
+        s.tools.record("ls", 3.0)
+    out = arrive(s, 5, "a", 8000, rid="a", max_tokens=100) + arrive(s, 5, "b", 8000, rid="b", max_tokens=100)
+    assert [d.retain_until for d in out if isinstance(d, Dispatch)] == ([5, 5] if ranks else [None, None])
+    arrive(s, 6, "w", 8000, rid="w", max_tokens=100)  # does not fit: someone waits
+    out = s.handle(RequestFinished(9, "a", 8000, 100, tool="ls"))
+    assert s.programs["a"].kept
+    retains = [d for d in out if isinstance(d, Retain)]
+    assert [(d.program_id, d.backend, d.until) for d in retains] == ([("a", "b0", 12.0)] if ranks else [])
+    out = s.handle(Tick(11.5)) + s.handle(Tick(12.6))  # still kept past its rank: not renewed
+    assert not [d for d in out if isinstance(d, Retain)]
+    # request, thunderagent and ttl never rank: they send SGLang nothing new
+    for policy in ("request", "thunderagent", "ttl"):
+        t = sched(policy, 20_000)
+        t.handle(BackendObserved(0, "b0", 20_000, ranks_kv=True))
+        assert all(d.retain_until is None for d in arrive(t, 0, "x", 100, rid="x") if isinstance(d, Dispatch))
 
 
 def test_program_relieves_growth_down_to_the_admission_mark():

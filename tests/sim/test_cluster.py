@@ -45,3 +45,26 @@ def test_submit_at_a_time_with_finish_callback() -> None:
 
 def test_percentile_nearest_rank() -> None:
     assert percentile([3, 1, 2, 4], 50) == 2 and percentile([3, 1, 2, 4], 99) == 4
+
+
+def test_a_retain_request_protects_a_context_under_priority_eviction_and_not_under_lru() -> None:
+    """The program policy's Retain on an engine with ``--radix-eviction-policy priority``: a
+    one-token request over a context, ranked ahead, keeps it through a flood of later calls
+    ranked by their dispatch time; on an LRU engine the same flood evicts it."""
+    def cached_after_flood(eviction: str) -> int:
+        cluster = VirtualCluster(1, "llama-3.1-8b-h100", kv_capacity_tokens=20_000,
+                                 radix_eviction_policy=eviction)
+        kept = cluster.fresh_tokens(6_000)
+        done: list[SimRequest] = []
+        cluster.submit(SimRequest("a", kept, max_new_tokens=4, ignore_eos=True, priority=1), at=0.0)
+        cluster.submit(SimRequest("a-retain", kept, max_new_tokens=1, ignore_eos=True, priority=100), at=5.0)
+        for i in range(6):  # 36k tokens of newer calls, ranked by their dispatch time (10..15)
+            cluster.submit(SimRequest(f"f{i}", cluster.fresh_tokens(6_000), max_new_tokens=4, ignore_eos=True,
+                                      priority=10 + i), at=10.0 + i)
+        cluster.submit(SimRequest("a2", kept + [7], max_new_tokens=1, ignore_eos=True, priority=30), at=60.0,
+                       on_finish=done.append)
+        cluster.run(120)
+        return done[0].cached_tokens
+
+    assert cached_after_flood("priority") >= 5_999
+    assert cached_after_flood("lru") == 0
