@@ -89,6 +89,7 @@ class SchedulerCollector:
         c = sched.counters
         for name, key, doc in (("pauses", "pauses", "Programs paused."), ("resumes", "resumes", "Programs resumed."),
                                ("dispatches", "dispatches", "LLM calls dispatched."),
+                               ("retains", "retains", "Kept programs' KV ranked ahead of released KV on the engine."),
                                ("programs_released", "released", "Programs released.")):
             yield CounterMetricFamily(f"orchestrator_scheduler_{name}", doc, value=c[key])
         yield GaugeMetricFamily("orchestrator_scheduler_pinned_tokens", "KV tokens of pinned programs.", value=pinned)

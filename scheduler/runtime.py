@@ -8,7 +8,10 @@ called a tool go back as ``RequestFinished``. A backend that fails a call while 
 serve is marked down in the core (its programs are placed again elsewhere) and, if the caller
 has seen no output yet, the call is placed again on a healthy backend (the only backend is
 never marked down by one failed call: the caller retries, the observation judges it); the
-periodic observation brings a backend back when it answers. Backends are observed periodically
+periodic observation brings a backend back when it answers. On a backend that evicts cached
+KV by priority (``Capacity.ranks_kv``) each call carries its rank as its ``priority`` (wall-clock
+seconds, so that every service replica ranks alike), and a ``Retain`` is a one-token call over
+the program's last context (its last call and what it answered) with the rank as priority. Backends are observed periodically
 (capacity and live load) and the policy gets its ticks. Everything runs on one event
 loop, so the core needs no locks.
 """
@@ -22,11 +25,13 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
-from scheduler.backends.base import Backend, BackendError, GenerateRequest, GenerationChunk, StreamInterrupted
+from scheduler.backends.base import (
+    Backend, BackendError, GenerateRequest, GenerationChunk, StreamInterrupted, new_rid,
+)
 from scheduler.backends.pool import NoBackendAvailable
 from scheduler.core import (
     BackendObserved, BackendView, CollectSandbox, Decision, Dispatch, PrepareSandbox, ProgramReleased,
-    RequestArrived, RequestFinished, Scheduler, Tick, ToolEnded, ToolStarted, UnknownProgram,
+    RequestArrived, RequestFinished, Retain, Scheduler, Tick, ToolEnded, ToolStarted, UnknownProgram,
 )
 
 log = logging.getLogger("scheduler.runtime")
@@ -50,6 +55,8 @@ def estimate_tokens(request: GenerateRequest) -> int:
 class RuntimeStats:
     backend_failures: dict[str, int] = field(default_factory=dict)  # backend -> calls it failed
     calls_placed_again: int = 0  # failed before any output, then placed on another backend
+    retains_sent: int = 0  # one-token Retain calls that reached a backend
+    retains_failed: int = 0
     decisions: int = 0
     decision_seconds: list[float] = field(default_factory=list)
     held_seconds: list[float] = field(default_factory=list)
@@ -81,6 +88,9 @@ class ProgramRuntime:
         self.stats = RuntimeStats()
         self.token_totals = {"prompt": 0, "cached": 0}
         self._sandboxless: set[str] = set()  # programs that run no tools: no sandbox prepared or collected
+        # program -> its last call and the answer, on backends that rank KV (what a Retain resends)
+        self._last_context: dict[str, GenerateRequest] = {}
+        self._wall_offset = time.time() - clock()  # core times -> wall-clock seconds for ranks
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -119,7 +129,7 @@ class ProgramRuntime:
             try:
                 cap, load = await asyncio.gather(b.capacity(), b.load())
                 return BackendObserved(self.clock(), name, cap.max_total_tokens, load.used_tokens, load.running,
-                                       load.queued, True)
+                                       load.queued, True, ranks_kv=cap.ranks_kv)
             except (BackendError, OSError, asyncio.TimeoutError) as exc:
                 log.warning("backend %s not observable: %s", name, exc)
                 view = self.sched.backends[name]
@@ -146,6 +156,11 @@ class ProgramRuntime:
             fut = self._waiters.pop(d.rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(d)
+            return
+        if isinstance(d, Retain):
+            context = self._last_context.get(d.program_id)
+            if context is not None:
+                asyncio.get_running_loop().create_task(self._retain(d, context))
             return
         hook = self._hooks.get(type(d))  # type: ignore[call-overload]
         if hook is not None and getattr(d, "program_id", None) not in self._sandboxless:
@@ -240,11 +255,20 @@ class ProgramRuntime:
             backend = self.backends[dispatch.backend]
             if dispatch.priority is not None:
                 request = request.model_copy(update={"priority": dispatch.priority})
+            elif dispatch.retain_until is not None:
+                request = request.model_copy(update={"priority": self._rank(dispatch.retain_until)})
+            text: list[str] = []
+            ids: list[int] = []
             async for chunk in backend.stream(request):
+                if dispatch.retain_until is not None:
+                    text.append(chunk.text)
+                    ids.extend(chunk.token_ids)
                 if chunk.finish_reason is not None:
                     usage = chunk.usage
                     tool = chunk.tool_calls[0].name if chunk.tool_calls else None
                     finished = True
+                    if dispatch.retain_until is not None and tool is not None:
+                        self._remember(dispatch.program_id, request, "".join(text), ids, chunk)
                     if usage is not None:
                         self.token_totals["prompt"] += usage.prompt_tokens
                         self.token_totals["cached"] += usage.cached_tokens
@@ -265,10 +289,49 @@ class ProgramRuntime:
                 self._handle(RequestFinished(self.clock(), request.rid, estimate_tokens(request), 0, 0,
                                              aborted=True))
 
+    # ---- Retain: eviction ranks on SGLang ------------------------------------------------------
+
+    def _rank(self, at: float) -> int:
+        """A core time as the integer wall-clock second SGLang compares ranks in."""
+        return int(at + self._wall_offset)
+
+    def _remember(self, program_id: str, request: GenerateRequest, text: str, ids: list[int],
+                  last: GenerationChunk) -> None:
+        """The program's context after this call, as a one-token request that covers it."""
+        update: dict[str, object] = {"max_tokens": 1, "logprobs": False, "top_logprobs": 0,
+                                     "prompt_logprobs": False, "prompt_top_logprobs": 0, "priority": None}
+        if request.messages is not None:
+            answer: dict[str, object] = {"role": "assistant", "content": text or None}
+            if last.tool_calls:
+                answer["tool_calls"] = [{"id": tc.id, "type": "function",
+                                         "function": {"name": tc.name, "arguments": tc.arguments}}
+                                        for tc in last.tool_calls]
+            update["messages"] = [*request.messages, answer]
+        elif request.prompt is not None:
+            update["prompt"] = request.prompt + text
+        else:
+            update["input_ids"] = [*(request.input_ids or []), *ids]
+        self._last_context[program_id] = request.model_copy(update=update)
+
+    async def _retain(self, d: Retain, context: GenerateRequest) -> None:
+        """Send the one-token call that raises the program's cached path to its rank. Not a
+        program call: the core never sees it; a failure costs only the rank."""
+        backend = self.backends.get(d.backend)
+        if backend is None:
+            return
+        request = context.model_copy(update={"rid": new_rid(), "priority": self._rank(d.until)})
+        try:
+            await backend.generate(request)
+            self.stats.retains_sent += 1
+        except BackendError as exc:
+            self.stats.retains_failed += 1
+            log.debug("retain of %s on %s failed: %s", d.program_id, d.backend, exc)
+
     def release(self, program_id: str, tenant: str) -> None:
         if self.owners.get(program_id) != tenant:
             raise UnknownProgram(program_id)
         self.owners.pop(program_id, None)
+        self._last_context.pop(program_id, None)
         try:
             self._handle(ProgramReleased(self.clock(), program_id))
         except UnknownProgram:

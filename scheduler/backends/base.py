@@ -138,6 +138,9 @@ class Generation(BaseModel):
 class Capacity(BaseModel):
     max_total_tokens: int = Field(description="KV cache size in tokens")
     max_context_tokens: int | None = None
+    ranks_kv: bool = Field(default=False, description=(
+        "Evicts cached KV by request priority, lowest first (SGLang's --radix-eviction-policy priority), "
+        "with no queue ordering that a rank would disturb: the program policy's Retain lever"))
 
 
 class Load(BaseModel):

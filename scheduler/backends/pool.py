@@ -295,7 +295,7 @@ class BackendPool(Backend):
             raise NoBackendAvailable(f"{self.name}: no healthy backend reports capacity", backend=self.name)
         ctx = [c.max_context_tokens for c in ok if c.max_context_tokens]
         return Capacity(max_total_tokens=sum(c.max_total_tokens for c in ok), max_context_tokens=min(ctx) if ctx
-                        else None)
+                        else None, ranks_kv=all(c.ranks_kv for c in ok))
 
     async def load(self) -> Load:
         loads = await asyncio.gather(*(m.backend.load() for m in self.members.values() if m.healthy),

@@ -43,6 +43,21 @@ def _generate_logprobs(entries: list[Any] | None, tops: list[Any] | None = None)
     return out
 
 
+def ranks_kv(server_info: dict[str, Any]) -> bool:
+    """Can calls carry an eviction rank as their ``priority``? With ``--radix-eviction-policy
+    priority`` the radix cache evicts the lowest priority first. ``--enable-priority-scheduling``
+    reads the same field as queue order, largest first by default, and preempts a running call
+    for one ranked 10 higher: ranks (times in seconds) would turn the queue around. It is
+    compatible only with ``--schedule-low-priority-values-first`` (oldest first, as FCFS) and
+    ``--disable-priority-preemption``."""
+    if server_info.get("radix_eviction_policy") != "priority":
+        return False
+    if not server_info.get("enable_priority_scheduling"):
+        return True
+    return bool(server_info.get("schedule_low_priority_values_first")
+                and server_info.get("disable_priority_preemption"))
+
+
 class SGLangBackend(Backend):
     def __init__(
         self,
@@ -212,7 +227,8 @@ class SGLangBackend(Backend):
     async def capacity(self) -> Capacity:
         info = await self._get_json("/get_server_info")
         return Capacity(max_total_tokens=info["max_total_num_tokens"],
-                        max_context_tokens=info.get("max_req_input_len") or info.get("context_length"))
+                        max_context_tokens=info.get("max_req_input_len") or info.get("context_length"),
+                        ranks_kv=ranks_kv(info))
 
     async def load(self) -> Load:
         try:

@@ -356,7 +356,9 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                 "max_req_input_len": min(e.capacity, e.cost.context_length) - 1,
                 "context_length": e.cost.context_length, "chunked_prefill_size": e.chunk_size,
                 "max_running_requests": e.max_running, "enable_priority_scheduling": e.priority_scheduling,
-                "radix_eviction_policy": e.radix_eviction_policy, "enable_cache_report": True, "enable_metrics": True, "version": "sim", "status": "ready",
+                "radix_eviction_policy": e.radix_eviction_policy,
+                "schedule_low_priority_values_first": False, "disable_priority_preemption": True,
+                "enable_cache_report": True, "enable_metrics": True, "version": "sim", "status": "ready",
                 "sim_preset": e.cost.name, "sim_speed": speed,
                 "internal_states": [{"memory_usage": {"token_capacity": e.capacity},
                                      "effective_max_running_requests_per_dp": e.max_running}]}

@@ -1,0 +1,91 @@
+"""The runtime carries the program policy's KV ranks to a backend that evicts by priority.
+
+A recording backend (a unit test of the runtime's translation: what the proof on engines is,
+see tests/sim/test_cluster.py and tests/backends/test_sglang_retain.py) reports
+``ranks_kv``; every call then carries its dispatch time as a wall-clock ``priority``, and a
+program kept through a tool call while another waits gets one one-token call over its last
+context (its messages and the answer with its tool call), ranked at the end of the tool's
+expected time. A backend that does not rank gets neither."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import pytest
+
+from scheduler.backends.base import Backend, Capacity, GenerateRequest, GenerationChunk, Load, ToolCall, Usage
+from scheduler.runtime import ProgramRuntime
+
+
+class Recorder(Backend):
+    def __init__(self, ranks: bool, capacity: int) -> None:
+        self.name, self.ranks, self.cap = "rec", ranks, capacity
+        self.calls: list[GenerateRequest] = []
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        self.calls.append(request)
+        tool = request.max_tokens > 1 and request.tools is not None
+        yield GenerationChunk(rid=request.rid, text="let me look")
+        yield GenerationChunk(rid=request.rid, finish_reason="tool_calls" if tool else "stop",
+                              tool_calls=[ToolCall(id="c1", name="ls", arguments="{}")] if tool else [],
+                              usage=Usage(prompt_tokens=6000, completion_tokens=3))
+
+    async def abort(self, rid: str) -> None: ...
+
+    async def capacity(self) -> Capacity:
+        return Capacity(max_total_tokens=self.cap, ranks_kv=self.ranks)
+
+    async def load(self) -> Load:
+        return Load()
+
+    async def health(self) -> bool:
+        return True
+
+
+def chat(text: str) -> GenerateRequest:
+    return GenerateRequest(messages=[{"role": "user", "content": text * 6000}], max_tokens=50,
+                           tools=[{"type": "function", "function": {"name": "ls", "parameters": {}}}])
+
+
+@pytest.mark.parametrize("ranks", [True, False])
+async def test_ranks_and_retain_calls_reach_a_ranking_backend_only(ranks: bool) -> None:
+    backend = Recorder(ranks, capacity=8_000)
+    runtime = ProgramRuntime({"rec": backend}, prefill_s_per_token=1e-2, observe_interval_s=60)
+    for _ in range(20):
+        runtime.sched.tools.record("ls", 30.0)
+    await runtime.start()
+    waiting = None
+    try:
+        before = int(time.time())
+        [c async for c in runtime.stream("a", "t", chat("a"))]
+        first = backend.calls[0]
+        # b arrives while a's tool runs and does not fit beside a's 6,000 kept tokens: demand
+        waiting = asyncio.ensure_future(_drain(runtime.stream("b", "t", chat("b"))))
+        for _ in range(40):  # the next tick (1 s) finds a kept while b waits: one Retain
+            await asyncio.sleep(0.05)
+            if len(backend.calls) > 1:
+                break
+        assert runtime.sched.programs["a"].kept and not waiting.done()
+        if not ranks:
+            assert first.priority is None and len(backend.calls) == 1 and runtime.sched.counters["retains"] == 0
+            return
+        assert before <= first.priority <= int(time.time())
+        retain = backend.calls[-1]
+        assert len(backend.calls) == 2 and retain.max_tokens == 1 and retain.rid != first.rid
+        assert retain.messages[:-1] == first.messages and retain.tools == first.tools
+        assert retain.messages[-1] == {"role": "assistant", "content": "let me look", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}
+        assert int(time.time()) + 25 <= retain.priority <= int(time.time()) + 31  # ~30 s of "ls" ahead
+        await asyncio.sleep(1.2)  # later ticks: it is not renewed
+        assert len(backend.calls) == 2 and runtime.stats.retains_sent == 1
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+        await runtime.close()
+
+
+async def _drain(stream: AsyncIterator[GenerationChunk]) -> None:
+    async for _ in stream:
+        pass
