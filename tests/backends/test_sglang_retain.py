@@ -1,0 +1,80 @@
+"""The program policy's Retain lever on real SGLang 0.5.23 (tier `sglang`).
+
+A second real server runs with ``--radix-eviction-policy priority`` (and, since serve.sh enables
+priority scheduling, ``--schedule-low-priority-values-first --disable-priority-preemption``, the
+only queue settings under which a rank cannot turn the queue around). Two contexts of 3,000
+tokens are cached with the same rank; one gets the one-token Retain call ranked ahead; then
+newer calls, ranked by their dispatch time, overflow the KV pool. The retained context is still
+fully cached, the other is evicted: SGLang's eviction honours the ranks. On the session's default
+server (LRU eviction) the same sequence evicts both. The backend reports the lever
+(``Capacity.ranks_kv``) on the first server and not on the second."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import time
+from typing import Iterator
+
+import pytest
+
+from scheduler.backends import GenerateRequest
+from scheduler.backends.sglang import SGLangBackend
+from tests.backends.conftest import SGLANG_CPU
+from tests.servers import free_port
+
+pytestmark = pytest.mark.sglang
+FLAGS = ["--radix-eviction-policy", "priority", "--schedule-low-priority-values-first",
+         "--disable-priority-preemption"]
+
+
+@pytest.fixture(scope="module")
+def ranking_url(sglang_url: str) -> Iterator[str]:  # after the session server: install done
+    port = str(free_port())
+    out = subprocess.run(["bash", str(SGLANG_CPU / "serve.sh"), port, *FLAGS], check=True, timeout=400,
+                         capture_output=True, text=True)
+    try:
+        yield out.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(SGLANG_CPU / "stop.sh"), port], timeout=60)
+
+
+def ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1000, 40000) for _ in range(n)]
+
+
+async def flood_test(backend: SGLangBackend, capacity: int, seed: int) -> tuple[int, int]:
+    """Cache two contexts at one rank, retain one, overflow the pool with newer calls; what is
+    left of each (cached tokens of a call over it)."""
+    rng = random.Random(seed)
+    kept, released = ids(rng, 3000), ids(rng, 3000)
+    now = int(time.time())
+
+    async def call(tokens: list[int], rank: int) -> int:
+        g = await backend.generate(GenerateRequest(input_ids=tokens, max_tokens=1, priority=rank))
+        return g.usage.cached_tokens
+
+    await call(kept, now)
+    await call(released, now)
+    assert await call(kept, now + 600) >= 2990  # the Retain: a one-token call ranked ahead
+    flood = 0
+    while flood < capacity:  # newer calls, each ranked by its dispatch time
+        await call(ids(rng, 3000), int(time.time()))
+        flood += 3000
+    return await call(kept, int(time.time())), await call(released, int(time.time()))
+
+
+async def test_a_retained_context_outlives_newer_calls_and_an_unretained_one_does_not(ranking_url, sglang_url):
+    ranking = SGLangBackend(ranking_url, read_timeout=300)
+    default = SGLangBackend(sglang_url, read_timeout=300)
+    try:
+        cap = await ranking.capacity()
+        assert cap.ranks_kv and not (await default.capacity()).ranks_kv
+        kept, released = await flood_test(ranking, cap.max_total_tokens, seed=7)
+        assert kept >= 2990 and released < 100  # the lowest rank went first; the retained stayed
+        # the same on the session's default server (LRU): both are gone, the retained one too
+        kept, released = await flood_test(default, (await default.capacity()).max_total_tokens, seed=8)
+        assert kept < 100 and released < 100
+    finally:
+        await ranking.close()
+        await default.close()
