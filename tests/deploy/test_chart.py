@@ -199,6 +199,10 @@ def test_dev_profile_service_finds_the_simulator_pods(results: dict[str, Any], m
     [engine] = sts["spec"]["template"]["spec"]["containers"]
     assert engine["command"] == ["python", "-m", "scheduler.sim.server"]
     assert "--speed=10" in engine["args"] and "--host=0.0.0.0" in engine["args"]
+    # the program policy's Retain: the simulator evicts by rank, with no priority queue (it
+    # models only SGLang's default order, largest first, which ranks would turn around)
+    assert "--radix-eviction-policy=priority" in engine["args"]
+    assert "--enable-priority-scheduling" not in engine["args"]
     assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
     # One pod on SQLite: no rolling update with two pods on one file, no PDB, no migration Job.
     [dep] = find(objs, "Deployment")
@@ -220,7 +224,7 @@ def test_simulator_args_are_accepted_by_its_cli(results: dict[str, Any]) -> None
             "s.main(sys.argv[1:])\n")
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "capacity 50000 speed 5.0 model sim" in proc.stdout
+    assert "capacity 50000 speed 5.0 model sim" in proc.stdout and "--radix-eviction-policy=priority" in args
     assert "listen 0.0.0.0 30000" in proc.stdout
 
 
@@ -248,7 +252,10 @@ def test_production_profile(results: dict[str, Any], monkeypatch: pytest.MonkeyP
     assert sts["spec"]["replicas"] == 2
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == 1
     for flag in ("--enable-metrics", "--enable-cache-report", "--enable-priority-scheduling",
-                 "--tool-call-parser=llama3", "--model-path=meta-llama/Llama-3.1-8B-Instruct"):
+                 "--tool-call-parser=llama3", "--model-path=meta-llama/Llama-3.1-8B-Instruct",
+                 # the program policy's Retain: eviction by rank, a queue that ranks cannot turn around
+                 "--radix-eviction-policy=priority", "--schedule-low-priority-values-first",
+                 "--disable-priority-preemption"):
         assert flag in engine["args"]
     env = {k: v for k, v in _env_of(objs).items()}
     settings = _settings({**env, "ORCH_DATABASE_URL": "postgresql+asyncpg://u:p@h/d"}, monkeypatch)
