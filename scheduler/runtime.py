@@ -88,7 +88,8 @@ class ProgramRuntime:
         self.stats = RuntimeStats()
         self.token_totals = {"prompt": 0, "cached": 0}
         self._sandboxless: set[str] = set()  # programs that run no tools: no sandbox prepared or collected
-        # program -> its last call and the answer, on backends that rank KV (what a Retain resends)
+        # program -> its last call and the answer, on backends that rank KV (what a Retain resends);
+        # held from a call that ends in a tool call to the program's next call or its release
         self._last_context: dict[str, GenerateRequest] = {}
         self._wall_offset = time.time() - clock()  # core times -> wall-clock seconds for ranks
 
@@ -185,6 +186,7 @@ class ProgramRuntime:
         if unknown:
             raise ValueError(f"unknown backends {unknown}; configured: {sorted(self.backends)}")
         self.claim(program_id, tenant)
+        self._last_context.pop(program_id, None)  # held only while its tool runs
         if not sandbox:
             self._sandboxless.add(program_id)
         if not self._available(backends):
