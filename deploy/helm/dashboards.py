@@ -183,7 +183,11 @@ DASHBOARDS = [
                   ("sum(rate(orchestrator_scheduler_pauses_total{NS}[{RI}]))", "pauses"),
                   ("sum(rate(orchestrator_scheduler_resumes_total{NS}[{RI}]))", "resumes"),
                   ("sum(rate(orchestrator_scheduler_programs_released_total{NS}[{RI}]))", "released")], "ops"),
-              P("Dispatches", [("sum(rate(orchestrator_scheduler_dispatches_total{NS}[{RI}]))", "calls")], "ops"),
+              P("Dispatches and Retains", [
+                  ("sum(rate(orchestrator_scheduler_dispatches_total{NS}[{RI}]))", "calls"),
+                  ("sum(rate(orchestrator_scheduler_retains_total{NS}[{RI}]))", "retains")], "ops",
+                description="Retains: one-token calls that rank a kept program's KV ahead of released KV "
+                            "(backends with --radix-eviction-policy priority)."),
               P("Pinned KV tokens", [("sum(orchestrator_scheduler_pinned_tokens{NS})", "pinned")]),
           ]),
           ("Cache and decisions", [
