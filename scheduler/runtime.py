@@ -11,8 +11,8 @@ never marked down by one failed call: the caller retries, the observation judges
 periodic observation brings a backend back when it answers. On a backend that evicts cached
 KV by priority (``Capacity.ranks_kv``) each call carries its rank as its ``priority`` (wall-clock
 seconds, so that every service replica ranks alike), and a ``Retain`` is a one-token call over
-the program's last context (its last call and what it answered) with the rank as priority. Backends are observed periodically
-(capacity and live load) and the policy gets its ticks. Everything runs on one event
+the program's last context (its last call and what it answered) with the rank as priority.
+Backends are observed periodically (capacity and live load) and the policy gets its ticks. Everything runs on one event
 loop, so the core needs no locks.
 """
 
@@ -92,6 +92,7 @@ class ProgramRuntime:
         # held from a call that ends in a tool call to the program's next call or its release
         self._last_context: dict[str, GenerateRequest] = {}
         self._wall_offset = time.time() - clock()  # core times -> wall-clock seconds for ranks
+        self._side_tasks: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -109,6 +110,8 @@ class ProgramRuntime:
             except asyncio.CancelledError:
                 pass
         self._tasks = []
+        for t in list(self._side_tasks):
+            t.cancel()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.cancel()
@@ -161,12 +164,19 @@ class ProgramRuntime:
         if isinstance(d, Retain):
             context = self._last_context.get(d.program_id)
             if context is not None:
-                asyncio.get_running_loop().create_task(self._retain(d, context))
+                self._background(self._retain(d, context))
             return
         hook = self._hooks.get(type(d))  # type: ignore[call-overload]
         if hook is not None and getattr(d, "program_id", None) not in self._sandboxless:
-            asyncio.get_running_loop().create_task(hook(d.program_id))  # type: ignore[union-attr]
+            self._background(hook(d.program_id))  # type: ignore[union-attr]
         # Pause / Resume are bookkeeping; Pin / Unpin have no lever on SGLang.
+
+    def _background(self, coro: Awaitable[None]) -> None:
+        """Run a side effect (a sandbox hook, a Retain) without waiting; the loop keeps only a
+        weak reference to a task, so it is held here until done."""
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     # ---- the calls ---------------------------------------------------------------------------
 
@@ -325,7 +335,7 @@ class ProgramRuntime:
         try:
             await backend.generate(request)
             self.stats.retains_sent += 1
-        except BackendError as exc:
+        except Exception as exc:  # best effort: a backend error, or the runtime closing under it
             self.stats.retains_failed += 1
             log.debug("retain of %s on %s failed: %s", d.program_id, d.backend, exc)
 
