@@ -89,9 +89,13 @@ class SchedulerCollector:
         c = sched.counters
         for name, key, doc in (("pauses", "pauses", "Programs paused."), ("resumes", "resumes", "Programs resumed."),
                                ("dispatches", "dispatches", "LLM calls dispatched."),
-                               ("retains", "retains", "Kept programs' KV ranked ahead of released KV on the engine."),
                                ("programs_released", "released", "Programs released.")):
             yield CounterMetricFamily(f"orchestrator_scheduler_{name}", doc, value=c[key])
+        stats = rt.stats  # type: ignore[attr-defined]
+        yield CounterMetricFamily("orchestrator_scheduler_retains", "Retain calls sent: a kept program's KV "
+                                  "ranked ahead of released KV on the engine.", value=stats.retains_sent)
+        yield CounterMetricFamily("orchestrator_scheduler_retains_failed", "Retain calls that failed (the rank "
+                                  "is lost, nothing else).", value=stats.retains_failed)
         yield GaugeMetricFamily("orchestrator_scheduler_pinned_tokens", "KV tokens of pinned programs.", value=pinned)
         totals = rt.token_totals  # type: ignore[attr-defined]
         yield CounterMetricFamily("orchestrator_scheduler_prompt_tokens", "Prompt tokens of finished calls.",

@@ -11,7 +11,7 @@ never marked down by one failed call: the caller retries, the observation judges
 periodic observation brings a backend back when it answers. On a backend that evicts cached
 KV by priority (``Capacity.ranks_kv``) each call carries its rank as its ``priority`` (wall-clock
 seconds, so that every service replica ranks alike), and a ``Retain`` is a one-token call over
-the program's last context (its last call and what it answered) with the rank as priority.
+the program's last call and its output with the rank as priority.
 Backends are observed periodically (capacity and live load) and the policy gets its ticks. Everything runs on one event
 loop, so the core needs no locks.
 """
@@ -88,8 +88,8 @@ class ProgramRuntime:
         self.stats = RuntimeStats()
         self.token_totals = {"prompt": 0, "cached": 0}
         self._sandboxless: set[str] = set()  # programs that run no tools: no sandbox prepared or collected
-        # program -> its last call and the answer, on backends that rank KV (what a Retain resends);
-        # held from a call that ends in a tool call to the program's next call or its release
+        # program -> what a Retain resends (its last call, see _remember), on backends that rank KV;
+        # held from the end of a call to the program's next call or its release
         self._last_context: dict[str, GenerateRequest] = {}
         self._wall_offset = time.time() - clock()  # core times -> wall-clock seconds for ranks
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -279,8 +279,9 @@ class ProgramRuntime:
                     usage = chunk.usage
                     tool = chunk.tool_calls[0].name if chunk.tool_calls else None
                     finished = True
-                    if dispatch.retain_until is not None and tool is not None:
-                        self._remember(dispatch.program_id, request, "".join(text), ids, chunk)
+                    if dispatch.retain_until is not None and chunk.finish_reason != "abort":
+                        # every finished call: a tool phase may also start from a hint
+                        self._remember(dispatch.program_id, request, "".join(text), ids)
                     if usage is not None:
                         self.token_totals["prompt"] += usage.prompt_tokens
                         self.token_totals["cached"] += usage.cached_tokens
@@ -307,22 +308,24 @@ class ProgramRuntime:
         """A core time as the integer wall-clock second SGLang compares ranks in."""
         return int(at + self._wall_offset)
 
-    def _remember(self, program_id: str, request: GenerateRequest, text: str, ids: list[int],
-                  last: GenerationChunk) -> None:
-        """The program's context after this call, as a one-token request that covers it."""
+    def _remember(self, program_id: str, request: GenerateRequest, text: str, ids: list[int]) -> None:
+        """What a Retain resends after this call: a one-token request over the KV it left.
+        A raw prompt or token ids: those plus the output. A chat call: its messages plus its
+        answer's text as a final assistant message continued (SGLang's
+        ``continue_final_message``: the rendered prompt with its generation header, then the
+        text's tokens, which is what the call left cached). Without that flag 0.5.23 turns a
+        trailing assistant message into a user one. Tool calls are not resent: the tokens the
+        model wrote for them cannot be rebuilt from the parsed calls, so they keep the call's
+        own rank."""
         update: dict[str, object] = {"max_tokens": 1, "logprobs": False, "top_logprobs": 0,
                                      "prompt_logprobs": False, "prompt_top_logprobs": 0, "priority": None}
-        if request.messages is not None:
-            answer: dict[str, object] = {"role": "assistant", "content": text or None}
-            if last.tool_calls:
-                answer["tool_calls"] = [{"id": tc.id, "type": "function",
-                                         "function": {"name": tc.name, "arguments": tc.arguments}}
-                                        for tc in last.tool_calls]
-            update["messages"] = [*request.messages, answer]
-        elif request.prompt is not None:
+        if request.prompt is not None:
             update["prompt"] = request.prompt + text
-        else:
-            update["input_ids"] = [*(request.input_ids or []), *ids]
+        elif request.input_ids is not None:
+            update["input_ids"] = [*request.input_ids, *ids]
+        elif text and request.messages is not None:
+            update["messages"] = [*request.messages, {"role": "assistant", "content": text}]
+            update["extra_body"] = {**request.extra_body, "continue_final_message": True}
         self._last_context[program_id] = request.model_copy(update=update)
 
     async def _retain(self, d: Retain, context: GenerateRequest) -> None:

@@ -148,6 +148,8 @@ async def test_the_fast_route_keeps_the_api_s_errors_docs_metrics_and_aborts_on_
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         r = await http.post("/v1/chat/completions", json=ok, headers={"X-Program-Id": "p" * 201})
         assert r.status_code == 422 and r.json()["error"]["param"] == "x-program-id"
+        assert r.json()["error"]["code"] == "validation_error"
+        assert (await http.post("/v1/chat/completions/", json=ok)).status_code == 200  # trailing slash
         r = await http.get("/v1/chat/completions")
         assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
         assert r.headers["allow"] == "POST" and r.headers["x-request-id"]
@@ -155,6 +157,8 @@ async def test_the_fast_route_keeps_the_api_s_errors_docs_metrics_and_aborts_on_
 
         spec = (await http.get("/openapi.json")).json()
         op = spec["paths"]["/v1/chat/completions"]["post"]
+        assert op["operationId"] == "chat_completions_v1_chat_completions_post"  # as before: generated clients
+        assert set(op["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
         assert "program_id" in spec["components"]["schemas"][ref]["properties"]
         assert "ChatMessage" in spec["components"]["schemas"] and "ErrorBody" in spec["components"]["schemas"]
@@ -184,3 +188,38 @@ async def test_the_fast_route_keeps_the_api_s_errors_docs_metrics_and_aborts_on_
         for status in ("200", "401", "422"):
             assert f'orchestrator_http_requests_total{{method="POST",route="/v1/chat/completions",status="{status}"}}' \
                 in metrics
+
+
+async def test_a_client_that_leaves_before_the_answer_aborts_the_call(tmp_path: Path):
+    """Not streamed, or streamed but gone before the first token: the call is cancelled, which
+    aborts it on the engine, instead of running to its end for nobody."""
+    def aborted(metrics: str) -> float:
+        line = next(x for x in metrics.splitlines() if x.startswith("sglang:num_aborted_requests_total"))
+        return float(line.split()[-1])
+
+    # real time on the CPU preset: a 3,000-token prompt takes ~4.7 s before its first token
+    slow = SimServerProcess("--speed", "1", "--preset", "smollm2-135m-cpu").start()
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/gone.db", api_keys=KEYS, worker_enabled=False,
+                        log_json=False, backends=[{"name": "slow", "kind": "sglang", "url": slow.url}])
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000, "ignore_eos": True}
+    try:
+        async with running_server(settings) as service, httpx.AsyncClient(base_url=slow.url) as direct:
+            for stream in (False, True):
+                before = aborted((await direct.get("/metrics")).text)
+                async with httpx.AsyncClient(base_url=service, headers={"Authorization": "Bearer sk-a"},
+                                             timeout=httpx.Timeout(0.5)) as http:
+                    with pytest.raises(httpx.ReadTimeout):
+                        if stream:  # a long prompt: its first token comes after the client left
+                            long = {**body, "messages": [{"role": "user", "content": "word " * 3000}], "stream": True}
+                            async with http.stream("POST", "/v1/chat/completions", json=long) as r:
+                                await r.aread()
+                        else:
+                            await http.post("/v1/chat/completions", json=body)
+                for _ in range(100):
+                    if aborted((await direct.get("/metrics")).text) > before:
+                        break
+                    await asyncio.sleep(0.05)
+                assert aborted((await direct.get("/metrics")).text) == before + 1, stream
+                assert (await direct.get("/v1/loads")).json()["loads"][0]["num_running_reqs"] == 0
+    finally:
+        slow.kill()

@@ -63,7 +63,9 @@ class FastRoutes:
         self.routes = {r.path: r for r in routes}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        # with or without a trailing slash (FastAPI would redirect one; an SDK base URL ending in
+        # "/" can produce it)
+        route = self.routes.get(scope["path"].rstrip("/") or "/") if scope["type"] == "http" else None
         if route is None:
             await self.app(scope, receive, send)
             return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -134,7 +134,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     tenant = await authenticate(request)
     x_program_id = request.headers.get("x-program-id") or None  # empty: no program id
     if x_program_id is not None and len(x_program_id) > 200:
-        raise ValidationFailed("X-Program-Id must be at most 200 characters.", code="invalid_request",
+        raise ValidationFailed("String should have at most 200 characters at x-program-id",
                                param="x-program-id")
     try:
         body = ChatCompletionRequest.model_validate_json(await request.body())
@@ -170,12 +170,15 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
         await _stream_events(body, base, runtime.stream(program_id, tenant.name, gen_req), done, receive, send)
         return
 
-    chunks: list[GenerationChunk] = []
+    async def collect() -> list[GenerationChunk]:
+        return [chunk async for chunk in runtime.stream(program_id, tenant.name, gen_req)]
+
     try:
-        async for chunk in runtime.stream(program_id, tenant.name, gen_req):
-            chunks.append(chunk)
+        chunks = await _unless_disconnected(receive, collect())
     except BackendError as exc:
         raise _backend_error(exc) from None
+    except ClientGone:
+        return  # the call was cancelled, which aborted it on the engine; nobody to answer
     finally:
         done()
     gen = Generation.from_chunks(rid, chunks)
@@ -195,11 +198,13 @@ async def _stream_events(body: ChatCompletionRequest, base: dict[str, Any], stre
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     try:
         try:
-            first = await anext(stream)
+            first = await _unless_disconnected(receive, anext(stream))
         except BackendError as exc:
             raise _backend_error(exc) from None
         except StopAsyncIteration:
             first = None
+        except ClientGone:
+            return  # gone while the call waited (held, queued, prefilling): aborted, not run
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
 
@@ -247,16 +252,43 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+T = TypeVar("T")
+
+
+async def _unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """``work``'s result, unless the client goes away first: then ``work`` is cancelled (a call
+    cancelled is aborted on its engine, or never dispatched if it was held) and ``ClientGone``
+    is raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
 CHAT_ROUTE = FastRoute("/v1/chat/completions", "POST", chat_completions, {
     "tags": ["gateway"], "summary": "OpenAI-compatible chat completion, scheduled as part of a program",
-    "operationId": "chat_completions",
+    "operationId": "chat_completions_v1_chat_completions_post",  # as FastAPI named it: generated clients
     "description": "The OpenAI chat completions body plus `program_id` (or an `X-Program-Id` header); "
                    "`stream: true` answers with server-sent events ending in `data: [DONE]`.",
     "parameters": [{"name": "x-program-id", "in": "header", "required": False,
                     "schema": {"type": "string", "maxLength": 200}}],
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
-    "responses": {"200": {"description": "A `chat.completion`, or `chat.completion.chunk` events"},
+    "responses": {"200": {"description": "A `chat.completion`, or `chat.completion.chunk` events", "content": {
+                      "application/json": {"schema": {"type": "object"}},
+                      "text/event-stream": {"schema": {"type": "string"}}}},
                   **{str(code): {"description": r["description"], "content": {"application/json": {
                       "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
                      for code, r in ERROR_RESPONSES.items()},

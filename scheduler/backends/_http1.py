@@ -86,6 +86,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.headers_done and not self.complete and exc is None and self._until_eof():
+            self.complete = True  # a body without length or chunks ends with the connection
         if not self.complete and self.error is None:
             self.error = ConnectionLost(f"connection closed by the server{f': {exc}' if exc else ''}")
         self._wake()
@@ -109,6 +111,10 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+
+    def _until_eof(self) -> bool:
+        names = {name for name, _ in self.headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
 
     # ---- used by the response ---------------------------------------------------------------
 
@@ -182,9 +188,9 @@ class Response:
                 data = rest + data
             *lines, rest = data.split(b"\n")
             for line in lines:
-                yield (line[:-1] if line.endswith(b"\r") else line).decode()
+                yield (line[:-1] if line.endswith(b"\r") else line).decode(errors="replace")
         if rest:
-            yield rest.decode()
+            yield rest.decode(errors="replace")
 
     async def aread(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_bytes()])
@@ -227,6 +233,7 @@ class Http1Pool:
         self.connect_timeout, self.read_timeout, self.max_idle = connect_timeout, read_timeout, max_idle
         self._host_header = url.netloc.encode()
         self._idle: list[_Connection] = []
+        self._closed = False
         self.connects = 0
 
     def stream(self, method: str, path: str, *, json_body: Any) -> _StreamContext:
@@ -252,7 +259,7 @@ class Http1Pool:
         return None
 
     def _give_back(self, conn: _Connection) -> None:
-        if len(self._idle) < self.max_idle:
+        if not self._closed and len(self._idle) < self.max_idle:
             self._idle.append(conn)
         else:
             conn.close()
@@ -287,6 +294,8 @@ class Http1Pool:
             return Response(self, conn)
 
     async def aclose(self) -> None:
+        """Close the idle connections; one still streaming is closed when its response ends."""
+        self._closed = True
         for conn in self._idle:
             conn.close()
         self._idle.clear()

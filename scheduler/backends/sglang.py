@@ -49,11 +49,12 @@ def ranks_kv(server_info: dict[str, Any]) -> bool:
     reads the same field as queue order, largest first by default, and preempts a running call
     for one ranked 10 higher: ranks (times in seconds) would turn the queue around. It is
     compatible only with ``--schedule-low-priority-values-first`` (oldest first, as FCFS) and
-    ``--disable-priority-preemption``."""
+    ``--disable-priority-preemption``. Without priority scheduling,
+    ``--abort-on-priority-when-disabled`` would refuse every call that carries a priority."""
     if server_info.get("radix_eviction_policy") != "priority":
         return False
     if not server_info.get("enable_priority_scheduling"):
-        return True
+        return not server_info.get("abort_on_priority_when_disabled")
     return bool(server_info.get("schedule_low_priority_values_first")
                 and server_info.get("disable_priority_preemption"))
 

@@ -6,8 +6,8 @@ load, ticks) and its decisions are carried out on ``VirtualCluster`` engines: a
 ``Dispatch`` submits the program's whole context (the engine's radix cache decides
 what is cached), a held request simply waits, ``Pin`` locks the program's cached
 prefix (the Continuum baseline's lever), ``Retain`` is a one-token request over the
-program's computed context carrying the rank as its priority (what the gateway sends
-SGLang), sandboxes take time to become ready and hold disk until collected. Each policy's
+program's computed context carrying the rank as its priority (what the runtime sends SGLang for
+a token-level call), sandboxes take time to become ready and hold disk until collected. Each policy's
 engines run with the SGLang flags it declares (``Policy.engine_flags``). Closed loop: ``concurrency`` programs run at once; when one
 ends the next trace starts, so every policy sees the same programs in the same order.
 """
@@ -172,6 +172,8 @@ class AgenticSimulation:
             return
         self._rid_seq += 1
         self.result.retains += 1
+        # token in, token out (as RL rollouts call /generate): the runtime resends the last
+        # call's tokens and its output (ProgramRuntime._remember)
         req = SimRequest(rid=f"{prog.id}-retain-{self._rid_seq}", input_ids=prog.context[:prog.computed],
                          max_new_tokens=1, ignore_eos=True, priority=int(d.until), meta={"retain": prog.id})
         self.cluster.submit(req, engine=self.engine_index[d.backend], on_finish=self._retained)

@@ -10,7 +10,10 @@ tick, not a clock, so the cache behaves identically in virtual and real time.
 source, ``mem_cache/evict_policy.py`` and ``radix_cache.py``): the leaf with the lowest
 ``priority`` goes first, LRU among equals; an insert raises every node on its path to at
 least its request's priority (a node keeps the highest priority of any request that
-inserted through it; it is never lowered), and a split node inherits its child's.
+inserted through it; it is never lowered), and a split node inherits its child's. Not
+modelled: SGLang's checkpoint of a running request splits the leaf at the prompt boundary and
+ranks the prompt part one above the request's priority (so that its output goes first); here
+the whole path takes the request's priority.
 """
 
 from __future__ import annotations

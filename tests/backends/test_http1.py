@@ -231,3 +231,34 @@ async def test_an_error_status_is_read_and_raised_and_a_big_body_is_flow_control
     finally:
         await pool.aclose()
         server.close()
+
+
+async def test_a_body_ended_by_closing_bad_utf8_and_a_closed_pool() -> None:
+    """A response with neither length nor chunks ends with its connection (some proxies send
+    them); a byte that is not UTF-8 is replaced, not raised; a stream that ends after the pool
+    was closed closes its connection instead of parking it."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await read_request(reader)
+        if body.get("eof"):
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: one\n\xffdata: two\n")
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"ok")
+        await writer.drain()
+
+    server, url = await serve(handler)
+    pool = Http1Pool(url)
+    try:
+        async with pool.stream("POST", "/", json_body={"eof": True}) as resp:
+            lines = [line async for line in resp.aiter_lines()]
+        assert lines == ["data: one", "\ufffddata: two"] and pool._idle == []
+        async with pool.stream("POST", "/", json_body={}) as resp:
+            await pool.aclose()  # while this response is still arriving
+            assert await resp.aread() == b"ok"
+        assert pool._idle == [] and resp._conn.closed
+    finally:
+        server.close()

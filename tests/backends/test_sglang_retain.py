@@ -20,6 +20,7 @@ import pytest
 
 from scheduler.backends import GenerateRequest
 from scheduler.backends.sglang import SGLangBackend
+from scheduler.runtime import ProgramRuntime
 from tests.backends.conftest import SGLANG_CPU
 from tests.servers import free_port
 
@@ -72,6 +73,16 @@ async def test_a_retained_context_outlives_newer_calls_and_an_unretained_one_doe
         assert cap.ranks_kv and not (await default.capacity()).ranks_kv
         kept, released = await flood_test(ranking, cap.max_total_tokens, seed=7)
         assert kept >= 2990 and released < 100  # the lowest rank went first; the retained stayed
+        # a chat call's Retain, as the runtime builds it: the messages and the answer's text,
+        # continued, are exactly what the call left cached (all but the last token is a hit)
+        runtime = ProgramRuntime({"r": ranking})
+        chat = GenerateRequest(messages=[{"role": "system", "content": "You are careful. " * 150},
+                                         {"role": "user", "content": "Name three rivers of Europe."}], max_tokens=24)
+        call = await ranking.generate(chat)
+        runtime._remember("p", chat, call.text, call.token_ids)
+        again = await ranking.generate(runtime._last_context["p"].model_copy(update={"priority": int(time.time())}))
+        covered = call.usage.prompt_tokens + call.usage.completion_tokens
+        assert again.usage.prompt_tokens >= covered - 2 and again.usage.cached_tokens >= covered - 3
         # the same on the session's default server (LRU): both are gone, the retained one too
         kept, released = await flood_test(default, (await default.capacity()).max_total_tokens, seed=8)
         assert kept < 100 and released < 100

@@ -65,6 +65,8 @@ CONTRADICTIONS = {
                                    "SGLang serves only with enableMetrics=true"),
     "duplicate-backend": ({"backends": [{"name": "a", "kind": "sim"}, {"name": "a", "kind": "sim"}]},
                           'the name "a" is used twice'),
+    "sim-ranks-with-a-priority-queue": ({"backends": [{"name": "sim", "kind": "sim", "enablePriorityScheduling": True}]},
+                                        "would read the program policy's eviction ranks as urgency"),
     "rwo-volume-shared": ({"replicaCount": 2, "postgresql": {"enabled": True}, "bundledRedis": {"enabled": True},
                            "persistence": {"enabled": True}}, "cannot be shared by several replicas"),
 }

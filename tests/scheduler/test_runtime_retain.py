@@ -4,7 +4,7 @@ A recording backend (a unit test of the runtime's translation: what the proof on
 see tests/sim/test_cluster.py and tests/backends/test_sglang_retain.py) reports
 ``ranks_kv``; every call then carries its dispatch time as a wall-clock ``priority``, and a
 program kept through a tool call while another waits gets one one-token call over its last
-context (its messages and the answer with its tool call), ranked at the end of the tool's
+context (its messages and the answer's text, continued), ranked at the end of the tool's
 expected time. A backend that does not rank gets neither."""
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ async def test_ranks_and_retain_calls_reach_a_ranking_backend_only(ranks: bool) 
         assert before <= first.priority <= int(time.time())
         retain = backend.calls[-1]
         assert len(backend.calls) == 2 and retain.max_tokens == 1 and retain.rid != first.rid
+        # its messages and the answer's text, continued (SGLang renders the prompt with its
+        # generation header, then the text: what the call left cached); the tool call is not resent
         assert retain.messages[:-1] == first.messages and retain.tools == first.tools
-        assert retain.messages[-1] == {"role": "assistant", "content": "let me look", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}]}
+        assert retain.messages[-1] == {"role": "assistant", "content": "let me look"}
+        assert retain.extra_body == {"continue_final_message": True}
         assert int(time.time()) + 25 <= retain.priority <= int(time.time()) + 31  # ~30 s of "ls" ahead
         await asyncio.sleep(1.2)  # later ticks: it is not renewed
         assert len(backend.calls) == 2 and runtime.stats.retains_sent == 1

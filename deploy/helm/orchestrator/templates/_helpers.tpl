@@ -240,6 +240,9 @@ Included by the ConfigMap, so every render runs it.
 {{- if and (eq $b.kind "sglang") (not $b.model) -}}
 {{- fail (printf "backends[%s]: an sglang backend needs a model (a Hugging Face id or a path in its model cache)" $b.name) -}}
 {{- end -}}
+{{- if and (eq $b.kind "sim") (eq (toString $.Values.config.schedulerPolicy) "program") (ne (toString $b.rankKv) "false") (eq (toString $b.enablePriorityScheduling) "true") -}}
+{{- fail (printf "backends[%s]: the simulator's priority queue (largest first) would read the program policy's eviction ranks as urgency: drop enablePriorityScheduling or set rankKv=false" $b.name) -}}
+{{- end -}}
 {{- end -}}
 {{- range $e := .Values.externalBackends -}}
 {{- if hasKey $names $e.name -}}
