@@ -193,7 +193,7 @@ class SGLangBackend(Backend):
                     if delta or lps or new_ids:
                         streamed[0] = True
                     if finish is None:
-                        if delta or lps:
+                        if delta or lps or new_ids:  # a token may add no text yet (a partial character)
                             yield GenerationChunk(rid=r.rid, text=delta, token_ids=new_ids, logprobs=lps)
                         continue
                     prompt_lps = None

@@ -262,3 +262,30 @@ async def test_a_body_ended_by_closing_bad_utf8_and_a_closed_pool() -> None:
         assert pool._idle == [] and resp._conn.closed
     finally:
         server.close()
+
+
+async def test_the_sglang_client_keeps_token_ids_of_chunks_that_add_no_text() -> None:
+    """/generate streams cumulative text and ids; a token can add no text yet (half of a UTF-8
+    character), and its id must not be lost (a Retain resends the output ids)."""
+    from scheduler.backends import GenerateRequest
+    from scheduler.backends.sglang import SGLangBackend
+
+    events = [{"text": "a", "output_ids": [5], "meta_info": {"finish_reason": None}},
+              {"text": "a", "output_ids": [5, 6], "meta_info": {"finish_reason": None}},  # no new text
+              {"text": "ab", "output_ids": [5, 6, 7], "meta_info": {
+                  "finish_reason": {"type": "length"}, "prompt_tokens": 3, "completion_tokens": 3, "cached_tokens": 0}}]
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(sse))
+        await writer.drain()
+
+    server, url = await serve(handler)
+    backend = SGLangBackend(url)
+    try:
+        gen = await backend.generate(GenerateRequest(input_ids=[1, 2, 3], max_tokens=3))
+        assert gen.text == "ab" and gen.token_ids == [5, 6, 7]
+    finally:
+        await backend.close()
+        server.close()

@@ -91,3 +91,58 @@ async def test_ranks_and_retain_calls_reach_a_ranking_backend_only(ranks: bool) 
 async def _drain(stream: AsyncIterator[GenerationChunk]) -> None:
     async for _ in stream:
         pass
+
+
+@pytest.mark.parametrize("eviction", ["priority", "lru"])
+async def test_a_kept_program_s_kv_survives_a_flood_through_the_runtime(eviction: str) -> None:
+    """End to end on the simulator's SGLang-compatible server in its own process: program a's
+    call ends, its tool starts (a hint) while w waits for memory, so a is kept and, on a server
+    that evicts by priority, retained; then newer calls (each ranked by its dispatch time, as
+    other programs' calls are) overflow the KV pool. a's next call finds its context cached on
+    the priority server, and recomputes it on the LRU one (where nothing is ranked)."""
+    import random
+
+    import httpx
+
+    from scheduler.backends.sglang import SGLangBackend
+    from tests.servers import SimServerProcess
+
+    sim = SimServerProcess("--speed", "1000", "--capacity-tokens", "12000", "--radix-eviction-policy", eviction).start()
+    backend = SGLangBackend(sim.url)
+    runtime = ProgramRuntime({"sim": backend}, prefill_s_per_token=1e-2, observe_interval_s=60)
+    for _ in range(20):
+        runtime.sched.tools.record("ls", 30.0)
+    rng = random.Random(3)
+    a_ctx = [rng.randrange(1, 30000) for _ in range(4000)]
+    waiting = None
+    try:
+        await runtime.start()
+        assert runtime.sched.backends["sim"].ranks_kv is (eviction == "priority")
+        first = [c async for c in runtime.stream("a", "t", GenerateRequest(input_ids=a_ctx, max_tokens=8))]
+        runtime.tool_started("a", "t", "ls")
+        w = GenerateRequest(input_ids=[rng.randrange(1, 30000) for _ in range(9000)], max_tokens=8)
+        waiting = asyncio.ensure_future(_drain(runtime.stream("w", "t", w)))  # does not fit beside a: waits
+        await asyncio.sleep(1.5)  # a tick: a is kept while w waits, so it is retained (where ranks count)
+        assert runtime.sched.programs["a"].kept and not waiting.done()
+        assert runtime.stats.retains_sent == (1 if eviction == "priority" else 0)
+        async with httpx.AsyncClient(base_url=sim.url) as direct:  # 15,000 tokens of newer calls
+            for _ in range(5):
+                body = {"input_ids": [rng.randrange(1, 30000) for _ in range(3000)], "priority": int(time.time()),
+                        "sampling_params": {"max_new_tokens": 1}}
+                assert (await direct.post("/generate", json=body)).status_code == 200
+        runtime.tool_ended("a", "t")
+        output = [t for c in first for t in c.token_ids]
+        assert output and len(output) == first[-1].usage.completion_tokens
+        again = GenerateRequest(input_ids=a_ctx + output + [7, 7, 7], max_tokens=4)
+        last = [c async for c in runtime.stream("a", "t", again)][-1]
+        if eviction == "priority":
+            # its prompt and its answer, but for the answer's last token (never computed)
+            assert last.usage.cached_tokens >= 4000 + len(output) - 1
+        else:
+            assert last.usage.cached_tokens < 100
+    finally:
+        if waiting is not None:
+            waiting.cancel()
+        await runtime.close()
+        await backend.close()
+        sim.kill()
