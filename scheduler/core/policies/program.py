@@ -55,7 +55,7 @@ class ProgramPolicy(CapacityPolicy):
     retain_max_s = 600.0  # the longest a kept program's KV is ranked ahead at once
 
     def __init__(self, check_interval_s: float | None = None, capacity_fraction: float = 1.0,
-                 admit_fraction: float = 0.9, prepare_ahead: int = 4, starvation_s: float = 300.0,
+                 admit_fraction: float = 0.9, prepare_ahead: int = 4, starvation_s: float = 120.0,
                  keep_factor: float = 1.0) -> None:
         super().__init__(check_interval_s, capacity_fraction)
         self.admit_fraction = admit_fraction
