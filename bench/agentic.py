@@ -90,6 +90,32 @@ def targets(result: dict) -> list[str]:
     return lines
 
 
+def across_seeds(quick: bool, preset: str, engines: int, seeds: list[int], concurrency: list[int] | None,
+                 duration_s: float | None) -> dict:
+    """The same sweep for several seeds (other programs, same families): per family, level and
+    policy the mean and range of steps/min, of ``program``'s ratios, and in how many seeds
+    ``program``'s p95 completion was above thunderagent's. One seed can flatter or not."""
+    runs = {seed: run(quick, preset, engines, seed, concurrency, duration_s) for seed in seeds}
+    out: dict = {"config": {**runs[seeds[0]]["config"], "seeds": seeds}}
+    for fam in FAMILIES:
+        out[fam] = {}
+        for n in runs[seeds[0]][fam]:
+            rows = [runs[s][fam][n] for s in seeds]
+            cell: dict = {}
+            for policy in rows[0]:
+                spm = [r[policy]["steps_per_min"] for r in rows]
+                cell[policy] = {"steps_per_min_mean": round(sum(spm) / len(spm), 2),
+                                "steps_per_min_min": min(spm), "steps_per_min_max": max(spm)}
+            for base in ("request", "thunderagent"):
+                ratios = [r["program"][f"steps_per_min_vs_{base}"] for r in rows]
+                cell["program"][f"vs_{base}_min"], cell["program"][f"vs_{base}_max"] = min(ratios), max(ratios)
+            cell["program"]["p95_above_thunderagent_seeds"] = sum(
+                1 for r in rows if (r["program"]["p95_completion_s"] or 0) > (r["thunderagent"]["p95_completion_s"] or 0))
+            out[fam][n] = cell
+    out["wall_s"] = round(sum(r["wall_s"] for r in runs.values()), 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 concurrency levels, 30 virtual minutes (< 1 min)")
@@ -97,9 +123,14 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3.1-70b-h100-tp4")
     ap.add_argument("--engines", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", help="summarise several seeds instead (mean, range, p95 misses)")
     ap.add_argument("--concurrency", type=int, nargs="+")
     ap.add_argument("--duration", type=float, help="virtual seconds per run")
     args = ap.parse_args()
+    if args.seeds:
+        summary = across_seeds(args.quick, args.preset, args.engines, args.seeds, args.concurrency, args.duration)
+        print(json.dumps(summary) if args.json else json.dumps(summary, indent=1))
+        return
     result = run(args.quick, args.preset, args.engines, args.seed, args.concurrency, args.duration)
     if args.json:
         print(json.dumps(result))
