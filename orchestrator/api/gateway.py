@@ -231,16 +231,10 @@ async def _stream_events(body: ChatCompletionRequest, base: dict[str, Any], stre
                 await send({"type": "http.response.body", "body": _sse(_backend_error(exc).body()),
                             "more_body": True})
 
-        writer = asyncio.ensure_future(write())
-        watcher = asyncio.ensure_future(_disconnected(receive))
         try:
-            await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (writer, watcher):
-                t.cancel()
-            await asyncio.gather(writer, watcher, return_exceptions=True)
-        if writer.done() and not writer.cancelled() and writer.exception() is not None:
-            raise writer.exception()  # type: ignore[misc]
+            await _unless_disconnected(receive, write())
+        except ClientGone:
+            return  # the stream was cancelled mid-way, which aborts the call on its engine
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         await stream.aclose()  # at once: a call still running is aborted on its engine
