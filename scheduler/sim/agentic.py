@@ -43,7 +43,7 @@ class AgenticResult:
     peak_sandbox_bytes: int = 0
     pauses: int = 0
     resumes: int = 0
-    retains: int = 0  # one-token Retain requests sent
+    retains: int = 0  # Retain decisions (each a one-token request)
     wall_s: float = 0.0
     decision_p99_us: float = 0.0
 
@@ -131,6 +131,7 @@ class AgenticSimulation:
         r.sim_seconds = duration_s
         r.retractions = sum(e.stats.retractions for e in self.cluster.engines)
         r.pauses, r.resumes = self.sched.counters["pauses"], self.sched.counters["resumes"]
+        r.retains = self.sched.counters["retains"]
         r.wall_s = time.perf_counter() - t0
         r.decision_p99_us = percentile([n / 1000 for n in self._decision_ns], 99) if self._decision_ns else 0.0
         return r
@@ -171,7 +172,6 @@ class AgenticSimulation:
         if prog is None:
             return
         self._rid_seq += 1
-        self.result.retains += 1
         # token in, token out (as RL rollouts call /generate): the runtime resends the last
         # call's tokens and its output (ProgramRuntime._remember)
         req = SimRequest(rid=f"{prog.id}-retain-{self._rid_seq}", input_ids=prog.context[:prog.computed],
