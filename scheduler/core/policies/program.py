@@ -180,7 +180,7 @@ class ProgramPolicy(CapacityPolicy):
                 for p in self.s.resident[b.name].values():
                     if p.phase is Phase.ACTING and p.kept:
                         self.set_kept(p, self.worth_keeping(p, now, demand=True))
-                        if p.kept and p.retain_until is None:  # kept before anyone waited
+                        if p.kept and p.retain_until is None and b.ranks_kv:  # kept before anyone waited
                             self.retain(p, now)
         for b in self.s.healthy_backends():
             self.relieve(b, now)
