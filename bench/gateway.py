@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -181,13 +183,23 @@ def decisions(policy: str, programs: int, events: int, seed: int = 0) -> dict[st
             "tick_max_us": round(1e6 * max(periodic), 1)}
 
 
-def service_env(port: int, tmp: str, sim_port: int, **extra: str) -> dict[str, str]:
-    return {"ORCH_PORT": str(port), "ORCH_HOST": "127.0.0.1", "ORCH_API_KEYS": f"{KEY}=bench",
-            "ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/bench-{port}.db", "ORCH_LOG_LEVEL": "WARNING",
-            "ORCH_DEFAULT_LIMITS": json.dumps({"max_concurrent_runs": None, "requests_per_second": None,
-                                               "burst": None}),
-            "ORCH_BACKENDS": json.dumps([{"name": "sim", "kind": "sglang", "url": f"http://127.0.0.1:{sim_port}"}]),
-            **extra}
+@contextmanager
+def service(tmp: str, sim_port: int, **env: str) -> Iterator[str]:
+    """The service in its own process (SQLite, no rate limit unless ``env`` sets one) in front
+    of the simulator; yields its URL once ready."""
+    port = free_port()
+    proc = start([sys.executable, "-c", "from orchestrator.server import serve; serve()"], {
+        "ORCH_PORT": str(port), "ORCH_HOST": "127.0.0.1", "ORCH_API_KEYS": f"{KEY}=bench",
+        "ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/bench-{port}.db", "ORCH_LOG_LEVEL": "WARNING",
+        "ORCH_DEFAULT_LIMITS": json.dumps({"max_concurrent_runs": None, "requests_per_second": None, "burst": None}),
+        "ORCH_BACKENDS": json.dumps([{"name": "sim", "kind": "sglang", "url": f"http://127.0.0.1:{sim_port}"}]),
+        **env})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 async def run(quick: bool) -> dict:
@@ -199,34 +211,19 @@ async def run(quick: bool) -> dict:
     try:
         wait_http(f"http://127.0.0.1:{sim_port}/health")
         direct = f"http://127.0.0.1:{sim_port}"
-        svc_port = free_port()
-        svc = start([sys.executable, "-c", "from orchestrator.server import serve; serve()"],
-                    service_env(svc_port, tmp, sim_port))
-        try:
-            wait_http(f"http://127.0.0.1:{svc_port}/readyz")
-            gateway = f"http://127.0.0.1:{svc_port}"
+        with service(tmp, sim_port) as gateway:
             out["latency"] = await latency(direct, gateway, n)
             log(f"latency: {out['latency']}")
             out["latency_streamed"] = await latency(direct, gateway, n, stream=True)
             log(f"latency, streamed: {out['latency_streamed']}")
             out["throughput"] = await throughput(gateway, 16 if quick else 64, 4 if quick else 15)
             log(f"throughput: {out['throughput']}")
-        finally:
-            svc.terminate()
-            svc.wait(10)
         # the multi-replica profile: every call's rate limit is checked in Redis (one round trip)
-        with redis_server() as redis_url:
-            svc_port = free_port()
-            limits = json.dumps({"max_concurrent_runs": None, "requests_per_second": 1e6, "burst": 1_000_000})
-            svc = start([sys.executable, "-c", "from orchestrator.server import serve; serve()"],
-                        service_env(svc_port, tmp, sim_port, ORCH_REDIS_URL=redis_url, ORCH_DEFAULT_LIMITS=limits))
-            try:
-                wait_http(f"http://127.0.0.1:{svc_port}/readyz")
-                out["latency_redis_rate_limit"] = await latency(direct, f"http://127.0.0.1:{svc_port}", n)
-                log(f"latency, rate limit in Redis: {out['latency_redis_rate_limit']}")
-            finally:
-                svc.terminate()
-                svc.wait(10)
+        limits = json.dumps({"max_concurrent_runs": None, "requests_per_second": 1e6, "burst": 1_000_000})
+        with redis_server() as redis_url, service(tmp, sim_port, ORCH_REDIS_URL=redis_url,
+                                                  ORCH_DEFAULT_LIMITS=limits) as gateway:
+            out["latency_redis_rate_limit"] = await latency(direct, gateway, n)
+            log(f"latency, rate limit in Redis: {out['latency_redis_rate_limit']}")
     finally:
         sim.terminate()
         sim.wait(10)
