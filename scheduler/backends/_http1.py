@@ -51,7 +51,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.requests = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -274,7 +273,6 @@ class Http1Pool:
             if conn is None:
                 conn = await self._connect()
             conn._reset()
-            conn.requests += 1
             assert conn.transport is not None
             conn.transport.write(head + body)
             try:
