@@ -130,23 +130,26 @@ def _document_workflow_inputs(app: FastAPI) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         names: dict[str, str] = {}
         for defn in app.state.registry:
-            js = defn.input_model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for def_name, sub in js.pop("$defs", {}).items():
-                components.setdefault(def_name, sub)
-            title = js.get("title") or f"{defn.name}-input"
-            components.setdefault(title, js)
-            names[defn.name] = title
+            names[defn.name] = _add_component(components, defn.input_model, f"{defn.name}-input")
         schema["x-workflow-inputs"] = names
         for model in gateway.FAST_SCHEMAS:
-            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            for def_name, sub in js.pop("$defs", {}).items():
-                components.setdefault(def_name, sub)
-            components.setdefault(model.__name__, js)
+            _add_component(components, model, model.__name__)
         document(schema, gateway.FAST_ROUTES)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_component(components: dict[str, Any], model: Any, fallback: str) -> str:
+    """Put a pydantic model's JSON schema (and the models it refers to) in the OpenAPI
+    components; returns its name there (its title, else ``fallback``)."""
+    js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for def_name, sub in js.pop("$defs", {}).items():
+        components.setdefault(def_name, sub)
+    name = js.get("title") or fallback
+    components.setdefault(name, js)
+    return name
 
 
 def make_sandbox_pool(settings: Settings) -> SandboxPool:
