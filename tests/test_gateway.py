@@ -19,6 +19,12 @@ KEYS = {"sk-a": "alpha", "sk-b": "beta"}
 TOOLS = [{"type": "function", "function": {"name": "run_tests", "parameters": {"type": "object", "properties": {}}}}]
 
 
+def aborted(metrics: str) -> float:
+    """The engine's aborted-requests counter from its /metrics text."""
+    line = next(x for x in metrics.splitlines() if x.startswith("sglang:num_aborted_requests_total"))
+    return float(line.split()[-1])
+
+
 @pytest.fixture(scope="module")
 def sim() -> AsyncIterator[SimServerProcess]:
     proc = SimServerProcess("--speed", "20").start()
@@ -163,10 +169,6 @@ async def test_the_fast_route_keeps_the_api_s_errors_docs_metrics_and_aborts_on_
         assert "program_id" in spec["components"]["schemas"][ref]["properties"]
         assert "ChatMessage" in spec["components"]["schemas"] and "ErrorBody" in spec["components"]["schemas"]
 
-        def aborted(metrics: str) -> float:
-            line = next(x for x in metrics.splitlines() if x.startswith("sglang:num_aborted_requests_total"))
-            return float(line.split()[-1])
-
         async with httpx.AsyncClient(base_url=sim.url) as direct:
             before = aborted((await direct.get("/metrics")).text)
             body = {**ok, "max_tokens": 4000, "stream": True, "program_id": "leaver", "ignore_eos": True}
@@ -193,10 +195,6 @@ async def test_the_fast_route_keeps_the_api_s_errors_docs_metrics_and_aborts_on_
 async def test_a_client_that_leaves_before_the_answer_aborts_the_call(tmp_path: Path):
     """Not streamed, or streamed but gone before the first token: the call is cancelled, which
     aborts it on the engine, instead of running to its end for nobody."""
-    def aborted(metrics: str) -> float:
-        line = next(x for x in metrics.splitlines() if x.startswith("sglang:num_aborted_requests_total"))
-        return float(line.split()[-1])
-
     # real time on the CPU preset: a 3,000-token prompt takes ~4.7 s before its first token
     slow = SimServerProcess("--speed", "1", "--preset", "smollm2-135m-cpu").start()
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/gone.db", api_keys=KEYS, worker_enabled=False,
