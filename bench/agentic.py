@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,33 +40,37 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _simulate(job: tuple) -> dict:
+    """One policy on one cell (a process-pool job: the runs are independent and deterministic)."""
+    policy, flags, family, n, engines, preset, seed, duration = job
+    r = AgenticSimulation(policy, FAMILIES[family], n, engines=engines, preset=preset, seed=seed,
+                          engine_flags=flags).run(duration)
+    return {**r.figures(), "decision_p99_us": round(r.decision_p99_us, 1), "wall_s": round(r.wall_s, 2)}
+
+
 def run(quick: bool, preset: str, engines: int, seed: int, concurrency: list[int] | None,
-        duration_s: float | None) -> dict:
+        duration_s: float | None, pool: Executor) -> dict:
     levels = concurrency or ([48, 96] if quick else [48, 96, 128, 160])  # all past KV capacity
     duration = duration_s or (1800.0 if quick else 3600.0)
     assert set(POLICIES) <= set(policy_names())
     out: dict = {"config": {"preset": preset, "engines": engines, "seed": seed, "sim_seconds": duration,
                             "concurrency": levels}}
     t0 = time.perf_counter()
-    for fam_name, family in FAMILIES.items():
-        out[fam_name] = {}
-        for n in levels:
-            row = {}
-            runs = [(p, p, None) for p in POLICIES] + [(k, p, f) for k, (p, f) in VARIANTS.items()]
-            for key, policy, flags in runs:
-                r = AgenticSimulation(policy, family, n, engines=engines, preset=preset, seed=seed,
-                                      engine_flags=flags).run(duration)
-                row[key] = {**r.figures(), "decision_p99_us": round(r.decision_p99_us, 1),
-                            "wall_s": round(r.wall_s, 2)}
-            for policy in list(POLICIES) + list(VARIANTS):
-                f = row[policy]
-                for base in ("request", "thunderagent"):
-                    b = row[base]["steps_per_min"]
-                    f[f"steps_per_min_vs_{base}"] = round(f["steps_per_min"] / b, 3) if b else None
-            out[fam_name][str(n)] = row
-            log(f"{fam_name:10s} {n:4d} programs: " + "  ".join(
-                f"{p} {row[p]['steps_per_min']:.1f}/min p95 {row[p]['p95_completion_s']}s "
-                f"hit {row[p]['kv_hit_ratio']:.2f}" for p in list(POLICIES) + list(VARIANTS)))
+    runs = [(p, p, None) for p in POLICIES] + [(k, p, f) for k, (p, f) in VARIANTS.items()]
+    cells = [(fam, n) for fam in FAMILIES for n in levels]
+    jobs = [(policy, flags, fam, n, engines, preset, seed, duration) for fam, n in cells for _, policy, flags in runs]
+    figures = iter(pool.map(_simulate, jobs))
+    for fam, n in cells:
+        row = {key: next(figures) for key, _, _ in runs}
+        for policy in row:
+            f = row[policy]
+            for base in ("request", "thunderagent"):
+                b = row[base]["steps_per_min"]
+                f[f"steps_per_min_vs_{base}"] = round(f["steps_per_min"] / b, 3) if b else None
+        out.setdefault(fam, {})[str(n)] = row
+        log(f"{fam:10s} {n:4d} programs: " + "  ".join(
+            f"{p} {row[p]['steps_per_min']:.1f}/min p95 {row[p]['p95_completion_s']}s "
+            f"hit {row[p]['kv_hit_ratio']:.2f}" for p in row))
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -96,7 +101,8 @@ def across_seeds(quick: bool, preset: str, engines: int, seeds: list[int], concu
     policy the mean and range of steps/min and of its ratios to ``request`` and ``thunderagent``,
     and in how many seeds ``program``'s p95 completion was above thunderagent's. One seed can
     flatter or not: the figures are chaotic in the details (a few % from seed to seed)."""
-    runs = {seed: run(quick, preset, engines, seed, concurrency, duration_s) for seed in seeds}
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        runs = {seed: run(quick, preset, engines, seed, concurrency, duration_s, pool) for seed in seeds}
     out: dict = {"config": {**runs[seeds[0]]["config"], "seeds": seeds}}
     for fam in FAMILIES:
         out[fam] = {}
@@ -174,7 +180,8 @@ def main() -> None:
             print(line)
         print(f"\nwall {summary['wall_s']} s")
         return
-    result = run(args.quick, args.preset, args.engines, args.seed, args.concurrency, args.duration)
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        result = run(args.quick, args.preset, args.engines, args.seed, args.concurrency, args.duration, pool)
     if args.json:
         print(json.dumps(result))
         return

@@ -10,12 +10,21 @@ program's computed context carrying the rank as its priority (what the runtime s
 a token-level call), sandboxes take time to become ready and hold disk until collected. Each policy's
 engines run with the SGLang flags it declares (``Policy.engine_flags``). Closed loop: ``concurrency`` programs run at once; when one
 ends the next trace starts, so every policy sees the same programs in the same order.
+
+Throughput, tokens and pauses are measured over the window (``run(duration_s)``). Completion
+times are not: a program still running at the window's end would drop out of them, and the
+policy that leaves the most programs unfinished would look fairest (at 160 coding programs over
+an hour, thunderagent's p95 over completed programs was 2,573 s against program's 2,854 s,
+with 97 against 77 programs over 2,000 s old still running). So after the window no new
+program starts and the run goes on until every program started in it has finished; completion
+times cover them all. A program still running at ``finish_limit`` windows counts at its age
+then (a lower bound) and in ``unfinished``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 from scheduler.core import (
@@ -44,6 +53,7 @@ class AgenticResult:
     pauses: int = 0
     resumes: int = 0
     retains: int = 0  # Retain decisions (each a one-token request)
+    unfinished: int = 0  # programs started in the window still running at the finish limit
     wall_s: float = 0.0
     decision_p99_us: float = 0.0
 
@@ -61,6 +71,7 @@ class AgenticResult:
             "mean_completion_s": round(sum(self.completion_s) / len(self.completion_s), 1) if self.completion_s else None,
             "p95_completion_s": round(percentile(self.completion_s, 95), 1) if self.completion_s else None,
             "programs_completed": self.programs_completed,
+            "unfinished": self.unfinished,
             "kv_hit_ratio": round(self.kv_hit_ratio, 4),
             "recomputed_tokens": self.recomputed_tokens,
             "retractions": self.retractions,
@@ -108,10 +119,13 @@ class AgenticSimulation:
         self._sandboxes: dict[str, float] = {}  # program id -> ready at
         self._decision_ns: list[int] = []
         self._rid_seq = 0
+        self._starting = True  # False once the window is over: programs finish, none start
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def run(self, duration_s: float) -> AgenticResult:
+    def run(self, duration_s: float, finish_limit: float = 8.0) -> AgenticResult:
+        """Run the window, then finish the programs started in it (see the module docstring):
+        the result's figures are the window's, its completion times every started program's."""
         t0 = time.perf_counter()
         clock = self.cluster.clock
         for i in range(self.concurrency):
@@ -132,9 +146,18 @@ class AgenticSimulation:
         r.retractions = sum(e.stats.retractions for e in self.cluster.engines)
         r.pauses, r.resumes = self.sched.counters["pauses"], self.sched.counters["resumes"]
         r.retains = self.sched.counters["retains"]
-        r.wall_s = time.perf_counter() - t0
         r.decision_p99_us = percentile([n / 1000 for n in self._decision_ns], 99) if self._decision_ns else 0.0
-        return r
+        window = replace(r, completion_s=[])  # the window's figures, before the finishing run adds to them
+        self._starting = False
+        limit = duration_s * finish_limit
+        while self.progs and clock.now() < limit:
+            self.cluster.run(min(limit, clock.now() + 60.0))
+        now = clock.now()
+        window.completion_s = r.completion_s + [now - prog.started for prog in self.progs.values()]
+        window.unfinished = len(self.progs)
+        window.wall_s = time.perf_counter() - t0
+        self.result = window
+        return window
 
     def _handle(self, event: object) -> None:
         t = time.perf_counter_ns()
@@ -191,6 +214,8 @@ class AgenticSimulation:
     # ---- programs ------------------------------------------------------------------------------
 
     def _start_next(self) -> None:
+        if not self._starting:
+            return
         trace = next(self.traces)
         now = self.cluster.clock.now()
         pid = f"prog-{trace.index}"

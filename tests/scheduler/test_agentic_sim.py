@@ -38,3 +38,18 @@ def test_past_kv_capacity_program_aware_policies_beat_request_centric():
 def test_ttl_pins_hold_the_kv_in_the_engine():
     r = AgenticSimulation("ttl", CODING, 16).run(600)
     assert r.kv_hit_ratio > 0.9  # under capacity, the pins keep every context
+
+
+def test_completion_times_cover_every_program_started_in_the_window():
+    """Figures are the window's; completion times are every started program's, finished after
+    the window (no new program starts then), so a policy cannot look fair by leaving its slowest
+    programs unfinished."""
+    cut = AgenticSimulation("request", STOCHASTIC, 48).run(600, finish_limit=1.0)  # no finishing run
+    full = AgenticSimulation("request", STOCHASTIC, 48).run(600)
+    assert cut.unfinished > 0 and full.unfinished == 0
+    assert {k: v for k, v in cut.figures().items() if "completion" not in k and k != "unfinished"} == \
+        {k: v for k, v in full.figures().items() if "completion" not in k and k != "unfinished"}
+    # the same programs: those done in the window plus those in flight at its end (at their age then)
+    assert len(cut.completion_s) == len(full.completion_s) > full.programs_completed
+    assert all(f >= c for f, c in zip(sorted(full.completion_s), sorted(cut.completion_s)))
+    assert sorted(full.completion_s) != sorted(cut.completion_s)
