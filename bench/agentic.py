@@ -198,6 +198,7 @@ def main() -> None:
     print()
     for line in targets(result):
         print(line)
+    print("(one seed: figures move by a few % from seed to seed; --seeds checks the targets on the mean)")
     print(f"\nwall {result['wall_s']} s")
 
 
