@@ -96,6 +96,9 @@ class SchedulerCollector:
                                   "ranked ahead of released KV on the engine.", value=stats.retains_sent)
         yield CounterMetricFamily("orchestrator_scheduler_retains_failed", "Retain calls that failed (the rank "
                                   "is lost, nothing else).", value=stats.retains_failed)
+        yield CounterMetricFamily("orchestrator_scheduler_programs_idle_released", "Gateway programs released "
+                                  "after ORCH_PROGRAM_IDLE_RELEASE_S with nothing in flight (their agent never "
+                                  "released them).", value=stats.idle_released)
         yield GaugeMetricFamily("orchestrator_scheduler_pinned_tokens", "KV tokens of pinned programs.", value=pinned)
         totals = rt.token_totals  # type: ignore[attr-defined]
         yield CounterMetricFamily("orchestrator_scheduler_prompt_tokens", "Prompt tokens of finished calls.",

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # LLM backends as JSON: [{"name": "gpu-0", "kind": "sglang", "url": "http://10.0.0.5:30000"}].
     backends: Annotated[list[BackendConfig], NoDecode] = Field(default_factory=list)
     scheduler_policy: str = "program"
+    # A gateway program with nothing in flight (no call, no tool hint) for this long is released,
+    # as if its agent had called release: agents that never do would otherwise keep a place in
+    # the program table and a sandbox for good. 0 turns it off.
+    program_idle_release_s: float = Field(default=1800.0, ge=0)
 
     # Tool sandboxes (agents): one per program, under this directory.
     sandbox_root: str = "./var/sandboxes"

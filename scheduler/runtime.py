@@ -57,6 +57,7 @@ class RuntimeStats:
     calls_placed_again: int = 0  # failed before any output, then placed on another backend
     retains_sent: int = 0  # one-token Retain calls that reached a backend
     retains_failed: int = 0
+    idle_released: int = 0  # programs released for having nothing in flight for ``idle_release_s``
     decisions: int = 0
     decision_seconds: list[float] = field(default_factory=list)
     held_seconds: list[float] = field(default_factory=list)
@@ -72,6 +73,7 @@ class ProgramRuntime:
         prefill_s_per_token: float = 4e-5,
         on_prepare_sandbox: SandboxHook | None = None,
         on_collect_sandbox: SandboxHook | None = None,
+        idle_release_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not backends:
@@ -93,6 +95,12 @@ class ProgramRuntime:
         self._last_context: dict[str, GenerateRequest] = {}
         self._wall_offset = time.time() - clock()  # core times -> wall-clock seconds for ranks
         self._side_tasks: set[asyncio.Task[None]] = set()
+        # An agent behind the gateway may never call release (most OpenAI clients know nothing of
+        # it) or may die mid-tool: its program would hold a place in the table, a sandbox, and
+        # count as acting for good. Programs claimed with ``idle_release=True`` are released
+        # after ``idle_release_s`` with nothing in flight. Program id -> when it was last active.
+        self.idle_release_s = idle_release_s or None
+        self._last_active: dict[str, float] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -100,6 +108,9 @@ class ProgramRuntime:
         await self.observe()
         self._tasks = [asyncio.create_task(self._loop(self.observe, self.observe_interval_s), name="observe"),
                        asyncio.create_task(self._loop(self._tick, self.sched.policy.tick_s), name="tick")]
+        if self.idle_release_s is not None:
+            every = min(60.0, self.idle_release_s / 10)
+            self._tasks.append(asyncio.create_task(self._loop(self._release_idle, every), name="idle-release"))
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -126,6 +137,30 @@ class ProgramRuntime:
 
     async def _tick(self) -> None:
         self._handle(Tick(self.clock()))
+
+    async def _release_idle(self) -> None:
+        """Release the programs claimed for idle release that have had nothing in flight, no call
+        and no tool hint for ``idle_release_s``. A later call with the same id starts afresh."""
+        assert self.idle_release_s is not None
+        now = self.clock()
+        for pid, at in list(self._last_active.items()):
+            p = self.sched.programs.get(pid)
+            if p is None:  # finished in the core (e.g. its backend's failure ended it)
+                self._last_active.pop(pid, None)
+                continue
+            if now - at < self.idle_release_s or p.inflight or p.pending:
+                continue
+            owner = self.owners.get(pid)
+            if owner is None:
+                self._last_active.pop(pid, None)
+                continue
+            log.info("releasing program %s of %s: idle for %.0f s", pid, owner, now - at)
+            self.release(pid, owner)
+            self.stats.idle_released += 1
+
+    def _active(self, program_id: str) -> None:
+        if program_id in self._last_active:
+            self._last_active[program_id] = self.clock()
 
     async def observe(self) -> None:
         """Capacity (``/get_server_info``) and live load (``/v1/loads``) of every backend."""
@@ -180,11 +215,16 @@ class ProgramRuntime:
 
     # ---- the calls ---------------------------------------------------------------------------
 
-    def claim(self, program_id: str, tenant: str) -> None:
+    def claim(self, program_id: str, tenant: str, *, idle_release: bool = False) -> None:
+        """``program_id`` is ``tenant``'s (``ProgramConflict`` if another tenant's). With
+        ``idle_release`` (the gateway's programs, whose agents may never release them) it is
+        released after ``idle_release_s`` with nothing in flight, where the runtime has one."""
         owner = self.owners.get(program_id)
         if owner is not None and owner != tenant:
             raise ProgramConflict(program_id)
         self.owners[program_id] = tenant
+        if idle_release and self.idle_release_s is not None:
+            self._last_active[program_id] = self.clock()
 
     async def stream(self, program_id: str, tenant: str, request: GenerateRequest, *,
                      prefix_key: str | None = None, prefix_tokens: int = 0,
@@ -196,6 +236,7 @@ class ProgramRuntime:
         if unknown:
             raise ValueError(f"unknown backends {unknown}; configured: {sorted(self.backends)}")
         self.claim(program_id, tenant)
+        self._active(program_id)
         self._last_context.pop(program_id, None)  # held only while its tool runs
         if not sandbox:
             self._sandboxless.add(program_id)
@@ -238,6 +279,7 @@ class ProgramRuntime:
                             request.rid, program_id, failed[-1], exc)
             finally:
                 await attempt.aclose()  # at once, not when collected: aborts the engine's request
+                self._active(program_id)
 
     def _available(self, allowed: tuple[str, ...] | None, excluding: list[str] | tuple[str, ...] = ()) -> bool:
         """Is a healthy backend with capacity there (among ``allowed``, other than ``excluding``)?"""
@@ -347,6 +389,7 @@ class ProgramRuntime:
             raise UnknownProgram(program_id)
         self.owners.pop(program_id, None)
         self._last_context.pop(program_id, None)
+        self._last_active.pop(program_id, None)
         try:
             self._handle(ProgramReleased(self.clock(), program_id))
         except UnknownProgram:
@@ -356,10 +399,12 @@ class ProgramRuntime:
 
     def tool_started(self, program_id: str, tenant: str, tool: str) -> None:
         self._own(program_id, tenant)
+        self._active(program_id)
         self._handle(ToolStarted(self.clock(), program_id, tool))
 
     def tool_ended(self, program_id: str, tenant: str) -> None:
         self._own(program_id, tenant)
+        self._active(program_id)
         self._handle(ToolEnded(self.clock(), program_id))
 
     def _own(self, program_id: str, tenant: str) -> None:

@@ -221,3 +221,29 @@ async def test_a_client_that_leaves_before_the_answer_aborts_the_call(tmp_path: 
                 assert (await direct.get("/v1/loads")).json()["loads"][0]["num_running_reqs"] == 0
     finally:
         slow.kill()
+
+
+async def test_a_program_its_agent_never_releases_is_released_once_idle(sim: SimServerProcess, tmp_path: Path):
+    """Most OpenAI clients know nothing of release: after ``ORCH_PROGRAM_IDLE_RELEASE_S`` with
+    nothing in flight the program goes, as if released; one that keeps calling stays."""
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/idle.db", api_keys=KEYS, worker_enabled=False,
+                        log_json=False, backends=[{"name": "sim-0", "kind": "sglang", "url": sim.url}],
+                        program_idle_release_s=1.0)
+    async with running_server(settings) as service:
+        client = AsyncOpenAI(base_url=f"{service}/v1", api_key="sk-a")
+        msgs = [{"role": "user", "content": "Fix the bug."}]
+        for pid in ("forgotten", "alive"):
+            await client.chat.completions.create(model="m", messages=msgs, tools=TOOLS, tool_choice="required",
+                                                 max_tokens=16, extra_body={"program_id": pid})
+        async with httpx.AsyncClient(base_url=service, headers={"Authorization": "Bearer sk-a"}) as http:
+            ids = [p["id"] for p in (await http.get("/v1/programs")).json()["data"]]
+            assert sorted(ids) == ["alive", "forgotten"]
+            for _ in range(8):  # "alive" calls every 0.25 s for 2 s, "forgotten" never again
+                await asyncio.sleep(0.25)
+                await client.chat.completions.create(model="m", messages=msgs, max_tokens=2,
+                                                     extra_body={"program_id": "alive"})
+            assert [p["id"] for p in (await http.get("/v1/programs")).json()["data"]] == ["alive"]
+            metrics = (await http.get("/metrics")).text
+            assert "orchestrator_scheduler_programs_idle_released_total 1.0" in metrics
+            gone = await http.post("/v1/programs/forgotten/release")
+            assert gone.status_code == 404 and gone.json()["error"]["code"] == "program_not_found"

@@ -153,7 +153,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     program_id = program_id or f"oneshot-{rid}"
     gen_req = _generate_request(body, rid)
     try:
-        runtime.claim(program_id, tenant.name)
+        runtime.claim(program_id, tenant.name, idle_release=not one_shot)
     except ProgramConflict:
         raise Conflict(f"Program id {program_id!r} is in use by another tenant.", code="program_id_conflict",
                        param="program_id") from None

@@ -193,6 +193,7 @@ def test_dev_profile_service_finds_the_simulator_pods(results: dict[str, Any], m
     settings = _settings(_env_of(objs), monkeypatch)  # the service's own parser of ORCH_*
     assert settings.is_sqlite and settings.database_url.endswith("/data/orchestrator.db")
     assert settings.redis_url is None and settings.host == "0.0.0.0"
+    assert settings.program_idle_release_s == 1800 and settings.scheduler_policy == "program"
     [sts] = find(objs, "StatefulSet", "orch-orchestrator-sim")
     [svc] = find(objs, "Service", "orch-orchestrator-sim")
     assert svc["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == svc["metadata"]["name"]
