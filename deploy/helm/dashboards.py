@@ -182,7 +182,10 @@ DASHBOARDS = [
               P("Pauses, resumes, releases", [
                   ("sum(rate(orchestrator_scheduler_pauses_total{NS}[{RI}]))", "pauses"),
                   ("sum(rate(orchestrator_scheduler_resumes_total{NS}[{RI}]))", "resumes"),
-                  ("sum(rate(orchestrator_scheduler_programs_released_total{NS}[{RI}]))", "released")], "ops"),
+                  ("sum(rate(orchestrator_scheduler_programs_released_total{NS}[{RI}]))", "released"),
+                  ("sum(rate(orchestrator_scheduler_programs_idle_released_total{NS}[{RI}]))", "released idle")], "ops",
+                description="Released idle: gateway programs with nothing in flight for "
+                            "config.programIdleReleaseS, whose agent never released them."),
               P("Dispatches and Retains", [
                   ("sum(rate(orchestrator_scheduler_dispatches_total{NS}[{RI}]))", "calls"),
                   ("sum(rate(orchestrator_scheduler_retains_total{NS}[{RI}]))", "retains")], "ops",
