@@ -102,7 +102,7 @@ def across_seeds(quick: bool, preset: str, engines: int, seeds: list[int], concu
     policy the mean and range of steps/min and of its ratios to ``request`` and ``thunderagent``,
     and in how many seeds ``program``'s p95 completion was above thunderagent's. One seed can
     flatter or not: the figures are chaotic in the details (a few % from seed to seed)."""
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         runs = {seed: run(quick, preset, engines, seed, concurrency, duration_s, pool) for seed in seeds}
     out: dict = {"config": {**runs[seeds[0]]["config"], "seeds": seeds}}
     for fam in FAMILIES:
@@ -113,7 +113,9 @@ def across_seeds(quick: bool, preset: str, engines: int, seeds: list[int], concu
             for policy in rows[0]:
                 cell[policy] = {}
                 for figure in ("steps_per_min", "steps_per_min_vs_request", "steps_per_min_vs_thunderagent"):
-                    values = [r[policy][figure] for r in rows]
+                    values = [r[policy][figure] for r in rows if r[policy][figure] is not None]  # None: no baseline steps
+                    if not values:
+                        continue
                     cell[policy].update({f"{figure}_mean": round(sum(values) / len(values), 3),
                                          f"{figure}_min": min(values), f"{figure}_max": max(values)})
             cell["program"]["p95_above_thunderagent_seeds"] = sum(
@@ -170,11 +172,11 @@ def main() -> None:
             return
         for fam in FAMILIES:
             print(f"\n{fam} (mean over seeds {' '.join(map(str, args.seeds))}; range in brackets)")
-            print(f"{'programs':>8} {'policy':>18} {'steps/min':>22} {'x request':>18} {'x TA':>18}")
+            print(f"{'programs':>8} {'policy':>18} {'steps/min':>24} {'x request':>20} {'x TA':>20}")
             for n, row in summary[fam].items():
                 for p, c in row.items():
                     print(f"{n:>8} {p:>18} " + " ".join(
-                        f"{c[f + '_mean']:>7.2f} [{c[f + '_min']:.2f}-{c[f + '_max']:.2f}]".rjust(22 if i == 0 else 18)
+                        f"{c[f + '_mean']:>7.2f} [{c[f + '_min']:.2f}-{c[f + '_max']:.2f}]".rjust(24 if i == 0 else 20)
                         for i, f in enumerate(("steps_per_min", "steps_per_min_vs_request",
                                                "steps_per_min_vs_thunderagent"))))
         print()
@@ -182,7 +184,7 @@ def main() -> None:
             print(line)
         print(f"\nwall {summary['wall_s']} s")
         return
-    with ProcessPoolExecutor(os.cpu_count()) as pool:
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         result = run(args.quick, args.preset, args.engines, args.seed, args.concurrency, args.duration, pool)
     if args.json:
         print(json.dumps(result))

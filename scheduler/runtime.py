@@ -19,6 +19,7 @@ loop, so the core needs no locks.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import json
 import logging
 import time
@@ -99,8 +100,9 @@ class ProgramRuntime:
         # it) or may die mid-tool: its program would hold a place in the table, a sandbox, and
         # count as acting for good. Programs claimed with ``idle_release=True`` are released
         # after ``idle_release_s`` with nothing in flight. Program id -> when it was last active.
-        self.idle_release_s = idle_release_s or None
+        self.idle_release_s = idle_release_s if idle_release_s and idle_release_s > 0 else None
         self._last_active: dict[str, float] = {}
+        self._open_calls: Counter[str] = Counter()  # program id -> its stream() calls not yet closed
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -109,7 +111,7 @@ class ProgramRuntime:
         self._tasks = [asyncio.create_task(self._loop(self.observe, self.observe_interval_s), name="observe"),
                        asyncio.create_task(self._loop(self._tick, self.sched.policy.tick_s), name="tick")]
         if self.idle_release_s is not None:
-            every = min(60.0, self.idle_release_s / 10)
+            every = max(0.05, min(60.0, self.idle_release_s / 10))
             self._tasks.append(asyncio.create_task(self._loop(self._release_idle, every), name="idle-release"))
 
     async def close(self) -> None:
@@ -139,24 +141,25 @@ class ProgramRuntime:
         self._handle(Tick(self.clock()))
 
     async def _release_idle(self) -> None:
-        """Release the programs claimed for idle release that have had nothing in flight, no call
-        and no tool hint for ``idle_release_s``. A later call with the same id starts afresh."""
+        """Release the programs claimed for idle release that have had no call open (from its
+        ``stream()`` to the caller closing it) and no tool hint for ``idle_release_s``. A later
+        call with the same id starts afresh."""
         assert self.idle_release_s is not None
         now = self.clock()
         for pid, at in list(self._last_active.items()):
-            p = self.sched.programs.get(pid)
-            if p is None:  # finished in the core (e.g. its backend's failure ended it)
-                self._last_active.pop(pid, None)
-                continue
-            if now - at < self.idle_release_s or p.inflight or p.pending:
+            if now - at < self.idle_release_s or self._open_calls[pid]:
                 continue
             owner = self.owners.get(pid)
-            if owner is None:
-                self._last_active.pop(pid, None)
-                continue
-            log.info("releasing program %s of %s: idle for %.0f s", pid, owner, now - at)
-            self.release(pid, owner)
-            self.stats.idle_released += 1
+            try:
+                if owner is None or pid not in self.sched.programs:
+                    self._last_active.pop(pid, None)  # released, or its call never reached the core
+                    self.owners.pop(pid, None)
+                    continue
+                log.info("releasing program %s of %s: idle for %.0f s", pid, owner, now - at)
+                self.release(pid, owner)
+                self.stats.idle_released += 1
+            except Exception:  # one program's failure must not keep the others
+                log.exception("idle release of %s failed", pid)
 
     def _active(self, program_id: str) -> None:
         if program_id in self._last_active:
@@ -236,50 +239,55 @@ class ProgramRuntime:
         if unknown:
             raise ValueError(f"unknown backends {unknown}; configured: {sorted(self.backends)}")
         self.claim(program_id, tenant)
-        self._active(program_id)
-        self._last_context.pop(program_id, None)  # held only while its tool runs
-        if not sandbox:
-            self._sandboxless.add(program_id)
-        if not self._available(backends):
-            raise NoBackendAvailable("no healthy backend: every one " + ("allowed " if backends else "")
-                                     + "failed its last check", backend="runtime")
-        loop = asyncio.get_running_loop()
-        failed: list[str] = []  # backends that failed this call before any output
-        while True:
-            fut: asyncio.Future[Dispatch] = loop.create_future()
-            self._waiters[request.rid] = fut
-            arrived = self.clock()
-            self._handle(RequestArrived(arrived, program_id, request.rid, estimate_tokens(request), tenant,
-                                        request.max_tokens, prefix_key, prefix_tokens, backends or None))
-            yielded = False
-            attempt = self._run(fut, arrived, request)
-            try:
-                async for chunk in attempt:
-                    yielded = True
-                    yield chunk
-                return
-            except BackendError as exc:
-                if not (exc.retryable or isinstance(exc, StreamInterrupted)):
-                    raise  # the request's fault (4xx), not the backend's
-                if not fut.done() or fut.cancelled():
-                    raise  # it failed before any backend was chosen
-                name = fut.result().backend
-                failed.append(name)
-                self.stats.backend_failures[name] = self.stats.backend_failures.get(name, 0) + 1
-                if not self._available(backends, excluding=failed):
-                    # nowhere else to go: marking the only backend down would refuse every call
-                    # until the next observation, even after a transient failure; the caller's
-                    # retry (or the next observation, if it is really dead) decides
-                    raise
-                self._mark_down(name)
-                if yielded or not exc.retryable:
-                    raise
-                self.stats.calls_placed_again += 1
-                log.warning("call %s of %s failed on %s before any output (%s); placing it again",
-                            request.rid, program_id, failed[-1], exc)
-            finally:
-                await attempt.aclose()  # at once, not when collected: aborts the engine's request
-                self._active(program_id)
+        self._open_calls[program_id] += 1  # open until the caller closes it (see _release_idle)
+        try:
+            self._last_context.pop(program_id, None)  # held only while its tool runs
+            if not sandbox:
+                self._sandboxless.add(program_id)
+            if not self._available(backends):
+                raise NoBackendAvailable("no healthy backend: every one " + ("allowed " if backends else "")
+                                         + "failed its last check", backend="runtime")
+            loop = asyncio.get_running_loop()
+            failed: list[str] = []  # backends that failed this call before any output
+            while True:
+                fut: asyncio.Future[Dispatch] = loop.create_future()
+                self._waiters[request.rid] = fut
+                arrived = self.clock()
+                self._handle(RequestArrived(arrived, program_id, request.rid, estimate_tokens(request), tenant,
+                                            request.max_tokens, prefix_key, prefix_tokens, backends or None))
+                yielded = False
+                attempt = self._run(fut, arrived, request)
+                try:
+                    async for chunk in attempt:
+                        yielded = True
+                        yield chunk
+                    return
+                except BackendError as exc:
+                    if not (exc.retryable or isinstance(exc, StreamInterrupted)):
+                        raise  # the request's fault (4xx), not the backend's
+                    if not fut.done() or fut.cancelled():
+                        raise  # it failed before any backend was chosen
+                    name = fut.result().backend
+                    failed.append(name)
+                    self.stats.backend_failures[name] = self.stats.backend_failures.get(name, 0) + 1
+                    if not self._available(backends, excluding=failed):
+                        # nowhere else to go: marking the only backend down would refuse every call
+                        # until the next observation, even after a transient failure; the caller's
+                        # retry (or the next observation, if it is really dead) decides
+                        raise
+                    self._mark_down(name)
+                    if yielded or not exc.retryable:
+                        raise
+                    self.stats.calls_placed_again += 1
+                    log.warning("call %s of %s failed on %s before any output (%s); placing it again",
+                                request.rid, program_id, failed[-1], exc)
+                finally:
+                    await attempt.aclose()  # at once, not when collected: aborts the engine's request
+        finally:
+            self._open_calls[program_id] -= 1
+            if self._open_calls[program_id] <= 0:
+                del self._open_calls[program_id]
+            self._active(program_id)
 
     def _available(self, allowed: tuple[str, ...] | None, excluding: list[str] | tuple[str, ...] = ()) -> bool:
         """Is a healthy backend with capacity there (among ``allowed``, other than ``excluding``)?"""

@@ -8,6 +8,7 @@ how long each tool took); the choices live in the policy.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Iterable
 
 from scheduler.core.decisions import (
@@ -109,6 +110,10 @@ class Scheduler:
         if p is None or p.status is Status.FINISHED:
             return
         p.inflight.discard(e.rid)
+        if e.aborted and p.pending:
+            # given up while we held it (its caller left): it must not be dispatched later, to
+            # nobody, and count as in flight for good
+            p.pending = deque(r for r in p.pending if r.rid != e.rid)
         self.touch(p)
         if not e.aborted:
             p.tokens = e.prompt_tokens + e.completion_tokens

@@ -247,3 +247,22 @@ def test_a_restricted_program_waits_rather_than_run_elsewhere():
     # b0 is full: the next one restricted to b0 waits although b1 has room
     assert dispatched(arrive(s, 1, "next", 1_500, backends=("b0",)) + s.handle(Tick(2))) == []
     assert dispatched(s.handle(ProgramReleased(3, "big"))) == [("next", "b0")]
+
+
+@pytest.mark.parametrize("policy", ["thunderagent", "program"])
+def test_a_held_call_given_up_is_never_dispatched_later(policy: str):
+    """Its caller left while we held it (the gateway's client went away): when room comes, it
+    must not go to the engine for nobody, nor count as in flight for good."""
+    s = sched(policy, 10_000)
+    assert dispatched(arrive(s, 0, "big", 8_000, rid="big-0")) == [("big", "b0")]
+    assert dispatched(arrive(s, 1, "late", 6_000, rid="late-0")) == []  # held: no room
+    late = s.programs["late"]
+    assert [r.rid for r in late.pending] == ["late-0"]
+    s.handle(RequestFinished(2, "late-0", 6_000, 0, 0, aborted=True))
+    assert not late.pending and not late.inflight
+    s.handle(RequestFinished(3, "big-0", 8_000, 10, 0))
+    s.handle(ProgramReleased(3, "big"))
+    assert dispatched(s.handle(Tick(10))) == [] and not late.inflight
+    assert s.backends["b0"].inflight == 0
+    # its next call runs as any would
+    assert dispatched(arrive(s, 11, "late", 6_000, rid="late-1")) == [("late", "b0")]

@@ -5,8 +5,11 @@ Against the simulator's SGLang-compatible server in its own process, on a clock 
 from __future__ import annotations
 
 import asyncio
+from typing import AsyncIterator
 
-from scheduler.backends.base import GenerateRequest
+import pytest
+
+from scheduler.backends.base import Backend, Capacity, GenerateRequest, GenerationChunk, Load, Usage
 from scheduler.backends.sglang import SGLangBackend
 from scheduler.runtime import ProgramRuntime
 from tests.servers import SimServerProcess
@@ -82,3 +85,76 @@ async def test_no_idle_release_unless_configured():
             await runtime.close()
             for b in runtime.backends.values():
                 await b.close()
+
+
+class _Gated(Backend):
+    """Streams one chunk, then waits for ``gate`` before the final one: a call the test holds open."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        yield GenerationChunk(rid=request.rid, text="x")
+        await self.gate.wait()
+        yield GenerationChunk(rid=request.rid, text="", finish_reason="stop",
+                              usage=Usage(prompt_tokens=6000, completion_tokens=1, cached_tokens=0))
+
+    async def abort(self, rid: str) -> bool:
+        return True
+
+    async def capacity(self) -> Capacity:
+        return Capacity(max_total_tokens=10_000)
+
+    async def load(self) -> Load:
+        return Load()
+
+    async def health(self) -> bool:
+        return True
+
+
+async def test_a_call_given_up_while_held_and_a_long_call_are_both_judged_right():
+    """A client that leaves while its call is held leaves its program idle (released later); a
+    call longer than the limit keeps its program until the caller has closed it."""
+    now = [0.0]
+    backend = _Gated()
+    runtime = ProgramRuntime({"gated": backend}, idle_release_s=10.0, observe_interval_s=600, clock=lambda: now[0])
+    await runtime.start()
+    prompt = "y" * 24_000  # ~6,000 tokens: two do not fit in 10,000
+    try:
+        runtime.claim("long", "t", idle_release=True)
+        long = runtime.stream("long", "t", GenerateRequest(prompt=prompt, max_tokens=50))
+        await anext(long)
+        runtime.claim("gone", "t", idle_release=True)
+
+        async def call_gone() -> None:
+            async for _ in runtime.stream("gone", "t", GenerateRequest(prompt=prompt, max_tokens=50)):
+                pass
+
+        task = asyncio.ensure_future(call_gone())
+        await asyncio.sleep(0.01)
+        assert [r.rid for r in runtime.sched.programs["gone"].pending]  # held: no room
+        task.cancel()  # its client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        now[0] = 30.0  # "long" has run for 30 s, past the limit: still open, so kept
+        await runtime._release_idle()
+        assert sorted(p["id"] for p in runtime.programs("t")) == ["long"]
+        backend.gate.set()
+        final = await anext(long)  # the engine is done; the caller has not closed the call yet
+        assert final.finish_reason == "stop"
+        await runtime._release_idle()
+        assert [p["id"] for p in runtime.programs("t")] == ["long"]
+        with pytest.raises(StopAsyncIteration):
+            await anext(long)
+        now[0] = 35.0
+        await runtime._release_idle()
+        assert [p["id"] for p in runtime.programs("t")] == ["long"]  # idle since 30
+        now[0] = 41.0
+        await runtime._release_idle()
+        assert runtime.programs("t") == [] and runtime.stats.idle_released == 2
+        assert all(b.inflight == 0 for b in runtime.sched.backends.values())
+    finally:
+        await runtime.close()
