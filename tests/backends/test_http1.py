@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from typing import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -33,6 +34,18 @@ async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
     server = await asyncio.start_server(handler, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     return server, f"http://127.0.0.1:{port}"
+
+
+@asynccontextmanager
+async def pool_on(handler: Handler, path: str = "") -> AsyncIterator[Http1Pool]:
+    """A server answering with ``handler`` and a pool on it (at ``path``), both closed after."""
+    server, url = await serve(handler)
+    pool = Http1Pool(url + path)
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+        server.close()
 
 
 def chunked(*parts: bytes) -> bytes:
@@ -58,9 +71,7 @@ async def test_keep_alive_chunked_and_content_length_bodies_and_the_request_line
             await writer.drain()
         writer.close()
 
-    server, url = await serve(handler)
-    pool = Http1Pool(url + "/prefix")
-    try:
+    async with pool_on(handler, "/prefix") as pool:
         for n in range(4):
             async with pool.stream("POST", "/v1/x", json_body={"n": n}) as resp:
                 lines = [line async for line in resp.aiter_lines()]
@@ -71,9 +82,6 @@ async def test_keep_alive_chunked_and_content_length_bodies_and_the_request_line
         assert pool.connects == 1
         assert [line for line, _ in seen] == ["POST /prefix/v1/x HTTP/1.1"] * 4
         assert [b["n"] for _, b in seen] == [0, 1, 2, 3]
-    finally:
-        await pool.aclose()
-        server.close()
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced_once() -> None:
@@ -87,17 +95,12 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_once() -> N
         await writer.drain()
         writer.close()  # no Connection: close header: the client learns it only on reuse
 
-    server, url = await serve(handler)
-    pool = Http1Pool(url)
-    try:
+    async with pool_on(handler) as pool:
         for _ in range(3):
             async with pool.stream("POST", "/", json_body={}) as resp:
                 assert await resp.aread() == b"ok"
             await asyncio.sleep(0.05)  # the server's FIN arrives while the connection is idle
         assert calls == 3 and pool.connects == 3
-    finally:
-        await pool.aclose()
-        server.close()
 
 
 async def test_a_stale_connection_found_only_by_writing_is_retried_on_a_new_one() -> None:
@@ -117,16 +120,11 @@ async def test_a_stale_connection_found_only_by_writing_is_retried_on_a_new_one(
             pass
         writer.close()
 
-    server, url = await serve(handler)
-    pool = Http1Pool(url)
-    try:
+    async with pool_on(handler) as pool:
         for _ in range(2):
             async with pool.stream("POST", "/", json_body={}) as resp:
                 assert await resp.aread() == b"ok"
         assert served == 2 and pool.connects == 2
-    finally:
-        await pool.aclose()
-        server.close()
 
 
 async def test_a_response_cut_after_its_headers_is_an_error_not_a_retry() -> None:
@@ -136,9 +134,7 @@ async def test_a_response_cut_after_its_headers_is_an_error_not_a_retry() -> Non
         await writer.drain()
         writer.close()
 
-    server, url = await serve(handler)
-    pool = Http1Pool(url)
-    try:
+    async with pool_on(handler) as pool:
         got = []
         with pytest.raises(ConnectionLost):
             async with pool.stream("POST", "/", json_body={}) as resp:
@@ -151,9 +147,6 @@ async def test_a_response_cut_after_its_headers_is_an_error_not_a_retry() -> Non
                 async with pool.stream("POST", "/", json_body={}) as resp:
                     await resp.aread()
         assert type(err.value).__name__ == "StreamInterrupted"
-    finally:
-        await pool.aclose()
-        server.close()
 
 
 async def test_silence_times_out_garbage_fails_to_parse_and_a_closed_port_is_refused() -> None:
@@ -214,9 +207,7 @@ async def test_an_error_status_is_read_and_raised_and_a_big_body_is_flow_control
             await writer.drain()
         writer.close()
 
-    server, url = await serve(handler)
-    pool = Http1Pool(url)
-    try:
+    async with pool_on(handler) as pool:
         with pytest.raises(BackendHTTPError, match="503: busy") as err:
             async with pool.stream("POST", "/", json_body={"fail": True}) as resp:
                 await raise_for_status(resp, "b")
@@ -228,9 +219,6 @@ async def test_an_error_status_is_read_and_raised_and_a_big_body_is_flow_control
             async for chunk in resp.aiter_bytes():
                 size += len(chunk)
         assert size == len(big) and pool.connects == 1 and len(pool._idle) == 1
-    finally:
-        await pool.aclose()
-        server.close()
 
 
 async def test_a_body_ended_by_closing_bad_utf8_and_a_closed_pool() -> None:
@@ -250,9 +238,7 @@ async def test_a_body_ended_by_closing_bad_utf8_and_a_closed_pool() -> None:
         writer.write(b"ok")
         await writer.drain()
 
-    server, url = await serve(handler)
-    pool = Http1Pool(url)
-    try:
+    async with pool_on(handler) as pool:
         async with pool.stream("POST", "/", json_body={"eof": True}) as resp:
             lines = [line async for line in resp.aiter_lines()]
         assert lines == ["data: one", "\ufffddata: two"] and pool._idle == []
@@ -260,8 +246,6 @@ async def test_a_body_ended_by_closing_bad_utf8_and_a_closed_pool() -> None:
             await pool.aclose()  # while this response is still arriving
             assert await resp.aread() == b"ok"
         assert pool._idle == [] and resp._conn.closed
-    finally:
-        server.close()
 
 
 async def test_the_sglang_client_keeps_token_ids_of_chunks_that_add_no_text() -> None:
