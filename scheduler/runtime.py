@@ -149,12 +149,12 @@ class ProgramRuntime:
         for pid, at in list(self._last_active.items()):
             if now - at < self.idle_release_s or self._open_calls[pid]:
                 continue
-            owner = self.owners.get(pid)
+            if pid not in self.sched.programs:  # claimed, but its call never reached the core
+                del self._last_active[pid]
+                self.owners.pop(pid, None)
+                continue
+            owner = self.owners[pid]  # claimed programs have one until released
             try:
-                if owner is None or pid not in self.sched.programs:
-                    self._last_active.pop(pid, None)  # released, or its call never reached the core
-                    self.owners.pop(pid, None)
-                    continue
                 log.info("releasing program %s of %s: idle for %.0f s", pid, owner, now - at)
                 self.release(pid, owner)
                 self.stats.idle_released += 1
