@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,25 +76,38 @@ def run(quick: bool, preset: str, engines: int, seed: int, concurrency: list[int
     return out
 
 
-def targets(result: dict) -> list[str]:
-    """The issue's targets, checked on this run's figures (printed, not enforced)."""
+def _target_lines(levels: list[str], ratio: Callable[[str, str, str, str], tuple[float, str]],
+                  p95: Callable[[str, str], str]) -> list[str]:
+    """The issue's targets (printed, not enforced). ``ratio(family, level, policy, base)`` gives a
+    steps/min ratio and how to print it; ``p95(family, level)`` the p95 verdict."""
     lines = []
-    levels = [k for k in result["coding"]]
     top = levels[-1]
     for fam, need in (("coding", 1.0), ("stochastic", 1.15)):
         for n in levels:
-            row = result[fam][n]
-            ratio = row["program"]["steps_per_min_vs_thunderagent"]
-            p95_ok = (row["program"]["p95_completion_s"] or 0) <= (row["thunderagent"]["p95_completion_s"] or 0)
-            lines.append(f"{fam} {n}: program/thunderagent steps {ratio:.2f}x (target >= {need}) "
-                         f"{'ok' if ratio >= need else 'MISSED'}; p95 {'no worse' if p95_ok else 'WORSE'}")
-        r = result[fam][top]["program"]["steps_per_min_vs_request"]
-        lines.append(f"{fam} {top}: program/request {r:.2f}x (target >= 2) {'ok' if r >= 2 else 'MISSED'}")
-    at = "96" if "96" in result["coding"] else top  # where the published range was measured
-    ta = result["coding"][at]["thunderagent"]["steps_per_min_vs_request"]
-    lines.append(f"calibration coding {at}: thunderagent/request {ta:.2f}x (published 1.48-3.58x at 96) "
-                 f"{'inside' if 1.48 <= ta <= 3.58 else 'OUTSIDE'}")
+            value, text = ratio(fam, n, "program", "thunderagent")
+            lines.append(f"{fam} {n}: program/thunderagent {text} (target >= {need}) "
+                         f"{'ok' if value >= need else 'MISSED'}; {p95(fam, n)}")
+        value, text = ratio(fam, top, "program", "request")
+        lines.append(f"{fam} {top}: program/request {text} (target >= 2) {'ok' if value >= 2 else 'MISSED'}")
+    at = "96" if "96" in levels else top  # where the published range was measured
+    value, text = ratio("coding", at, "thunderagent", "request")
+    lines.append(f"calibration coding {at}: thunderagent/request {text} (published 1.48-3.58x at 96) "
+                 f"{'inside' if 1.48 <= value <= 3.58 else 'OUTSIDE'}")
     return lines
+
+
+def targets(result: dict) -> list[str]:
+    """The issue's targets, checked on this run's figures."""
+    def ratio(fam: str, n: str, policy: str, base: str) -> tuple[float, str]:
+        r = result[fam][n][policy][f"steps_per_min_vs_{base}"]
+        return r, f"{r:.2f}x"
+
+    def p95(fam: str, n: str) -> str:
+        row = result[fam][n]
+        ok = (row["program"]["p95_completion_s"] or 0) <= (row["thunderagent"]["p95_completion_s"] or 0)
+        return f"p95 {'no worse' if ok else 'WORSE'}"
+
+    return _target_lines(list(result["coding"]), ratio, p95)
 
 
 def across_seeds(quick: bool, preset: str, engines: int, seeds: list[int], concurrency: list[int] | None,
@@ -127,31 +141,17 @@ def across_seeds(quick: bool, preset: str, engines: int, seeds: list[int], concu
 
 def targets_across_seeds(summary: dict) -> list[str]:
     """The issue's targets on the mean over seeds, with each figure's range over the seeds."""
-    lines = []
-    seeds = len(summary["config"]["seeds"])
-    levels = list(summary["coding"])
-    top = levels[-1]
+    def ratio(fam: str, n: str, policy: str, base: str) -> tuple[float, str]:
+        c = summary[fam][n][policy]
+        key = f"steps_per_min_vs_{base}"
+        mean = c[f"{key}_mean"]
+        return mean, f"{mean:.2f}x (seeds {c[f'{key}_min']:.2f}-{c[f'{key}_max']:.2f})"
 
-    def ratio(cell: dict, base: str) -> str:
-        return (f"{cell[f'steps_per_min_vs_{base}_mean']:.2f}x (seeds {cell[f'steps_per_min_vs_{base}_min']:.2f}"
-                f"-{cell[f'steps_per_min_vs_{base}_max']:.2f})")
+    def p95(fam: str, n: str) -> str:
+        misses = summary[fam][n]["program"]["p95_above_thunderagent_seeds"]
+        return f"p95 above thunderagent's in {misses} of {len(summary['config']['seeds'])} seeds"
 
-    for fam, need in (("coding", 1.0), ("stochastic", 1.15)):
-        for n in levels:
-            cell = summary[fam][n]["program"]
-            ok = cell["steps_per_min_vs_thunderagent_mean"] >= need
-            lines.append(f"{fam} {n}: program/thunderagent {ratio(cell, 'thunderagent')} (target >= {need}) "
-                         f"{'ok' if ok else 'MISSED'}; p95 above thunderagent's in "
-                         f"{cell['p95_above_thunderagent_seeds']} of {seeds} seeds")
-        cell = summary[fam][top]["program"]
-        lines.append(f"{fam} {top}: program/request {ratio(cell, 'request')} (target >= 2) "
-                     f"{'ok' if cell['steps_per_min_vs_request_mean'] >= 2 else 'MISSED'}")
-    at = "96" if "96" in summary["coding"] else top  # where the published range was measured
-    ta = summary["coding"][at]["thunderagent"]
-    inside = 1.48 <= ta["steps_per_min_vs_request_mean"] <= 3.58
-    lines.append(f"calibration coding {at}: thunderagent/request {ratio(ta, 'request')} "
-                 f"(published 1.48-3.58x at 96) {'inside' if inside else 'OUTSIDE'}")
-    return lines
+    return _target_lines(list(summary["coding"]), ratio, p95)
 
 
 def main() -> None:
