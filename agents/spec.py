@@ -14,14 +14,17 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 class SandboxSpec(BaseModel):
-    """Limits for this run's tool commands; the service caps them at its own maxima."""
+    """Limits for this run's tool commands. Above its tenant's ceilings (``sandbox`` in the
+    tenant limits) a run is refused at submission; the schema's maxima are the service's."""
 
     model_config = ConfigDict(extra="forbid")
     wall_s: float = Field(default=30.0, gt=0, le=3600, description="Wall time of one command.")
-    cpu_s: int = Field(default=20, ge=1, le=3600, description="CPU seconds of one command.")
-    memory_mb: int = Field(default=1024, ge=16, le=65536, description="Address space of one command.")
+    cpu_s: int = Field(default=20, ge=1, le=3600,
+                       description="CPU seconds of one command, all its processes together.")
+    memory_mb: int = Field(default=1024, ge=16, le=65536,
+                           description="Memory of the sandbox's processes together (and address space of each).")
     output_kb: int = Field(default=64, ge=1, le=4096, description="Kept of stdout and of stderr, each.")
-    workspace_mb: int = Field(default=256, ge=1, le=65536, description="Disk the workspace may hold.")
+    workspace_mb: int = Field(default=256, ge=1, le=65536, description="Size of the workspace (disk).")
 
 
 class AgentInput(BaseModel):

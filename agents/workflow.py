@@ -14,14 +14,27 @@ import time
 from typing import Any
 
 from agents.loop import AgentLoop, ToolHooks
-from agents.spec import AgentInput
+from agents.spec import AgentInput, SandboxSpec
+from orchestrator.errors import ValidationFailed
 from orchestrator.runs.context import RunContext, RunFailed
+from orchestrator.settings import TenantLimits
 from scheduler.backends.base import GenerateRequest, Generation, GenerationChunk
 from scheduler.core import UnknownProgram
 from scheduler.runtime import estimate_tokens
 from tools.builtins import BUILTIN_NAMES
 from tools.registry import ToolContext, ToolRegistry, ToolResult
 from tools.sandbox.base import Limits
+
+
+def check_sandbox_ceilings(inp: AgentInput, limits: TenantLimits) -> None:
+    """Refuse at submission a run whose sandbox asks for more than its tenant's ceilings: the
+    input schema's maxima are the service's, the operator sets each tenant's (``sandbox`` in
+    ``ORCH_TENANT_LIMITS`` / ``ORCH_DEFAULT_LIMITS``)."""
+    for name in SandboxSpec.model_fields:
+        asked, ceiling = getattr(inp.sandbox, name), getattr(limits.sandbox, name)
+        if ceiling is not None and asked > ceiling:
+            raise ValidationFailed(f"input.sandbox.{name} is {asked}; this tenant's runs may ask for at most "
+                                   f"{ceiling}.", code="sandbox_limit_exceeded", param=f"input.sandbox.{name}")
 
 
 def sandbox_limits(inp: AgentInput) -> Limits:
@@ -119,4 +132,4 @@ async def _listing(sandbox: Any) -> list[dict[str, Any]]:
 
 
 def register(registry: Any) -> None:
-    registry.workflow("agent", AgentInput)(agent)
+    registry.workflow("agent", AgentInput, check=check_sandbox_ceilings)(agent)

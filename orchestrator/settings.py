@@ -10,11 +10,26 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 DEV_API_KEY = "sk-orch-dev"
+
+
+# -- Sandbox ceilings (tools/sandbox containment): the most a tenant's run may ask its tool
+# sandbox for; a run asking more is refused at submission (422 sandbox_limit_exceeded).
+class SandboxCeilings(BaseModel):
+    """The highest sandbox limits a tenant's runs may set (``input.sandbox`` of an ``agent``
+    run); one field per limit a run can ask for, same name and unit. ``None``: no ceiling
+    beyond the input schema's own maximum."""
+
+    model_config = ConfigDict(extra="forbid")
+    wall_s: float | None = Field(default=600.0, gt=0)
+    cpu_s: int | None = Field(default=600, ge=1)
+    memory_mb: int | None = Field(default=4096, ge=16)
+    output_kb: int | None = Field(default=1024, ge=1)
+    workspace_mb: int | None = Field(default=4096, ge=1)
 
 
 class TenantLimits(BaseModel):
@@ -23,6 +38,7 @@ class TenantLimits(BaseModel):
     max_concurrent_runs: int | None = Field(default=100, ge=1)
     requests_per_second: float | None = Field(default=50.0, gt=0)
     burst: int | None = Field(default=100, ge=1)
+    sandbox: SandboxCeilings = Field(default_factory=SandboxCeilings)
 
 
 class BackendConfig(BaseModel):

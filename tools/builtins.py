@@ -17,10 +17,10 @@ from tools.sandbox.base import ExecResult
 _LIMIT_MESSAGES = {
     "timeout": "the command ran past its wall-time limit and was killed",
     "cpu": "the command used up its CPU-time limit and was killed",
-    "memory": "the command ran out of its memory limit",
+    "memory": "the command ran out of its memory limit (all the sandbox's processes together)",
     "file_size": "the command tried to write a file larger than the limit",
     "output": "the command printed far more than the output limit and was killed",
-    "workspace_full": "the workspace is over its disk limit; delete files",
+    "workspace_full": "the workspace is full (its disk limit); delete files",
 }
 
 

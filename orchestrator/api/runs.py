@@ -52,12 +52,13 @@ async def create_run(
             code="unknown_workflow", param="workflow",
         )
     try:
-        defn.input_model.model_validate(body.input)
+        parsed = defn.input_model.model_validate(body.input)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in ("input", *first["loc"]))
         raise ValidationFailed(f"Invalid input for workflow {body.workflow!r}: {first['msg']} at {loc}.",
                                code="invalid_input", param=loc) from None
+    defn.check_input(parsed, tenant.limits)
     payload = body.model_dump(mode="json")
     new = NewRun(
         tenant=tenant.name, workflow=body.workflow, input=body.input, metadata=body.metadata,

@@ -19,12 +19,36 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x0_6F_72_63_68  # "orch"
 
 
+def _private_sqlite_file(path: str) -> None:
+    """Make the database file 0600, in a 0700 directory when we create that, whatever the umask.
+
+    It holds every tenant's run inputs and outputs. SQLite gives the ``-wal``, ``-shm`` and
+    ``-journal`` files the mode of the database file, so creating it 0600 first covers them;
+    files left by an older version with a wider mode are narrowed. An existing directory keeps
+    its mode (it may be shared, like /tmp or the working directory).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)  # makedirs' mode is masked by the umask
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            os.chmod(path + suffix, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def create_engine(url: str) -> AsyncEngine:
     """Create the async engine; SQLite gets WAL mode, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
+        path = url.split(":///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            _private_sqlite_file(path)  # every tenant's runs: 0600
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")

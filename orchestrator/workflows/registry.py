@@ -10,9 +10,13 @@ from pydantic import BaseModel
 
 if TYPE_CHECKING:
     from orchestrator.runs.context import RunContext
+    from orchestrator.settings import TenantLimits
 
 InputT = TypeVar("InputT", bound=BaseModel)
 WorkflowFn = Callable[["RunContext", Any], Awaitable[Any]]
+# Operator policy on an input the schema accepts, per tenant (say, sandbox ceilings): raises
+# ``orchestrator.errors.ValidationFailed`` to refuse the run at submission.
+InputCheck = Callable[[Any, "TenantLimits"], None]
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,12 @@ class WorkflowDef(Generic[InputT]):
     fn: WorkflowFn
     input_model: type[InputT]
     description: str = ""
+    check: InputCheck | None = None
+
+    def check_input(self, inp: InputT, limits: "TenantLimits") -> None:
+        """Refuse, before anything is written, a valid input this tenant may not run."""
+        if self.check is not None:
+            self.check(inp, limits)
 
 
 class WorkflowRegistry:
@@ -32,11 +42,12 @@ class WorkflowRegistry:
             raise ValueError(f"workflow {defn.name!r} is already registered")
         self._defs[defn.name] = defn
 
-    def workflow(self, name: str, input_model: type[InputT], description: str = "") -> Callable[[WorkflowFn], WorkflowFn]:
+    def workflow(self, name: str, input_model: type[InputT], description: str = "", *,
+                 check: InputCheck | None = None) -> Callable[[WorkflowFn], WorkflowFn]:
         """Decorator form of ``add``."""
 
         def deco(fn: WorkflowFn) -> WorkflowFn:
-            self.add(WorkflowDef(name, fn, input_model, description or (fn.__doc__ or "").strip()))
+            self.add(WorkflowDef(name, fn, input_model, description or (fn.__doc__ or "").strip(), check))
             return fn
 
         return deco

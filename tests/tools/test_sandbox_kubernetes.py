@@ -17,8 +17,8 @@ import base64
 import os
 import random
 import re
+import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -36,7 +36,8 @@ from tools.sandbox.agent import create_agent_app
 from tools.sandbox.base import SandboxError
 from tools.sandbox.kubernetes import (KubernetesSandboxConfig, KubernetesSandboxFactory, pod_manifest, pod_name,
                                       sandbox_network_policy, secret_manifest, secret_name)
-from tools.sandbox.subprocess import SubprocessSandbox
+from tools.sandbox.cgroups import SandboxCgroup, host_layout
+from tools.sandbox.subprocess import SubprocessSandbox, _group_name
 
 API_TOKEN = "k8s-sa-token"
 NS = "agents"
@@ -339,10 +340,9 @@ async def test_pod_lifecycle_exec_files_kill_and_close(fake: tuple[FakeKubernete
 
     slow = asyncio.create_task(sb.exec(["sleep", "30"]))
     await asyncio.sleep(0.3)
-    t0 = time.monotonic()
     await sb.kill()
     killed = await asyncio.wait_for(slow, 10)
-    assert not killed.ok and time.monotonic() - t0 < 5
+    assert not killed.ok
     assert (await sb.exec(["true"])).ok  # still usable after kill
 
     # Through the proxy: the agent saw the pod's own token, never the API credential.
@@ -429,6 +429,12 @@ async def test_the_pod_command_serves_the_agent(tmp_path: Path):
     finally:
         proc.terminate()
         await proc.wait()
+        # The agent leaves its workspace (filesystem mounted, cgroups) for the pod's next agent;
+        # in a pod they go with the container, here they are this machine's.
+        workspace = tmp_path / "workspace" / "w"
+        if os.path.ismount(workspace):
+            subprocess.run(["umount", "-l", str(workspace)], check=True)
+        SandboxCgroup(host_layout(), _group_name(workspace)).remove()
 
 
 @pytest.mark.parametrize("fake", ["forbidden"], indirect=True)
@@ -459,11 +465,10 @@ async def test_a_bad_api_token_is_reported_and_a_rotated_token_file_is_reread(
 @pytest.mark.parametrize("fake", ["imagepull"], indirect=True)
 async def test_image_pull_failure_is_named_at_once_and_cleaned_up(fake: tuple[FakeKubernetes, str]):
     k8s, url = fake
-    factory = factory_for(url, startup_timeout_s=5)
-    t0 = time.monotonic()
-    with pytest.raises(SandboxError, match="ImagePullBackOff.*orch:test"):
+    factory = factory_for(url, startup_timeout_s=30)
+    with pytest.raises(SandboxError, match="ImagePullBackOff.*orch:test") as refused:
         await factory("p4")
-    assert time.monotonic() - t0 < 2  # not after the start-up timeout
+    assert "not ready after" not in str(refused.value)  # named at once, not after the start-up timeout
     assert [(kind, n) for kind, n, _ in k8s.deleted] == [("pods", pod_name("p4")),
                                                           ("secrets", secret_name(pod_name("p4")))]
     await factory.aclose()
@@ -473,10 +478,9 @@ async def test_image_pull_failure_is_named_at_once_and_cleaned_up(fake: tuple[Fa
 async def test_an_unschedulable_pod_times_out_naming_why(fake: tuple[FakeKubernetes, str]):
     k8s, url = fake
     factory = factory_for(url, startup_timeout_s=0.3)
-    t0 = time.monotonic()
     with pytest.raises(SandboxError, match=r"not ready after 0.3 s \(timeout; last seen: Unschedulable: 0/3 nodes"):
         await factory("p6")
-    assert time.monotonic() - t0 < 2 and not k8s.pods and not k8s.secrets
+    assert not k8s.pods and not k8s.secrets
     await factory.aclose()
 
 

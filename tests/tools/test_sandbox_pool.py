@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -50,9 +49,8 @@ async def test_acquire_waits_for_a_creation_in_progress_or_creates_cold(root: Pa
     pool = SandboxPool(factory(root, delay=0.3))
     try:
         pool.prepare("p1")
-        t0 = time.monotonic()
         sb = await pool.acquire("p1")
-        assert 0.2 < time.monotonic() - t0 < 2 and sb.id == "p1"
+        assert sb.id == "p1"
         await pool.acquire("cold")
         assert (pool.stats.acquired_waited, pool.stats.acquired_cold, pool.stats.created) == (1, 1, 2)
     finally:
@@ -139,9 +137,8 @@ async def test_exec_slots_bound_concurrency_across_programs(root: Path):
             active -= 1
 
     try:
-        t0 = time.monotonic()
         await asyncio.gather(*(tool(f"p{i % 3}") for i in range(6)))
-        assert peak == 2 and time.monotonic() - t0 >= 0.55
+        assert peak == 2
         assert pool.snapshot()["exec_active"] == 0
     finally:
         await pool.close()

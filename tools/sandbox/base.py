@@ -14,17 +14,20 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Limits:
-    """What one command may use. ``None`` leaves a limit off."""
+    """What a command may use. ``None`` leaves a limit off. Where the machine allows (see
+    docs/sandboxes.md), memory, processes, CPU and disk hold for all of a command's processes
+    together, and memory, processes and disk for the whole sandbox."""
 
     wall_s: float = 30.0             # whole command, then the process group is killed
-    cpu_s: int | None = 20           # RLIMIT_CPU
-    memory_bytes: int | None = 1 << 30   # RLIMIT_AS
+    cpu_s: int | None = 20           # RLIMIT_CPU per process; all the command's processes together (cgroup)
+    memory_bytes: int | None = 1 << 30   # RLIMIT_AS per process; the sandbox's memory cgroup in total
     file_bytes: int | None = 64 << 20    # RLIMIT_FSIZE: largest file a command may write
-    processes: int | None = 64       # RLIMIT_NPROC (for the sandbox's own uid)
+    processes: int | None = 64       # the sandbox's pids cgroup (else RLIMIT_NPROC, per uid)
     open_files: int | None = 256     # RLIMIT_NOFILE
     output_bytes: int = 64 << 10     # stdout and stderr each kept up to this; the rest is dropped
-    workspace_bytes: int | None = 256 << 20  # disk the workspace may hold (checked after each command)
+    workspace_bytes: int | None = 256 << 20  # disk the workspace may hold (its filesystem's size)
     network: bool = False            # False: no network (a fresh network namespace)
+    cpus: float | None = 1.0         # cores the sandbox's processes may use at once (cgroup cpu bandwidth)
 
 
 @dataclass(frozen=True)
