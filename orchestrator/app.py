@@ -16,12 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
-from orchestrator.api import gateway, health, runs
-from orchestrator.api.fast import FastRoutes, document
+from orchestrator.api import gateway, health, openapi, runs
+from orchestrator.api.fast import FastRoutes
 from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
-from orchestrator.errors import APIError, InvalidRequest, ValidationFailed
+from orchestrator.errors import APIError, ValidationFailed
 from orchestrator.events import create_bus
 from orchestrator.metrics import Metrics, SandboxCollector, SchedulerCollector, StorageCollector
 from orchestrator.middleware import RequestContextMiddleware
@@ -36,6 +37,7 @@ from scheduler.runtime import ProgramRuntime
 from tools.sandbox import SandboxPool, SubprocessSandbox
 
 log = logging.getLogger(__name__)
+ROUTERS = (runs.router, gateway.router, health.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -106,51 +108,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.keyring = KeyRing(settings.api_keys)
     app.state.registry = default_registry(settings.workflow_modules)
-    app.include_router(runs.router)
-    app.include_router(gateway.router)
-    app.include_router(health.router)
+    for router in ROUTERS:
+        app.include_router(router)
     # innermost first: the fast routes run inside the request context (id, access log, metrics)
     app.add_middleware(FastRoutes, routes=gateway.FAST_ROUTES)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_read_timeout_s)
     _install_error_handlers(app)
-    _document_workflow_inputs(app)
+    openapi.install(app, app.state.registry, gateway.FAST_ROUTES, gateway.FAST_SCHEMAS, settings.max_tokens_ceiling)
     return app
-
-
-def _document_workflow_inputs(app: FastAPI) -> None:
-    """Each registered workflow's input model in the OpenAPI components (``EvolveInput``, ...), so
-    clients can generate types for ``RunCreate.input``; the names are listed under
-    ``x-workflow-inputs`` (workflow -> schema name). The plain ASGI routes (``FastRoutes``) are
-    documented here too, with their body models."""
-    base = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = base()
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        names: dict[str, str] = {}
-        for defn in app.state.registry:
-            names[defn.name] = _add_component(components, defn.input_model, f"{defn.name}-input")
-        schema["x-workflow-inputs"] = names
-        for model in gateway.FAST_SCHEMAS:
-            _add_component(components, model, model.__name__)
-        document(schema, gateway.FAST_ROUTES)
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _add_component(components: dict[str, Any], model: Any, fallback: str) -> str:
-    """Put a pydantic model's JSON schema (and the models it refers to) in the OpenAPI
-    components; returns its name there (its title, else ``fallback``)."""
-    js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    for def_name, sub in js.pop("$defs", {}).items():
-        components.setdefault(def_name, sub)
-    name = js.get("title") or fallback
-    components.setdefault(name, js)
-    return name
 
 
 def make_sandbox_pool(settings: Settings) -> SandboxPool:
@@ -181,6 +147,9 @@ def _error_response(err: APIError) -> JSONResponse:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
+    """The API's error shape for its own errors and FastAPI's. Unexpected exceptions are answered
+    by ``RequestContextMiddleware``: a handler for ``Exception`` here would run outside every
+    middleware, so its 500s lost the request id (header and log line)."""
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc)
@@ -190,8 +159,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(p) for p in first.get("loc", ())]
-        if first.get("type") == "json_invalid":
-            return _error_response(InvalidRequest("Request body is not valid JSON.", code="invalid_json"))
         if loc and loc[0] in ("body", "query", "path", "header"):
             loc = loc[1:]
         param = ".".join(loc) or None
@@ -199,14 +166,18 @@ def _install_error_handlers(app: FastAPI) -> None:
                                                 param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         cls = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
         type_, code = cls.get(exc.status_code, ("invalid_request_error", "http_error"))
-        err = APIError(str(exc.detail), code=code)
+        headers = {"Allow": _allowed_methods(request)} if exc.status_code == 405 else exc.headers
+        err = APIError(str(exc.detail), code=code, headers=headers)
         err.type, err.status_code = type_, exc.status_code
         return _error_response(err)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error_response(APIError("Internal error; the request id identifies it in the logs."))
+
+def _allowed_methods(request: Request) -> str:
+    """The ``Allow`` of a 405: every method the path answers. Starlette's names only those of the
+    first route matching the path (``Allow: POST`` for ``/v1/runs``, which answers GET too)."""
+    routes = [*request.app.routes, *(route for router in ROUTERS for route in router.routes)]
+    return ", ".join(sorted({method for route in routes if isinstance(route, Route) and route.methods
+                             and route.matches(request.scope)[0] is not Match.NONE for method in route.methods}))

@@ -58,6 +58,12 @@ class Conflict(APIError):
     code = "conflict"
 
 
+class RequestTimeout(APIError):
+    status_code = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(APIError):
     status_code = 413
     type = "invalid_request_error"

@@ -23,5 +23,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{_b32(ms, 10)}{_b32(rand, 16)}"
 
 
+def id_pattern(prefix: str) -> str:
+    """The regular expression of ids with ``prefix`` (also their OpenAPI ``pattern``)."""
+    return rf"^{prefix}_[{_ALPHABET}]{{26}}$"
+
+
 def is_valid_id(prefix: str, value: str) -> bool:
-    return re.fullmatch(rf"{prefix}_[{_ALPHABET}]{{26}}", value) is not None
+    return re.fullmatch(id_pattern(prefix), value) is not None

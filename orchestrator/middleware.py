@@ -1,4 +1,4 @@
-"""ASGI middleware: request id, body-size limit, access log and HTTP metrics.
+"""ASGI middleware: request id, body limits, unhandled errors, access log and HTTP metrics.
 
 Written as plain ASGI (not ``BaseHTTPMiddleware``) so streamed responses such as
 SSE pass through untouched.
@@ -6,25 +6,48 @@ SSE pass through untouched.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 import uuid
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from orchestrator.errors import PayloadTooLarge
+from orchestrator.api.fast import send_error
+from orchestrator.errors import APIError, PayloadTooLarge, RequestTimeout, ValidationFailed
 from orchestrator.logs import now_ms, request_id_var
 from orchestrator.metrics import Metrics
 
 log = logging.getLogger("orchestrator.access")
+errors_log = logging.getLogger("orchestrator.errors")
+CLIENT_GONE = 499  # the status logged for a client that left before its request was read (nginx's)
+
+
+class ClientGone(Exception):
+    """The client disconnected before it had sent its body."""
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    """Outermost of the service's middleware, so that everything it answers, errors included,
+    carries ``x-request-id`` and every log line of a request its id:
+
+    - the whole body is read here, under ``max_body_bytes`` (else ``413``) and within
+      ``body_timeout_s`` of the first read (else ``408``, and the connection is closed): uvicorn
+      bounds neither, so a body shorter than its ``Content-Length``, or sent a byte at a time,
+      would hold a connection and a task for as long as the client liked;
+    - a query parameter holding NUL is refused (``422 unsupported_value``): PostgreSQL text
+      cannot hold it, so compared with a column it failed as a 500;
+    - an exception no handler took is logged with the request id and answered ``500``
+      ``internal_error`` (when no response has started; otherwise the connection is dropped).
+      FastAPI's own catch-all sits outside every middleware: its 500s had neither.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,21 +58,29 @@ class RequestContextMiddleware:
         token = request_id_var.set(rid)
         start = time.perf_counter()
         status = 500
+        started = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
             await send(message)
 
         try:
-            too_large, body = await self._check_size(scope, headers, receive)
-            if too_large:
-                await self._reject(send_wrapper)
-            else:
-                await self.app(scope, replay_body(receive, body) if body is not None else receive, send_wrapper)
+            _check_query(scope["query_string"])
+            body = await self._read_body(headers, receive)
+            await self.app(scope, replay_body(receive, body) if body is not None else receive, send_wrapper)
+        except ClientGone:
+            status = CLIENT_GONE
+        except Exception as exc:
+            err = exc if isinstance(exc, APIError) else None  # an APIError: refused by the checks above
+            if started or err is None:
+                errors_log.exception("unhandled error")
+            if started:
+                raise  # the server drops the connection: the client sees a cut response, not a whole one
+            await send_error(send_wrapper, err or APIError("Internal error; the request id identifies it in the logs."))
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -60,37 +91,46 @@ class RequestContextMiddleware:
                                        "duration_ms": now_ms(start)})
             request_id_var.reset(token)
 
-    async def _check_size(
-        self, scope: Scope, headers: dict[bytes, bytes], receive: Receive
-    ) -> tuple[bool, bytes | None]:
-        """Reject by Content-Length, or buffer a chunked body up to the limit."""
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
+        """The whole body, or ``None`` for a request without one (nothing to wait for)."""
         length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                return int(length) > self.max_body, None
-            except ValueError:
-                return True, None
-        if scope["method"] in ("POST", "PUT", "PATCH") and b"transfer-encoding" in headers:
-            chunks, size = [], 0
-            while True:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    break
-                chunks.append(msg.get("body", b""))
-                size += len(chunks[-1])
-                if size > self.max_body:
-                    return True, None
-                if not msg.get("more_body"):
-                    break
-            return False, b"".join(chunks)
-        return False, None
+        if length is None and b"transfer-encoding" not in headers:
+            return None
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            raise self._too_large()
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._receive_body(receive)
+        except TimeoutError:
+            raise RequestTimeout(f"The request body was not received within {self.body_timeout_s:g} s.",
+                                 headers={"Connection": "close"}) from None
 
-    async def _reject(self, send: Send) -> None:
-        err = PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
-        body = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": err.status_code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _receive_body(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                raise ClientGone()
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                raise self._too_large()
+            if not msg.get("more_body"):
+                return b"".join(chunks)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"Request body exceeds the limit of {self.max_body} bytes.")
+
+
+def _check_query(query_string: bytes) -> None:
+    """Refuse a query parameter that decodes to a string holding NUL (``%00``)."""
+    if b"%00" not in query_string:
+        return
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            raise ValidationFailed("Query parameters may not contain NUL (%00), which PostgreSQL cannot store.",
+                                   code="unsupported_value", param=name.replace("\x00", "") or None)
 
 
 def replay_body(receive: Receive, body: bytes) -> Receive:

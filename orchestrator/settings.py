@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     default_limits: TenantLimits = Field(default_factory=TenantLimits)
 
     max_body_bytes: int = 1_048_576
+    # -- Bad input (issue 16). uvicorn bounds neither how long a request body may take nor the
+    # tokens a gateway call may ask for: a body shorter than its Content-Length held a connection
+    # for good (now 408 after this many seconds), and a max_tokens of 2**31 took a backend down
+    # (now 422 above this ceiling, or above the context length the backends report).
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
+    max_tokens_ceiling: int = Field(default=32_768, ge=1)
 
     # Worker / durability.
     worker_enabled: bool = True

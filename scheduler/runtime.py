@@ -103,6 +103,7 @@ class ProgramRuntime:
         self.idle_release_s = idle_release_s if idle_release_s and idle_release_s > 0 else None
         self._last_active: dict[str, float] = {}
         self._open_calls: Counter[str] = Counter()  # program id -> its stream() calls not yet closed
+        self._context_tokens: dict[str, int] = {}  # backend -> the context length it reports, if any
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -170,6 +171,8 @@ class ProgramRuntime:
         async def one(name: str, b: Backend) -> BackendObserved:
             try:
                 cap, load = await asyncio.gather(b.capacity(), b.load())
+                if cap.max_context_tokens:
+                    self._context_tokens[name] = cap.max_context_tokens
                 return BackendObserved(self.clock(), name, cap.max_total_tokens, load.used_tokens, load.running,
                                        load.queued, True, ranks_kv=cap.ranks_kv)
             except (BackendError, OSError, asyncio.TimeoutError) as exc:
@@ -179,6 +182,11 @@ class ProgramRuntime:
 
         for ev in await asyncio.gather(*(one(n, b) for n, b in self.backends.items())):
             self._handle(ev)
+
+    def max_context_tokens(self) -> int | None:
+        """The smallest context length the backends report (``None``: none reports one). A call
+        may be dispatched to any of them, so the tokens it asks for must fit the smallest."""
+        return min(self._context_tokens.values(), default=None)
 
     # ---- decisions ---------------------------------------------------------------------------
 

@@ -18,6 +18,9 @@ import httpx
 import uvicorn
 
 from orchestrator import Settings, create_app
+from scheduler.sim.cost import preset
+from scheduler.sim.engine import EngineConfig
+from scheduler.sim.server import create_app as create_sim_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +52,23 @@ async def running_server(settings: Settings) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+@asynccontextmanager
+async def running_sim(preset_name: str, speed: float) -> AsyncIterator[str]:
+    """The SGLang simulator's server in this loop (``preset_name``'s context length and costs,
+    ``speed`` simulated seconds a second); yields its base URL."""
+    port = free_port()
+    app = create_sim_app(EngineConfig(cost=preset(preset_name)), speed=speed)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 class ServiceProcess:

@@ -6,21 +6,19 @@ framework (route matching over every route, dependency solving, ``jsonable_encod
 response) rather than in the call. A route here is an ``async (scope, receive, send)``
 function; it answers errors with the same ``{"error": ...}`` body as the FastAPI handlers (see
 ``orchestrator.errors``), and still runs inside ``RequestContextMiddleware`` (request id,
-access log, HTTP metrics under its path). Its OpenAPI entry is written by ``document``.
+access log, HTTP metrics under its path, and the 500 of an unexpected exception). Its OpenAPI
+entry is written by ``document``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.errors import APIError
-
-log = logging.getLogger(__name__)
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
@@ -85,11 +83,6 @@ class FastRoutes:
             if started:
                 raise
             await send_error(send, err)
-        except Exception:
-            log.exception("unhandled error")
-            if started:
-                raise
-            await send_error(send, APIError("Internal error; the request id identifies it in the logs."))
 
 
 def document(schema: dict[str, Any], routes: list[FastRoute]) -> None:

@@ -20,23 +20,40 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from orchestrator.api.fast import FastRoute, json_bytes, send_json
-from orchestrator.api.schemas import ERROR_RESPONSES
+from orchestrator.api.schemas import ERROR_RESPONSES, ErrorBody
+from orchestrator.api.strict_json import NotJSON, StrictJSONRoute, decode
 from orchestrator.auth import Tenant, authenticate
 from orchestrator.errors import APIError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
 from scheduler.backends.base import BackendError, GenerateRequest, Generation, GenerationChunk
 from scheduler.core import UnknownProgram
 from scheduler.runtime import ProgramConflict, ProgramRuntime
 
-router = APIRouter(prefix="/v1", tags=["gateway"], responses=ERROR_RESPONSES)
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "No backend is configured (`no_backends`), or it failed"}}
+router = APIRouter(prefix="/v1", tags=["gateway"], responses={**ERROR_RESPONSES, **UNAVAILABLE},
+                   route_class=StrictJSONRoute)
 TenantDep = Annotated[Tenant, Depends(authenticate)]
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+# What ``_check_messages`` enforces, for the OpenAPI document; not the one thing JSON Schema
+# cannot say: a tool message answers a call of an earlier assistant message.
+TOOL_CALL_SCHEMA = {"type": "object", "required": ["id", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+MESSAGE_RULES = {"allOf": [
+    {"if": {"properties": {"role": {"const": "tool"}}},
+     "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
+    {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+     "then": {"properties": {"tool_calls": {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}}}},
+]}
+DEFAULT_MAX_TOKENS = 512
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
+    model_config = ConfigDict(extra="allow", json_schema_extra=MESSAGE_RULES)
+    role: str = Field(json_schema_extra={"enum": sorted(ROLES)})
     content: Any = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"items": TOOL_CALL_SCHEMA})
     tool_call_id: str | None = None
 
 
@@ -49,8 +66,9 @@ class ChatCompletionRequest(BaseModel):
     program_id: str | None = Field(default=None, min_length=1, max_length=200)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description=(
+        "At most `ORCH_MAX_TOKENS_CEILING` (32768 by default) and the backends' context length; default 512."))
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Wins over `max_tokens`.")
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
@@ -62,6 +80,7 @@ class ChatCompletionRequest(BaseModel):
 
 
 class ToolHint(BaseModel):
+    model_config = ConfigDict(strict=True)  # see orchestrator.api.strict_json
     phase: Literal["acting", "reasoning"]
     tool: str = Field(default="tool", min_length=1, max_length=100)
 
@@ -71,6 +90,22 @@ def _runtime(request: Request) -> ProgramRuntime:
     if runtime is None:
         raise ServiceUnavailable("No LLM backends are configured (set ORCH_BACKENDS).", code="no_backends")
     return runtime
+
+
+def _chat_body(raw: bytes) -> ChatCompletionRequest:
+    """The body, decoded by ``strict_json`` (NUL is fine here: the body is sent on, not stored)."""
+    try:
+        value = decode(raw, allow_nul=True)
+    except NotJSON as exc:
+        raise ValidationFailed(f"The body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise ValidationFailed("The body must be a JSON object.", code="invalid_request")
+    try:
+        return ChatCompletionRequest.model_validate(value, strict=True)  # see strict_json
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ValidationFailed(f"{first['msg']} at {loc}.", code="invalid_request", param=loc) from None
 
 
 def _check_messages(body: ChatCompletionRequest) -> None:
@@ -97,12 +132,28 @@ def _check_messages(body: ChatCompletionRequest) -> None:
                                        code="invalid_tool_message", param=f"messages[{i}].tool_call_id")
 
 
-def _generate_request(body: ChatCompletionRequest, rid: str) -> GenerateRequest:
+def _max_tokens(body: ChatCompletionRequest, ceiling: int, context: int | None) -> int:
+    """The tokens the call may write: at most the ceiling (``ORCH_MAX_TOKENS_CEILING``) and the
+    context length of the backends, where they report one. Without a bound a ``max_tokens`` of
+    2**31 reached a backend and took it down (the calls after it got 503)."""
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    asked = getattr(body, field)
+    if asked is None:
+        return DEFAULT_MAX_TOKENS
+    if context is not None and context < ceiling:
+        limit, why = context, "the model's context length"
+    else:
+        limit, why = ceiling, "ORCH_MAX_TOKENS_CEILING"
+    if asked > limit:
+        raise ValidationFailed(f"{field} is {asked}; at most {limit} ({why}).", param=field)
+    return asked
+
+
+def _generate_request(body: ChatCompletionRequest, rid: str, max_tokens: int) -> GenerateRequest:
     try:
         return GenerateRequest(
             rid=rid, model=body.model, messages=[m.model_dump(exclude_none=True) for m in body.messages],
-            tools=body.tools, tool_choice=body.tool_choice,
-            max_tokens=body.max_completion_tokens or body.max_tokens or 512,
+            tools=body.tools, tool_choice=body.tool_choice, max_tokens=max_tokens,
             temperature=body.temperature, top_p=body.top_p,
             stop=[body.stop] if isinstance(body.stop, str) else body.stop, seed=body.seed,
             logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
@@ -136,22 +187,15 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     if x_program_id is not None and len(x_program_id) > 200:
         raise ValidationFailed("String should have at most 200 characters at x-program-id",
                                param="x-program-id")
-    try:
-        body = ChatCompletionRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        if first["type"] == "json_invalid":
-            raise ValidationFailed("The body is not valid JSON.", code="invalid_json") from None
-        loc = ".".join(str(p) for p in first["loc"]) or None  # None: the body as a whole
-        raise ValidationFailed(f"{first['msg']}" + (f" at {loc}." if loc else "."), code="invalid_request",
-                               param=loc) from None
+    body = _chat_body(await request.body())
     _check_messages(body)
     runtime = _runtime(request)
+    max_tokens = _max_tokens(body, request.app.state.settings.max_tokens_ceiling, runtime.max_context_tokens())
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     program_id = body.program_id or x_program_id
     one_shot = program_id is None
     program_id = program_id or f"oneshot-{rid}"
-    gen_req = _generate_request(body, rid)
+    gen_req = _generate_request(body, rid, max_tokens)
     try:
         runtime.claim(program_id, tenant.name, idle_release=not one_shot)
     except ProgramConflict:
@@ -293,14 +337,18 @@ CHAT_ROUTE = FastRoute("/v1/chat/completions", "POST", chat_completions, {
                     "schema": {"type": "string", "maxLength": 200}}],
     "requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
-    "responses": {"200": {"description": "A `chat.completion`, or `chat.completion.chunk` events", "content": {
+    "responses": {"200": {"description": "A `chat.completion`, or `chat.completion.chunk` events", "links": {
+                      name: {"operationId": op, "parameters": {"program_id": "$request.body#/program_id"}}
+                      for name, op in [("GetProgram", "get_program_v1_programs__program_id__get"),
+                                       ("ToolHint", "tool_hint_v1_programs__program_id__tool_post"),
+                                       ("ReleaseProgram", "release_program_v1_programs__program_id__release_post")]},
+                  "content": {
                       "application/json": {"schema": {"type": "object"}},
-                      "text/event-stream": {"schema": {"type": "string"}}}},
+                      "text/event-stream": {"schema": {  # one event: a chunk as JSON, or [DONE]
+                          "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}},
                   **{str(code): {"description": r["description"], "content": {"application/json": {
                       "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
-                     for code, r in ERROR_RESPONSES.items()},
-                  "503": {"description": "No backend, or the backend failed", "content": {"application/json": {
-                      "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}},
+                     for code, r in {**ERROR_RESPONSES, **UNAVAILABLE}.items()}},
 })
 FAST_ROUTES = [CHAT_ROUTE]
 FAST_SCHEMAS = [ChatCompletionRequest]

@@ -5,24 +5,39 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, AsyncIterator
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+import pydantic_core
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from orchestrator.api.schemas import (
     ERROR_RESPONSES, Page, RunCreate, RunEventObject, RunObject, StepObject, WorkflowObject, run_object,
 )
+from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.auth import Tenant, authenticate
+from orchestrator.db.models import INT32_MAX
 from orchestrator.errors import InvalidRequest, NotFound, RateLimited, ValidationFailed
-from orchestrator.ids import is_valid_id
+from orchestrator.ids import id_pattern, is_valid_id
 from orchestrator.runs.states import FINAL_EVENT, RunStatus
 from orchestrator.runs.store import NewRun, RunStore, request_hash, run_channel
 
-router = APIRouter(prefix="/v1", tags=["runs"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["runs"], responses=ERROR_RESPONSES, route_class=StrictJSONRoute)
 FINAL_TYPES = frozenset(FINAL_EVENT.values())
 REPLAY_BATCH = 500
 
 TenantDep = Annotated[Tenant, Depends(authenticate)]
+# Documented, not enforced by FastAPI: an id of another shape is simply unknown (404 run_not_found)
+RUN_ID_PATTERN = {"pattern": id_pattern("run")}
+RunId = Annotated[str, Path(json_schema_extra=RUN_ID_PATTERN)]
+# One server-sent event of a run's stream, as OpenAPI 3.1 describes a text/event-stream item
+SSE_EVENT = {"type": "object", "required": ["id", "event", "data"], "properties": {
+    "id": {"type": "string", "pattern": "^[0-9]+$"}, "event": {"type": "string"},
+    "data": {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"$ref": "#/components/schemas/RunEventObject"}}}}
+# OpenAPI links from a created run to what can be done with it (stateful clients and fuzzers)
+RUN_LINKS = {name: {"operationId": op, "parameters": {"run_id": "$response.body#/id"}} for name, op in [
+    ("GetRun", "get_run_v1_runs__run_id__get"), ("CancelRun", "cancel_run_v1_runs__run_id__cancel_post"),
+    ("ListSteps", "list_steps_v1_runs__run_id__steps_get"), ("RunEvents", "run_events_v1_runs__run_id__events_get")]}
 
 
 def _store(request: Request) -> RunStore:
@@ -34,7 +49,9 @@ def _check_id(run_id: str) -> None:
         raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
 
 
-@router.post("/runs", status_code=201, response_model=RunObject, summary="Submit a run")
+@router.post("/runs", status_code=201, response_model=RunObject, summary="Submit a run",
+             responses={201: {"description": "The run, queued (or the original one, for a replayed "
+                                             "`Idempotency-Key`)", "links": RUN_LINKS}})
 async def create_run(
     body: RunCreate,
     request: Request,
@@ -52,7 +69,8 @@ async def create_run(
             code="unknown_workflow", param="workflow",
         )
     try:
-        parsed = defn.input_model.model_validate(body.input)
+        # strict, as JSON: an enum or a tuple field takes its JSON form (see orchestrator.api.strict_json)
+        parsed = defn.input_model.model_validate_json(pydantic_core.to_json(body.input), strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in ("input", *first["loc"]))
@@ -83,7 +101,8 @@ async def list_runs(
     request: Request,
     tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None,
+    after: Annotated[str | None, Query(description="`next_cursor` of the previous page",
+                                       json_schema_extra=RUN_ID_PATTERN)] = None,
     status: Annotated[list[RunStatus] | None, Query(description="Filter by status (repeat or comma-separate)")] = None,
     workflow: Annotated[str | None, Query(max_length=128)] = None,
 ) -> Page[RunObject]:
@@ -99,7 +118,7 @@ async def list_runs(
 
 @router.get("/runs/{run_id}", response_model=RunObject, summary="Get a run")
 async def get_run(
-    run_id: str,
+    run_id: RunId,
     request: Request,
     tenant: TenantDep,
     wait: Annotated[float, Query(ge=0, description="Long-poll up to this many seconds for the run to finish")] = 0,
@@ -123,13 +142,13 @@ async def get_run(
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunObject, summary="Cancel a run (idempotent)")
-async def cancel_run(run_id: str, request: Request, tenant: TenantDep) -> RunObject:
+async def cancel_run(run_id: RunId, request: Request, tenant: TenantDep) -> RunObject:
     _check_id(run_id)
     return run_object(await _store(request).request_cancel(tenant.name, run_id))
 
 
 @router.get("/runs/{run_id}/steps", response_model=Page[StepObject], summary="Checkpointed steps of a run")
-async def list_steps(run_id: str, request: Request, tenant: TenantDep) -> Page[StepObject]:
+async def list_steps(run_id: RunId, request: Request, tenant: TenantDep) -> Page[StepObject]:
     _check_id(run_id)
     store = _store(request)
     await store.get(tenant.name, run_id)
@@ -141,30 +160,27 @@ async def list_steps(run_id: str, request: Request, tenant: TenantDep) -> Page[S
     "/runs/{run_id}/events",
     response_model=Page[RunEventObject],
     summary="Events of a run: SSE stream, or a JSON page",
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or SSE with `Accept: text/event-stream`"}},
+    responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
+                     "description": "JSON page, or SSE with `Accept: text/event-stream`"}},
 )
 async def run_events(
-    run_id: str,
+    run_id: RunId,
     request: Request,
     tenant: TenantDep,
-    starting_after: Annotated[int, Query(ge=0, description="Return events with a larger sequence number")] = 0,
+    starting_after: Annotated[int, Query(ge=0, le=INT32_MAX,
+                                         description="Return events with a larger sequence number")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    last_event_id: Annotated[str | None, Header(description="SSE resume point (sequence number)")] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=INT32_MAX,
+                                                description="SSE resume point (sequence number); wins")] = None,
 ) -> Any:
     """With ``Accept: text/event-stream``: replay from the durable log after ``starting_after``
-    (or ``Last-Event-ID``), then tail live; keep-alive comments; closes after the final event.
-    Otherwise: a page of events as JSON."""
+    (or ``Last-Event-ID``), then tail live; keep-alive comments; closes after the final event, at
+    once when it resumes at or past it. Otherwise: a page of events as JSON."""
     _check_id(run_id)
     store = _store(request)
     await store.get(tenant.name, run_id)
     if last_event_id is not None:
-        try:
-            starting_after = int(last_event_id)
-        except ValueError:
-            raise InvalidRequest("Last-Event-ID must be an event sequence number.", code="invalid_cursor",
-                                 param="Last-Event-ID") from None
-        if starting_after < 0:
-            raise InvalidRequest("Last-Event-ID must be >= 0.", code="invalid_cursor", param="Last-Event-ID")
+        starting_after = last_event_id
     if "text/event-stream" in request.headers.get("accept", ""):
         state = request.app.state
         if starting_after > 0:
@@ -187,38 +203,56 @@ def _frame(ev: dict[str, Any]) -> str:
 
 
 async def _sse(store: RunStore, run_id: str, after: int, keepalive: float, metrics: Any) -> AsyncIterator[str]:
-    """Subscribe first, then replay the log, then tail: no event can fall between the two."""
+    """Subscribe first, then read the log, then tail: no event can fall between the two. The log
+    is read again whenever the live messages may have missed something. A run found finished
+    before a log read has all its events there: once they are sent the stream ends, also when
+    the resume point is at or past the final event, where nothing would ever follow."""
     metrics.sse_streams.inc()
     last = after
     try:
         async with store.bus.subscribe(run_channel(run_id)) as sub:
             yield "retry: 1000\n\n"
-            while True:  # replay (and catch up after a gap)
-                batch = await store.events(run_id, after=last, limit=REPLAY_BATCH)
-                for ev in batch:
-                    yield _frame(ev)
-                    last = ev["seq"]
-                    if ev["type"] in FINAL_TYPES:
-                        return
-                if len(batch) < REPLAY_BATCH:
-                    break
-            while True:  # tail
-                msg = await sub.get(timeout=keepalive)
-                if msg is None:
-                    yield ": keep-alive\n\n"
-                new = sorted((m for m in ([msg, *sub.drain()] if msg else []) if m["seq"] > last),
-                             key=lambda m: m["seq"])
-                contiguous = all(m["seq"] == last + 1 + i for i, m in enumerate(new))
-                if msg is None or sub.lagged or not contiguous:  # missed something: read the log
-                    sub.lagged = False
-                    new = await store.events(run_id, after=last, limit=REPLAY_BATCH)
-                for ev in new:
-                    yield _frame(ev)
-                    last = ev["seq"]
-                    if ev["type"] in FINAL_TYPES:
-                        return
+            while True:
+                finished = RunStatus((await store.get(None, run_id))["status"]).terminal
+                while True:  # the log after `last`, page by page
+                    batch = await store.events(run_id, after=last, limit=REPLAY_BATCH)
+                    for ev in batch:
+                        yield _frame(ev)
+                        last = ev["seq"]
+                        if ev["type"] in FINAL_TYPES:
+                            return
+                    if len(batch) < REPLAY_BATCH:
+                        break
+                if finished:
+                    return
+                while True:  # live, until the log must be read again
+                    msg = await sub.get(timeout=keepalive)
+                    if msg is None:
+                        yield ": keep-alive\n\n"
+                        break
+                    new = _live([msg, *sub.drain()], last, sub.lagged)
+                    if new is None:
+                        sub.lagged = False
+                        break
+                    for ev in new:
+                        yield _frame(ev)
+                        last = ev["seq"]
+                        if ev["type"] in FINAL_TYPES:
+                            return
     finally:
         metrics.sse_streams.dec()
+
+
+def _live(msgs: list[dict[str, Any]], last: int, lagged: bool) -> list[dict[str, Any]] | None:
+    """The live messages to send after ``last``, in order; ``None`` when the log must be read
+    instead: the bus dropped messages or skipped a number, or a final event at or before
+    ``last`` came (a stream resumed past the run's end while it was finishing)."""
+    new = sorted((m for m in msgs if m["seq"] > last), key=lambda m: m["seq"])
+    if lagged or any(m["seq"] != last + 1 + i for i, m in enumerate(new)):
+        return None
+    if any(m["type"] in FINAL_TYPES for m in msgs if m["seq"] <= last):
+        return None
+    return new
 
 
 @router.get("/workflows", response_model=Page[WorkflowObject], tags=["workflows"], summary="Workflows this service runs")

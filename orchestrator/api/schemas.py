@@ -12,7 +12,7 @@ T = TypeVar("T")
 
 
 class RunCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # see orchestrator.api.strict_json
 
     workflow: str = Field(min_length=1, max_length=128, description="Registered workflow name, e.g. `demo`.")
     input: Any = Field(default=None, description="Workflow input; validated against the workflow's input schema.")

@@ -12,6 +12,11 @@ from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String,
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
+# ``Integer`` columns are 32-bit on PostgreSQL (64-bit on SQLite): a value compared with one (an
+# event sequence number from a client, say) must lie within this bound, which holds on both.
+INT32_MAX = 2**31 - 1
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, Any: JSON}
 
