@@ -247,3 +247,29 @@ async def test_a_program_its_agent_never_releases_is_released_once_idle(sim: Sim
             assert "orchestrator_scheduler_programs_idle_released_total 1.0" in metrics
             gone = await http.post("/v1/programs/forgotten/release")
             assert gone.status_code == 404 and gone.json()["error"]["code"] == "program_not_found"
+
+
+async def test_a_request_the_backend_refuses_is_a_400_with_its_reason(tmp_path: Path):
+    """A prompt longer than the engine's context is the caller's fault: the engine's 400 comes back
+    as a 400 naming it (streamed or not), not as a 503 that tells the agent to retry; the backend
+    stays in service for the next call."""
+    small = SimServerProcess("--speed", "20", "--capacity-tokens", "2048").start()
+    try:
+        settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/r.db", api_keys=KEYS,
+                            worker_enabled=False, log_json=False,
+                            backends=[{"name": "small", "kind": "sglang", "url": small.url}])
+        async with running_server(settings) as url:
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer sk-a"}, timeout=60) as http:
+                too_long = [{"role": "user", "content": "lorem ipsum dolor " * 3000}]
+                for stream in (False, True):
+                    r = await http.post("/v1/chat/completions", json={"messages": too_long, "max_tokens": 8,
+                                                                      "stream": stream, "program_id": "p-long"})
+                    err = r.json()["error"]
+                    assert r.status_code == 400, r.text
+                    assert err["code"] == "backend_rejected_request" and "context length" in err["message"]
+                    assert r.headers["x-request-id"]
+                ok = await http.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "program_id": "p-long"})
+                assert ok.status_code == 200, ok.text
+    finally:
+        small.kill()

@@ -23,8 +23,8 @@ from orchestrator.api.fast import FastRoute, json_bytes, send_json
 from orchestrator.api.schemas import ERROR_RESPONSES, ErrorBody
 from orchestrator.api.strict_json import NotJSON, StrictJSONRoute, decode
 from orchestrator.auth import Tenant, authenticate
-from orchestrator.errors import APIError, Conflict, NotFound, ServiceUnavailable, ValidationFailed
-from scheduler.backends.base import BackendError, GenerateRequest, Generation, GenerationChunk
+from orchestrator.errors import APIError, Conflict, InvalidRequest, NotFound, ServiceUnavailable, ValidationFailed
+from scheduler.backends.base import BackendError, BackendHTTPError, GenerateRequest, Generation, GenerationChunk
 from scheduler.core import UnknownProgram
 from scheduler.runtime import ProgramConflict, ProgramRuntime
 
@@ -354,7 +354,14 @@ FAST_ROUTES = [CHAT_ROUTE]
 FAST_SCHEMAS = [ChatCompletionRequest]
 
 
+# A backend's refusal of the request itself (say, a prompt longer than the model's context): the
+# caller's to fix, so a 400 carrying the backend's reason, not a 503 that invites a retry.
+_REQUEST_FAULTS = frozenset({400, 413, 422})
+
+
 def _backend_error(exc: BackendError) -> APIError:
+    if isinstance(exc, BackendHTTPError) and exc.status in _REQUEST_FAULTS:
+        return InvalidRequest(f"The LLM backend refused the request: {exc}", code="backend_rejected_request")
     return ServiceUnavailable(f"The LLM backend failed: {exc}", code="backend_unavailable")
 
 

@@ -100,6 +100,16 @@ class Scheduler:
         p.pending.append(PendingRequest(e.rid, e.prompt_tokens, e.max_tokens, e.now))
         self._rid_program[e.rid] = p.id
         self.policy.on_request(p, new, e.now)
+        if p.pending and p.status is not Status.ACTIVE:
+            self._unless_held_for_ever(p)
+
+    def _unless_held_for_ever(self, p: Program) -> None:
+        """A program larger than every backend it may use would wait for room that never comes
+        (a hostile or mistaken prompt longer than the KV pool): its call goes to the largest,
+        whose engine runs it or refuses it, so the caller always gets an answer."""
+        backends = self.healthy_backends(p)
+        if backends and not any(self.policy.fits_alone(p, b) for b in backends):
+            self.resume(p, max(backends, key=lambda b: (b.capacity, b.name)).name)
 
     def _finished(self, e: RequestFinished) -> None:
         pid = self._rid_program.pop(e.rid, None)
@@ -114,9 +124,14 @@ class Scheduler:
             # given up while we held it (its caller left): it must not be dispatched later, to
             # nobody, and count as in flight for good
             p.pending = deque(r for r in p.pending if r.rid != e.rid)
+        if e.aborted and not p.inflight and not p.pending:
+            # its context is what the engine last confirmed, not the estimate of a call that
+            # failed (say, a prompt refused as too long would otherwise count against the
+            # backend's room until the program is released)
+            p.tokens = p.settled_tokens
         self.touch(p)
         if not e.aborted:
-            p.tokens = e.prompt_tokens + e.completion_tokens
+            p.tokens = p.settled_tokens = e.prompt_tokens + e.completion_tokens
             p.requests += 1
             p.prompt_tokens_total += e.prompt_tokens
             p.cached_tokens_total += e.cached_tokens

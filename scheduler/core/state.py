@@ -57,6 +57,7 @@ class Program:
     sandbox_ready: bool = False
     allowed: frozenset[str] | None = None  # backends that may serve it; None: any
     last_change: float = 0.0
+    settled_tokens: int = 0         # ``tokens`` as of its last call that finished (not estimated)
 
     def time_in_tool(self, now: float) -> float:
         return now - self.tool_started if self.phase is Phase.ACTING and self.tool_started is not None else 0.0

@@ -266,3 +266,19 @@ def test_a_held_call_given_up_is_never_dispatched_later(policy: str):
     assert s.backends["b0"].inflight == 0
     # its next call runs as any would
     assert dispatched(arrive(s, 11, "late", 6_000, rid="late-1")) == [("late", "b0")]
+
+
+@pytest.mark.parametrize("policy", ["request", "ttl", "thunderagent", "program"])
+def test_a_program_larger_than_every_backend_is_sent_not_held_for_ever(policy: str):
+    """No room would ever come for it: its call goes to the engine (which refuses a prompt longer
+    than its context, or runs it), and once refused its estimate no longer takes others' room."""
+    s = sched(policy, 10_000, 4_000)
+    assert dispatched(arrive(s, 0, "small", 3_000, rid="small-0")) != []
+    sent = dispatched(arrive(s, 1, "huge", 50_000, rid="huge-0"))
+    assert [pid for pid, _ in sent] == ["huge"]
+    if policy in ("thunderagent", "program"):
+        assert sent == [("huge", "b0")]  # the largest
+    s.handle(RequestFinished(2, "huge-0", 50_000, 0, 0, aborted=True))  # the engine refused it
+    assert s.programs["huge"].tokens == 0
+    s.handle(Tick(10))
+    assert dispatched(arrive(s, 11, "next", 6_000, rid="next-0")) != []  # room was not taken by it

@@ -64,6 +64,12 @@ class Policy:
 
     def on_tick(self, now: float) -> None: ...
 
+    def fits_alone(self, p: Program, b: BackendView) -> bool:
+        """Could ``p`` be admitted on ``b`` were nothing else there? Where a policy says no for
+        every backend it would hold ``p``'s call for ever; the core then sends it anyway and
+        lets the engine judge it (it runs, or is refused as longer than the model's context)."""
+        return True
+
 
 def cache_aware_pick(p: Program, backends: list[BackendView], *, abs_threshold: int = 32,
                      rel_threshold: float = 1.5) -> BackendView:

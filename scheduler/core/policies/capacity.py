@@ -39,6 +39,9 @@ class CapacityPolicy(Policy):
     def limit(self, b: BackendView) -> float:
         return b.capacity * self.capacity_fraction
 
+    def fits_alone(self, p: Program, b: BackendView) -> bool:
+        return p.tokens <= self.limit(b)
+
     def waiting(self) -> list[Program]:
         return list(self.s.waiting.values())
 

@@ -109,6 +109,9 @@ class ProgramPolicy(CapacityPolicy):
     def admit_limit(self, b: BackendView) -> float:
         return b.capacity * self.admit_fraction
 
+    def fits_alone(self, p: Program, b: BackendView) -> bool:
+        return self.need(p, b, set()) <= self.admit_limit(b)
+
     def demand(self) -> bool:
         """Is any program waiting with a request to run?"""
         return self.index.smallest_need() is not None
