@@ -32,7 +32,8 @@ class Metrics:
         self.recoveries = Counter("orchestrator_run_recoveries_total", "Runs taken over after their lease expired.",
                                   registry=r)
         self.lease_expiries = Counter("orchestrator_lease_expiries_total", "Expired leases found.", registry=r)
-        self.leases_lost = Counter("orchestrator_leases_lost_total", "Runs this process lost to a newer owner.",
+        self.leases_lost = Counter("orchestrator_leases_lost_total",
+                                   "Runs this process stopped: lost to a newer owner, or not renewed in time.",
                                    registry=r)
         self.sse_streams = Gauge("orchestrator_sse_streams_active", "Open event streams.", registry=r)
         self.sse_resumes = Counter("orchestrator_sse_resumes_total", "Event streams resumed from a sequence number.",

@@ -17,6 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_ID = 0x0_6F_72_63_68  # "orch"
+# PostgreSQL ends a session that sits this long inside a transaction. None of ours waits on
+# anything but the database, so only a paused or stalled process (SIGSTOP, a frozen VM) does
+# that, and it holds its row locks meanwhile: claims skip locked rows, so no replica could
+# take over a run it had touched until it ran again, however long its lease had expired.
+IDLE_IN_TRANSACTION_MS = 5000
 
 
 def _private_sqlite_file(path: str) -> None:
@@ -44,7 +49,8 @@ def _private_sqlite_file(path: str) -> None:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """Create the async engine; SQLite gets WAL mode, a busy timeout and foreign keys."""
+    """Create the async engine; SQLite gets WAL mode, a busy timeout and foreign keys, PostgreSQL
+    a bound on idle transactions."""
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
@@ -61,7 +67,8 @@ def create_engine(url: str) -> AsyncEngine:
             cur.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args={
+        "server_settings": {"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)}})
 
 
 def alembic_config() -> Config:

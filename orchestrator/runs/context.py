@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-from orchestrator.runs.store import Lease, RunStore
+from orchestrator.runs.store import Lease, LeaseLost, RunStore
 
 T = TypeVar("T")
 
@@ -46,6 +46,7 @@ class RunContext:
         completed: dict[int, dict[str, Any]],
         on_step: Callable[[str], None] | None = None,
         services: Any = None,
+        lease_valid: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.lease = lease
@@ -61,6 +62,8 @@ class RunContext:
         # What workflows call besides the store: the scheduler runtime, sandboxes, tools
         # (``orchestrator.services.Services``); ``None`` in a bare context.
         self.services = services
+        # The worker's local verdict on the lease (``worker.LeaseClock``): no database round trip.
+        self._lease_valid = lease_valid or (lambda: True)
 
     async def step(self, name: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` once; its JSON-serialisable result is checkpointed before this returns."""
@@ -70,7 +73,9 @@ class RunContext:
         if done is not None:
             self._on_step("replayed")
             return done["output"]
+        self._check_lease()
         await self.store.start_step(self.lease, step_id, name, self.attempt)
+        self._check_lease()  # the write may have taken long, or this process may have been paused
         try:
             output = await fn(*args, **kwargs)
             json.dumps(output)
@@ -84,6 +89,12 @@ class RunContext:
         await self.store.end_step(self.lease, step_id, name, output=output)
         self._on_step("completed")
         return output
+
+    def _check_lease(self) -> None:
+        """Refuse to start a step on a lease that may have expired: fencing would keep a stale
+        worker's writes out of the log, but not the side effects of the step function itself."""
+        if not self._lease_valid():
+            raise LeaseLost(self.run_id)
 
     async def emit(self, type_: str, data: dict[str, Any]) -> None:
         """Append an event to the run's stream; a replay does not write it twice."""

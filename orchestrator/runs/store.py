@@ -15,7 +15,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Collection, Sequence
 
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -169,6 +169,9 @@ class RunStore:
                             retry_after=1.0, code="too_many_concurrent_runs",
                         )
                 ev = await self._append(conn, run_id, "run.queued", {"status": "queued", "workflow": new.workflow}, now=now)
+                # read back in the same transaction: once it commits a worker may claim the run
+                # at once (its poll, or the wake-up below), and the 201 must say what was created
+                row = (await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).one()
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
@@ -183,8 +186,7 @@ class RunStore:
             return existing, False
         await self._publish([ev])
         await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
-        run = await self.get(new.tenant, run_id)
-        return run, True
+        return dict(row._mapping), True
 
     async def _by_idempotency_key(self, tenant: str, key: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
@@ -306,18 +308,22 @@ class RunStore:
         return claimed
 
     async def reclaim_expired(
-        self, owner: str, limit: int, lease_seconds: float, max_attempts: int
+        self, owner: str, limit: int, lease_seconds: float, max_attempts: int, *, exclude: Collection[str] = ()
     ) -> tuple[list[tuple[Lease, dict[str, Any]]], int]:
         """Take over leased runs whose owner stopped heart-beating.
 
         Runs that used up ``max_attempts`` fail with ``worker_lost``; runs with a
-        pending cancel are finished as cancelled. Returns the claimed runs and how
-        many expired leases were found.
+        pending cancel are finished as cancelled. ``exclude``: the runs the caller
+        still executes. Their leases may have expired (a paused process, a slow
+        heartbeat), but claiming one would start a second execution beside the first
+        in the same process. Returns the claimed runs and how many expired leases
+        were found.
         """
         now = time.time()
         stmt = (
             select(runs_t.c.id, runs_t.c.epoch, runs_t.c.attempt, runs_t.c.status, runs_t.c.lease_owner)
-            .where(runs_t.c.status.in_([s.value for s in LEASED]), runs_t.c.lease_expires_at < now)
+            .where(runs_t.c.status.in_([s.value for s in LEASED]), runs_t.c.lease_expires_at < now,
+                   runs_t.c.id.not_in(list(exclude)))
             .order_by(runs_t.c.priority.desc(), runs_t.c.id)
             .limit(limit)
         )

@@ -3,6 +3,12 @@
 Every service process runs one. Runs are executed as asyncio tasks; a lost lease,
 a cancel request or a deadline stops the task. Nothing here writes without the
 run's fencing epoch (see ``RunStore``).
+
+Fencing keeps a stale worker out of the log, not out of the world: the side effects of
+its steps are not fenced. So a worker also keeps its own clock on every lease
+(``LeaseClock``) and stops an execution before the lease may have expired in the
+database, whether or not the heartbeat query ever answers; a workflow's step does
+not start on a lease past that local deadline.
 """
 
 from __future__ import annotations
@@ -28,11 +34,38 @@ from orchestrator.workflows.registry import WorkflowRegistry
 
 log = logging.getLogger(__name__)
 
+# The part of a lease a worker does not count on: it covers clock skew between hosts (the
+# database's expiry is in the renewing worker's wall-clock time, compared with another's)
+# and the time between the watchdog's check and the execution actually stopping.
+LEASE_SAFETY_FRACTION = 0.2
+
+
+@dataclass
+class LeaseClock:
+    """How long this worker may still count on a lease, by its own monotonic clock.
+
+    The database's ``lease_expires_at`` is the wall-clock time of the renewing query plus
+    the lease. Counting from a monotonic reading taken *before* that query was sent puts
+    the local deadline no later than the database's, whatever the query's latency, and a
+    process that was paused (SIGSTOP, a frozen VM, a stalled event loop) finds the lease
+    stale as soon as it runs again, without asking the database.
+    """
+
+    valid_for: float  # the lease less its safety margin
+    renewed_at: float  # time.monotonic() before the claim or heartbeat that renewed it was sent
+
+    def renew(self, sent_at: float) -> None:
+        self.renewed_at = max(self.renewed_at, sent_at)
+
+    def valid(self) -> bool:
+        return time.monotonic() < self.renewed_at + self.valid_for
+
 
 @dataclass
 class _Execution:
     lease: Lease
-    task: asyncio.Task[None]
+    clock: LeaseClock
+    task: asyncio.Task[None] = field(init=False)
     stop_reason: str | None = None  # "cancel", "lost" or "shutdown"
     finishing: bool = False  # the outcome is being written: too late to interrupt
     started: float = field(default_factory=time.time)
@@ -51,6 +84,7 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._last_recovery = 0.0
+        self._lease_valid_for = settings.lease_seconds * (1 - LEASE_SAFETY_FRACTION)
 
     @property
     def executing(self) -> int:
@@ -62,6 +96,7 @@ class Worker:
             asyncio.create_task(self._claim_loop(), name="worker-claim"),
             asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
             asyncio.create_task(self._control_loop(), name="worker-control"),
+            asyncio.create_task(self._watchdog_loop(), name="worker-watchdog"),
         ]
         log.info("worker started", extra={"worker": self.id})
 
@@ -103,34 +138,69 @@ class Worker:
         now = time.time()
         if free > 0 and now - self._last_recovery >= min(s.lease_seconds / 2, s.heartbeat_seconds):
             self._last_recovery = now
-            reclaimed, expired = await self.store.reclaim_expired(self.id, free, s.lease_seconds, s.max_attempts)
+            sent = time.monotonic()
+            reclaimed, expired = await self.store.reclaim_expired(self.id, free, s.lease_seconds, s.max_attempts,
+                                                                  exclude=list(self._running))
             self.metrics.lease_expiries.inc(expired)
             self.metrics.recoveries.inc(len(reclaimed))
             for lease, run in reclaimed:
                 log.info("recovered run", extra={"run_id": lease.run_id, "attempt": run["attempt"]})
-                self._spawn(lease, run)
+                self._spawn(lease, run, sent)
             free -= len(reclaimed)
         if free > 0:
+            sent = time.monotonic()
             for lease, run in await self.store.claim_queued(self.id, free, s.lease_seconds):
                 self.metrics.queue_wait.labels(run["workflow"]).observe(max(0.0, time.time() - run["created_at"]))
-                self._spawn(lease, run)
+                self._spawn(lease, run, sent)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
-            try:
-                leases = [ex.lease for ex in self._running.values()]
-                lost, cancel = await self.store.heartbeat(self.id, leases, self.settings.lease_seconds)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("heartbeat failed")
-                continue
-            for run_id in lost:
-                self.metrics.leases_lost.inc()
+            await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        """Renew the leases of the executions that still hold theirs.
+
+        A stale one is stopped first rather than renewed: it may have gone on past its
+        deadline only because this process was paused, and the run is left to whoever
+        claims it once the database's lease expires. The query is not given a timeout:
+        cancelling a transaction midway can leave its connection holding locks (SQLite's
+        write lock), and the watchdog stops the executions of a heartbeat that hangs.
+        """
+        self._stop_stale()
+        execs = [ex for ex in self._running.values() if ex.stop_reason != "lost"]
+        sent = time.monotonic()
+        try:
+            lost, cancel = await self.store.heartbeat(self.id, [ex.lease for ex in execs],
+                                                      self.settings.lease_seconds)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("heartbeat failed")
+            return
+        for ex in execs:
+            if ex.lease.run_id not in lost:
+                ex.clock.renew(sent)
+        for run_id in lost:
+            self._stop(run_id, "lost")
+        for run_id in cancel:
+            self._stop(run_id, "cancel")
+
+    async def _watchdog_loop(self) -> None:
+        """Stop executions whose lease may have expired, by this process's clock alone.
+
+        Apart from the heartbeat on purpose: a heartbeat query that hangs (a database or a
+        network that stopped answering) must not keep the worker from noticing.
+        """
+        period = self.settings.lease_seconds * LEASE_SAFETY_FRACTION / 2
+        while True:
+            await asyncio.sleep(period)
+            self._stop_stale()
+
+    def _stop_stale(self) -> None:
+        for run_id, ex in list(self._running.items()):
+            if not ex.clock.valid():
                 self._stop(run_id, "lost")
-            for run_id in cancel:
-                self._stop(run_id, "cancel")
 
     async def _control_loop(self) -> None:
         async with self.store.bus.subscribe(CONTROL_CHANNEL) as sub:
@@ -151,40 +221,48 @@ class Worker:
             ex.stop_reason = reason
             ex.task.cancel()
 
-    def _spawn(self, lease: Lease, run: dict[str, Any]) -> None:
-        task = asyncio.create_task(self._execute(lease, run), name=f"run-{lease.run_id}")
-        self._running[lease.run_id] = _Execution(lease, task)
+    def _spawn(self, lease: Lease, run: dict[str, Any], sent: float) -> None:
+        """Execute a claimed run; ``sent``: ``time.monotonic()`` before the claim was sent."""
+        ex = _Execution(lease, LeaseClock(self._lease_valid_for, sent))
+        ex.task = asyncio.create_task(self._execute(ex, run), name=f"run-{lease.run_id}")
+        self._running[lease.run_id] = ex
         self.metrics.runs_executing.set(len(self._running))
-        task.add_done_callback(lambda _t, rid=lease.run_id: self._done(rid))
+        ex.task.add_done_callback(lambda _t: self._done(ex))
 
-    def _done(self, run_id: str) -> None:
-        self._running.pop(run_id, None)
+    def _done(self, ex: _Execution) -> None:
+        """Forget a finished execution; its lease, if it lost it, is counted here once."""
+        self._running.pop(ex.lease.run_id, None)  # one execution per run: reclaim_expired excludes ours
+        if ex.stop_reason == "lost":
+            self.metrics.leases_lost.inc()
+            log.warning("lease lost", extra={"run_id": ex.lease.run_id})
         self.metrics.runs_executing.set(len(self._running))
         self._wake.set()
 
-    async def _execute(self, lease: Lease, run: dict[str, Any]) -> None:
+    async def _execute(self, ex: _Execution, run: dict[str, Any]) -> None:
+        lease = ex.lease
         try:
-            status, output, error = await self._run_workflow(lease, run)
+            status, output, error = await self._run_workflow(ex, run)
         except LeaseLost:
-            self.metrics.leases_lost.inc()
-            log.warning("lease lost", extra={"run_id": lease.run_id})
+            ex.stop_reason = ex.stop_reason or "lost"
             return
-        ex = self._running.get(lease.run_id)
-        if ex is not None:
-            if ex.stop_reason in ("lost", "shutdown"):
-                return
-            ex.finishing = True
+        if ex.stop_reason in ("lost", "shutdown"):
+            return
+        if not ex.clock.valid():  # the outcome would be written on a lease that may be gone
+            ex.stop_reason = "lost"
+            return
+        ex.finishing = True
         try:
             await self.store.finish(lease, status, output=output, error=error)
         except LeaseLost:
-            self.metrics.leases_lost.inc()
+            ex.stop_reason = "lost"
             return
         self.metrics.runs_finished.labels(run["workflow"], status.value).inc()
         started = run.get("started_at") or time.time()
         self.metrics.run_duration.labels(run["workflow"]).observe(max(0.0, time.time() - started))
         log.info("run finished", extra={"run_id": lease.run_id, "status": status.value})
 
-    async def _run_workflow(self, lease: Lease, run: dict[str, Any]) -> tuple[RunStatus, Any, dict[str, Any] | None]:
+    async def _run_workflow(self, ex: _Execution, run: dict[str, Any]) -> tuple[RunStatus, Any, dict[str, Any] | None]:
+        lease = ex.lease
         defn = self.registry.get(run["workflow"])
         if defn is None:
             return RunStatus.FAILED, None, {"code": "unknown_workflow",
@@ -197,15 +275,14 @@ class Worker:
             return RunStatus.FAILED, None, {"code": "invalid_input", "message": str(exc)}
         completed = await self.store.completed_steps(lease.run_id)
         ctx = RunContext(self.store, lease, run, completed, on_step=lambda st: self.metrics.steps.labels(st).inc(),
-                         services=self.services)
+                         services=self.services, lease_valid=ex.clock.valid)
         deadline = run.get("deadline_at")
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         try:
             async with asyncio.timeout(timeout) as cm:
                 output = to_jsonable_python(await defn.fn(ctx, inp))
         except asyncio.CancelledError:
-            ex = self._running.get(lease.run_id)
-            if ex is not None and ex.stop_reason == "cancel":
+            if ex.stop_reason == "cancel":
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 return RunStatus.CANCELLED, None, {"code": "cancelled", "message": "Cancelled by request."}
             raise
