@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from scheduler.backends import GenerateRequest
+from scheduler.backends import GenerateRequest, Load
 from scheduler.backends.openai_compat import OpenAICompatBackend
 from scheduler.backends.sglang import SGLangBackend
 
@@ -53,6 +53,18 @@ async def test_generate_stream_deltas_and_prompt_logprobs(backend):
     assert all(lp.logprob <= 0 for lp in final.prompt_logprobs)
 
 
+async def running_load(backend: SGLangBackend) -> Load:
+    """``/v1/loads`` once it shows a request running. It is a snapshot the scheduler publishes
+    every few decode steps, and a slow (loaded) machine takes seconds to get there: poll it, by
+    count rather than for a fixed time."""
+    for _ in range(600):
+        load = await backend.load()
+        if load.running >= 1:
+            return load
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no running request in /v1/loads: {load}")
+
+
 async def test_abort_stops_a_long_generation(backend):
     req = GenerateRequest(prompt="Count from one to one thousand:", max_tokens=2000, priority=1)
     got: list[str] = []
@@ -66,19 +78,13 @@ async def test_abort_stops_a_long_generation(backend):
     task = asyncio.create_task(consume())
     while len(got) < 3:
         await asyncio.sleep(0.05)
-    # /v1/loads is a snapshot the scheduler refreshes every few decode steps: poll it.
-    for _ in range(40):
-        load = await backend.load()
-        if load.running >= 1:
-            break
-        await asyncio.sleep(0.1)
+    load = await running_load(backend)
     cap = await backend.capacity()
     assert load.running == 1 and load.total_tokens == cap.max_total_tokens and load.used_tokens > 0
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
     await backend.abort(req.rid)
-    last = await asyncio.wait_for(task, 10)
-    assert last.finish_reason == "abort" and loop.time() - t0 < 3
+    last = await task  # a stream that stalls ends in the backend's read timeout
+    # Stopped by the abort, long before its 2,000 tokens (over a minute of decoding here).
+    assert last.finish_reason == "abort" and last.usage.completion_tokens < req.max_tokens
 
 
 async def test_tool_call_capacity_info_and_metrics(backend):
