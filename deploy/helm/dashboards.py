@@ -262,7 +262,7 @@ DASHBOARDS = [
           ("Durability", [
               P("Recoveries", [("sum(increase(orchestrator_run_recoveries_total{NS}[{RI}]))", "runs taken over")]),
               P("Leases", [("sum(increase(orchestrator_lease_expiries_total{NS}[{RI}]))", "expired"),
-                           ("sum(increase(orchestrator_leases_lost_total{NS}[{RI}]))", "lost to a newer owner")]),
+                           ("sum(increase(orchestrator_leases_lost_total{NS}[{RI}]))", "lost (not renewed in time, or a newer owner)")]),
               P("Steps replayed from checkpoints", [("sum(rate(orchestrator_steps_total{NS,status=\"replayed\"}[{RI}]))",
                                                      "replayed")], "ops"),
               P("Event streams resumed", [("sum(rate(orchestrator_sse_resumes_total{NS}[{RI}]))", "resumes")], "ops"),
