@@ -12,7 +12,7 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncContextManager, AsyncIterator
 
 import httpx
 import uvicorn
@@ -32,10 +32,10 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[str]:
-    """Start the app under uvicorn in this loop; yields its base URL."""
+async def serve_app(app: Any, *, force_exit: bool = False) -> AsyncIterator[str]:
+    """Serve an ASGI app under uvicorn in this loop, on a free loopback port; yields its base URL.
+    ``force_exit``: at the end, do not wait for open connections (a test's hanging ones)."""
     port = free_port()
-    app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -51,24 +51,19 @@ async def running_server(settings: Settings) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
+        server.force_exit = force_exit
         await asyncio.wait_for(task, 30)
 
 
-@asynccontextmanager
-async def running_sim(preset_name: str, speed: float) -> AsyncIterator[str]:
+def running_server(settings: Settings) -> AsyncContextManager[str]:
+    """The service's app under uvicorn in this loop; yields its base URL."""
+    return serve_app(create_app(settings))
+
+
+def running_sim(preset_name: str, speed: float) -> AsyncContextManager[str]:
     """The SGLang simulator's server in this loop (``preset_name``'s context length and costs,
     ``speed`` simulated seconds a second); yields its base URL."""
-    port = free_port()
-    app = create_sim_app(EngineConfig(cost=preset(preset_name)), speed=speed)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    return serve_app(create_sim_app(EngineConfig(cost=preset(preset_name)), speed=speed))
 
 
 class ServiceProcess:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncContextManager, AsyncIterator
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -17,7 +15,7 @@ from scheduler.backends import (
     BackendHTTPError, BackendTimeout, BackendUnavailable, GenerateRequest, StreamInterrupted,
 )
 from scheduler.backends.sglang import SGLangBackend
-from tests.servers import free_port
+from tests.servers import serve_app
 
 
 def misbehaving_app() -> FastAPI:
@@ -42,19 +40,8 @@ def misbehaving_app() -> FastAPI:
     return app
 
 
-@asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        server.force_exit = True
-        await task
+def serve(app: FastAPI) -> AsyncContextManager[str]:
+    return serve_app(app, force_exit=True)  # the stalling handlers keep connections open
 
 
 async def test_backend_down_is_unavailable():
