@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -52,7 +52,7 @@ def create_engine(url: str) -> AsyncEngine:
     """Create the async engine; SQLite gets WAL mode, a busy timeout and foreign keys, PostgreSQL
     a bound on idle transactions."""
     if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1].split("?", 1)[0]
+        path = make_url(url).database
         if path and path != ":memory:":
             _private_sqlite_file(path)  # every tenant's runs: 0600
         engine = create_async_engine(url, connect_args={"timeout": 30})

@@ -298,11 +298,5 @@ def _keyed(path: Path, key: str) -> int:
     raise ValueError(f"no {key} in {path}")
 
 
-def sandbox_cgroup(name: str) -> SandboxCgroup | None:
-    """A new (not yet created) group for a sandbox, or None where cgroups are unavailable."""
-    layout = host_layout()
-    return SandboxCgroup(layout, name) if layout.dirs else None
-
-
 __all__ = ["Layout", "Mount", "SandboxCgroup", "host_layout", "parse_membership", "parse_mounts",
-           "plan_layout", "sandbox_cgroup"]
+           "plan_layout"]
