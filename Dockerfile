@@ -18,13 +18,14 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 # Dependencies first (a layer that survives code changes), then the code.
 COPY pyproject.toml README.md ./
+COPY sdk/ sdk/
 COPY orchestrator/ orchestrator/
 COPY scheduler/ scheduler/
 COPY tools/ tools/
 COPY agents/ agents/
 COPY evolve/ evolve/
-RUN /opt/venv/bin/pip install --no-cache-dir . \
- && /opt/venv/bin/python -c "import orchestrator.cli, scheduler.sim.server, tools.sandbox.agent" \
+RUN /opt/venv/bin/pip install --no-cache-dir ./sdk . \
+ && /opt/venv/bin/python -c "import orchestrator.cli, orchestrator_sdk, scheduler.sim.server, tools.sandbox.agent" \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # --- runtime: the same Python, the venv, a non-root user; no compilers, no pip cache ----

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages and 
 
 from evolve.data import gsm8k_test  # noqa: E402
 from orchestrator import Settings  # noqa: E402
-from orchestrator.client import AsyncClient  # noqa: E402
+from orchestrator_sdk import AsyncClient  # noqa: E402
 from tests.servers import SimServerProcess, running_server  # noqa: E402
 
 KEY = "sk-bench"

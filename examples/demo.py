@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from orchestrator.client import Client
+from orchestrator_sdk import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-orch-dev"  # the development key the service accepts when ORCH_API_KEYS is unset

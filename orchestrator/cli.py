@@ -1,14 +1,22 @@
-"""The ``orchestrator`` command: ``serve``, ``migrate`` and ``runs ...`` (on the SDK)."""
+"""The ``orchestrator`` command: ``serve``, ``migrate`` and ``runs ...`` (on the SDK).
+
+The client commands import only the SDK (``orchestrator_sdk``) and the settings module, not the
+server, so they start fast. Their API key defaults to the development key, which a service
+accepts only while ``ORCH_API_KEYS`` is unset (``make serve``): a newcomer's first command works,
+and a configured service still answers it 401.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime
 from typing import Any, Sequence
 
-from orchestrator.client import Client, OrchestratorError, RunEvent
+from orchestrator.settings import DEV_API_KEY
+from orchestrator_sdk import Client, OrchestratorError, RunEvent
 
 
 def _print_json(obj: Any) -> None:
@@ -22,7 +30,8 @@ def _progress_line(ev: RunEvent) -> str:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(base_url=args.base_url, api_key=args.api_key)
+    key = args.api_key or os.environ.get("ORCH_API_KEY") or DEV_API_KEY
+    return Client(base_url=args.base_url, api_key=key)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -110,7 +119,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description="Agentic orchestrator service and client.")
     p.add_argument("--base-url", help="service URL (env ORCH_BASE_URL, default http://127.0.0.1:8080)")
-    p.add_argument("--api-key", help="API key (env ORCH_API_KEY)")
+    p.add_argument("--api-key", help=f"API key (env ORCH_API_KEY; default {DEV_API_KEY}, the development key a "
+                                     "service accepts while its ORCH_API_KEYS is unset)")
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the service (settings from ORCH_* variables)")

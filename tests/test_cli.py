@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,18 @@ pytestmark = pytest.mark.slow
 def service(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("cli")
     proc = ServiceProcess({"ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/orch.db",
-                           "ORCH_API_KEYS": "sk-cli=cli", "ORCH_WORKER_POLL_SECONDS": "0.2"}, tmp / "svc.log").start()
+                           "ORCH_API_KEYS": "sk-cli=cli,sk-orch-dev=dev", "ORCH_WORKER_POLL_SECONDS": "0.2"}, tmp / "svc.log").start()
     yield proc
     proc.stop()
 
 
-def cli(service: ServiceProcess, *args: str, key: str = "sk-cli", stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--base-url", service.url, "--api-key", key, *args],
-                          capture_output=True, text=True, input=stdin, timeout=60, cwd=ROOT)
+def cli(service: ServiceProcess, *args: str, key: str | None = "sk-cli", stdin: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess; ``key=None`` passes no ``--api-key``, ``env`` replaces ``ORCH_API_KEY``."""
+    key_args = ["--api-key", key] if key is not None else []
+    environ = {k: v for k, v in os.environ.items() if k != "ORCH_API_KEY"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "--base-url", service.url, *key_args, *args],
+                          capture_output=True, text=True, input=stdin, timeout=60, cwd=ROOT, env=environ)
 
 
 def test_submit_follow_prints_live_progress_and_exits_0(service, tmp_path: Path):
@@ -65,3 +70,17 @@ def test_errors_are_one_line_and_exit_2(service):
     assert "invalid_api_key" in bad_key.stderr and "Traceback" not in bad_key.stderr
     missing = cli(service, "runs", "get", "run_00000000000000000000000000")
     assert missing.returncode == 2 and "run_not_found" in missing.stderr
+
+
+def test_key_defaults_to_the_dev_key_and_orch_api_key_overrides_it(service):
+    """No key anywhere: the CLI sends ``sk-orch-dev`` (here mapped to tenant ``dev``, as an
+    unconfigured service does); ``ORCH_API_KEY`` and then ``--api-key`` win over it."""
+    submitted = cli(service, "runs", "submit", "-", key=None, stdin=json.dumps({"workflow": "echo", "input": {"message": "hi"}}))
+    assert submitted.returncode == 0, submitted.stderr
+    dev_run = json.loads(submitted.stdout)["id"]
+    assert dev_run in cli(service, "runs", "list", key=None).stdout
+    as_cli = cli(service, "runs", "list", key=None, env={"ORCH_API_KEY": "sk-cli"})
+    assert as_cli.returncode == 0 and dev_run not in as_cli.stdout  # another tenant's run
+    flag_wins = cli(service, "runs", "list", key="nope", env={"ORCH_API_KEY": "sk-cli"})
+    assert flag_wins.returncode == 2 and "invalid_api_key" in flag_wins.stderr
+    assert "sk-orch-dev" in cli(service, "--help", key=None).stdout

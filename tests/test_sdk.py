@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from orchestrator.client import (
+from orchestrator_sdk import (
     AsyncClient, AuthenticationError, Client, ConflictError, NotFoundError, RateLimitError, Run,
     UnprocessableEntityError,
 )
@@ -191,3 +195,23 @@ def test_a_create_retried_after_a_lost_response_makes_one_run(tmp_path):
 
     asyncio.run(scenario())
     assert [r.id for r in result["all"]] == [result["run"].id]  # type: ignore[union-attr]
+
+
+SERVER_MODULES = ("fastapi", "sqlalchemy", "alembic", "redis", "uvicorn", "starlette", "orchestrator", "scheduler",
+                  "tools", "agents", "evolve")
+
+
+def test_importing_the_sdk_loads_nothing_of_the_server(tmp_path):
+    """``orchestrator_sdk`` is a client: importing it (in a fresh interpreter, outside the repository
+    so that no server package is on the path by accident) must not load the server's stack.
+    The bound on the module count is httpx + pydantic (~400) with room, far under the ~1,000
+    the server drags in."""
+    probe = ("import json, sys, orchestrator_sdk\n"
+             "print(json.dumps({'count': len(sys.modules), 'top': sorted({m.split('.')[0] for m in sys.modules})}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0, out.stderr
+    loaded = json.loads(out.stdout)
+    assert "orchestrator_sdk" in loaded["top"]
+    assert not set(SERVER_MODULES) & set(loaded["top"]), set(SERVER_MODULES) & set(loaded["top"])
+    assert loaded["count"] < 600, loaded["count"]

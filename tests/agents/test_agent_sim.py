@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from orchestrator import Settings
-from orchestrator.client import AsyncClient
+from orchestrator_sdk import AsyncClient
 from tests.servers import SimServerProcess, running_server
 
 KEY = "sk-agent"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import Settings
-from orchestrator.client import AsyncClient
+from orchestrator_sdk import AsyncClient
 from tests.servers import running_server
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from orchestrator import Settings
-from orchestrator.client import AsyncClient
+from orchestrator_sdk import AsyncClient
 from tests.agents.test_agent_sim import _sim_metric
 from tests.servers import SimServerProcess, running_server
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.deploy.conftest import CHART, HELM_PY, ROOT, need
+from tests.deploy.conftest import CHART, HELM_PY, HOW_HELM, ROOT, need
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -25,14 +25,14 @@ def stages() -> list[str]:
 
 
 def test_hadolint_passes() -> None:
-    hadolint = need(HELM_PY.parent / "hadolint", "hadolint (.venv-helm)")
+    hadolint = need(HELM_PY.parent / "hadolint", "hadolint (.venv-helm)", HOW_HELM)
     proc = subprocess.run([str(hadolint), "--failure-threshold", "info", str(ROOT / "Dockerfile")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_hadolint_catches_a_bad_instruction(tmp_path: Path) -> None:
-    hadolint = need(HELM_PY.parent / "hadolint", "hadolint (.venv-helm)")
+    hadolint = need(HELM_PY.parent / "hadolint", "hadolint (.venv-helm)", HOW_HELM)
     bad = tmp_path / "Dockerfile"
     bad.write_text(DOCKERFILE.replace("RUN groupadd", "RUN apt-get install gcc && groupadd", 1))
     proc = subprocess.run([str(hadolint), str(bad)], capture_output=True, text=True, timeout=60)
@@ -54,9 +54,9 @@ def test_multi_stage_non_root_and_no_build_tools_in_the_final_stage() -> None:
 def test_image_holds_every_package_and_runs_the_cli() -> None:
     packages = {p.rstrip("*") for p in PROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     copied = set(re.findall(r"^COPY (\w+)/ \1/$", DOCKERFILE, flags=re.M))
-    assert copied == packages
+    assert copied == packages | {"sdk"}  # the SDK is its own distribution (sdk/), the CLI needs it
     allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
-    assert packages | {"pyproject.toml", "README.md"} <= allowed
+    assert packages | {"sdk", "pyproject.toml", "README.md"} <= allowed
     assert re.search(r'^ENTRYPOINT \["orchestrator"\]$', DOCKERFILE, flags=re.M)
     assert "orchestrator" in PROJECT["project"]["scripts"]
     # The chart's workloads call the image with these; each must exist in the installed packages.

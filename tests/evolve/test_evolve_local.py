@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import Settings
-from orchestrator.client import AsyncClient
+from orchestrator_sdk import AsyncClient
 from tests.evolve.helpers import expected_tiers
 from tests.servers import running_server
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from orchestrator import Settings
-from orchestrator.client import AsyncClient
+from orchestrator_sdk import AsyncClient
 from tests.evolve.helpers import Q, TRUTH, expected_tiers, sim_metric, sim_model
 from tests.servers import running_server
 

@@ -5,14 +5,14 @@ Typed models, a typed error hierarchy, retries with backoff that honour
 event streams that resume by themselves after a dropped connection.
 """
 
-from orchestrator.client._async import AsyncClient
-from orchestrator.client._errors import (
+from orchestrator_sdk._async import AsyncClient
+from orchestrator_sdk._errors import (
     APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
     InternalServerError, NotFoundError, OrchestratorError, PayloadTooLargeError, RateLimitError, StreamError,
     UnprocessableEntityError,
 )
-from orchestrator.client._models import Page, Run, RunEvent, Step, Workflow
-from orchestrator.client._sync import Client
+from orchestrator_sdk._models import Page, Run, RunEvent, Step, Workflow
+from orchestrator_sdk._sync import Client
 
 __all__ = [
     "APIConnectionError", "APIStatusError", "APITimeoutError", "AsyncClient", "AuthenticationError",

@@ -7,12 +7,12 @@ from typing import Any, Iterator
 
 import httpx
 
-from orchestrator.client._base import (
+from orchestrator_sdk._base import (
     ClientConfig, SSEParser, StreamCursor, list_params, new_idempotency_key, retry_delay, run_create_body,
     should_retry,
 )
-from orchestrator.client._errors import APIConnectionError, APITimeoutError, error_for
-from orchestrator.client._models import Page, Run, RunEvent, Step, Workflow
+from orchestrator_sdk._errors import APIConnectionError, APITimeoutError, error_for
+from orchestrator_sdk._models import Page, Run, RunEvent, Step, Workflow
 
 
 class Client:

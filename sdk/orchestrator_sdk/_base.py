@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from orchestrator.client._models import RunEvent
+    from orchestrator_sdk._models import RunEvent
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -102,7 +102,7 @@ class StreamCursor:
 
     def accept(self, data: str) -> "RunEvent | None":
         """The event in an SSE data field, or ``None`` when it was already delivered."""
-        from orchestrator.client._models import RunEvent
+        from orchestrator_sdk._models import RunEvent
 
         event = RunEvent.model_validate_json(data)
         if event.seq <= self.last:
@@ -112,7 +112,7 @@ class StreamCursor:
 
     def next_delay(self, error: Exception | None, response: httpx.Response | None) -> float:
         """After a broken or refused connection: seconds to wait, or raise when it is final."""
-        from orchestrator.client._errors import StreamError
+        from orchestrator_sdk._errors import StreamError
 
         if response is not None and not should_retry(response):
             assert error is not None
