@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from orchestrator.api import gateway, health, openapi, runs
+from orchestrator.api import docs, gateway, health, openapi, runs
 from orchestrator.api.fast import FastRoutes
 from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
@@ -103,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Program-aware control plane for LLM agent workflows in front of SGLang backends.",
         lifespan=lifespan,
+        docs_url=None,  # docs.install: /docs with Swagger UI's assets served here, not from a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -116,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        body_timeout_s=settings.body_read_timeout_s)
     _install_error_handlers(app)
     openapi.install(app, app.state.registry, gateway.FAST_ROUTES, gateway.FAST_SCHEMAS, settings.max_tokens_ceiling)
+    docs.install(app)
     return app
 
 
