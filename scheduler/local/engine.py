@@ -20,7 +20,8 @@ from scheduler.backends.base import (
 )
 from scheduler.local.model import LoadedModel, load_model
 from scheduler.local.prefix_cache import KV, PrefixKVCache
-from scheduler.local.tool_calls import CLOSE, ToolCallParser, forced_prefix, normalize_messages, with_tools
+from scheduler.local.grammar import Constraint, GrammarCompiler
+from scheduler.local.tool_calls import ToolCallParser, normalize_messages, with_tools
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LocalEngine(Backend):
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.cache = PrefixKVCache(cache_tokens)
+        self.grammars = GrammarCompiler(self.tokenizer, int(self.model.config.vocab_size))
         self.cache_tokens = cache_tokens
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-engine")
         self._active: dict[str, _Active] = {}
@@ -53,18 +55,18 @@ class LocalEngine(Backend):
     def encode(self, request: GenerateRequest) -> list[int]:
         return self._prompt(request)[0]
 
-    def _prompt(self, request: GenerateRequest) -> tuple[list[int], str | None]:
-        """Prompt token ids, and the text a tool-call parser starts from (None: no tools)."""
+    def _prompt(self, request: GenerateRequest) -> tuple[list[int], bool]:
+        """Prompt token ids, and whether the output is to be parsed for tool calls."""
         if request.input_ids is not None:
-            return list(request.input_ids), None
+            return list(request.input_ids), False
         if request.messages is None:
-            return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"], None
+            return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"], False
         messages = normalize_messages(request.messages)
-        prefix: str | None = None
-        if request.tools and request.tool_choice != "none":
-            messages, prefix = with_tools(messages, request.tools), forced_prefix(request.tool_choice, request.tools)
+        tools = bool(request.tools) and request.tool_choice != "none"
+        if tools:
+            messages = with_tools(messages, request.tools or [])
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text + (prefix or ""), add_special_tokens=False)["input_ids"], prefix
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"], tools
 
     # ---- model (worker thread) -----------------------------------------------------
 
@@ -83,25 +85,25 @@ class LocalEngine(Backend):
     # ---- generation ----------------------------------------------------------------
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        ids, tool_prefix = self._prompt(request)
-        if tool_prefix:  # a forced call is one call: stop at its close tag, as a grammar would
-            request = request.model_copy(update={"stop": [*(request.stop or []), CLOSE]})
+        ids, parse_calls = self._prompt(request)
         limit = self.loaded.max_context_tokens
         if not ids or len(ids) + request.max_tokens > limit:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds the "
                              f"context of {limit} tokens")
+        constraint = self.grammars.constraint(request.tool_choice, request.tools) if parse_calls else None
         active = _Active(request.rid, len(ids))
         self._active[request.rid] = active
         try:
-            chunks = self._generate(request, ids, active)
-            if tool_prefix is not None:
-                chunks = self._parse_tool_calls(chunks, ToolCallParser(tool_prefix))
+            chunks = self._generate(request, ids, active, constraint)
+            if parse_calls:
+                chunks = self._parse_tool_calls(chunks, ToolCallParser())
             async for chunk in chunks:
                 yield chunk
         finally:
             self._active.pop(request.rid, None)
 
-    async def _generate(self, r: GenerateRequest, ids: list[int], active: _Active) -> AsyncIterator[GenerationChunk]:
+    async def _generate(self, r: GenerateRequest, ids: list[int], active: _Active,
+                        constraint: Constraint | None = None) -> AsyncIterator[GenerationChunk]:
         # Prompt logprobs need logits at every prompt position: those requests prefill in full.
         cached, past = (0, None) if r.prompt_logprobs else self.cache.match(ids, limit=len(ids) - 1)
         logits, kv = await self._run(self._forward, ids[cached:], past)
@@ -119,13 +121,16 @@ class LocalEngine(Backend):
             if active.aborted:
                 finish = "abort"
                 break
-            token, lp = self._choose(next_logits, r, gen)
-            out_ids.append(token)
-            active.context += 1
-            self.stats["generation_tokens"] += 1
+            token, lp = self._choose(next_logits, r, gen, constraint.mask() if constraint else None)
+            forced = constraint.consume(token) if constraint else []
+            forced = forced[: max(0, r.max_tokens - len(out_ids) - 1)]
+            new = [token, *forced]
+            out_ids.extend(new)
+            active.context += len(new)
+            self.stats["generation_tokens"] += len(new)
             full = self.tokenizer.decode(out_ids, skip_special_tokens=True)
             stop_at = self._stop_index(full, r.stop)
-            if token in eos:
+            if eos.intersection(new) or (constraint is not None and constraint.done):
                 finish = "stop"
             elif stop_at is not None:
                 full, finish = full[:stop_at], "stop"
@@ -133,14 +138,14 @@ class LocalEngine(Backend):
                 finish = "length"
             delta = full[len(text):] if not full.endswith("\ufffd") or finish else ""
             text += delta
+            lps = [lp] if r.logprobs else []
             if finish is None:
                 if delta or r.logprobs:
-                    yield GenerationChunk(rid=r.rid, text=delta, token_ids=[token],
-                                          logprobs=[lp] if r.logprobs else [])
-                logits, kv = await self._run(self._forward, [token], kv)
+                    yield GenerationChunk(rid=r.rid, text=delta, token_ids=new, logprobs=lps)
+                logits, kv = await self._run(self._forward, new, kv)
                 next_logits = logits[-1]
             else:
-                last = GenerationChunk(rid=r.rid, text=delta, token_ids=[token], logprobs=[lp] if r.logprobs else [])
+                last = GenerationChunk(rid=r.rid, text=delta, token_ids=new, logprobs=lps)
                 break
         fed = (ids + out_ids)[: kv[0][0].shape[2]] if kv else ids
         self.cache.insert(fed, kv)
@@ -183,8 +188,13 @@ class LocalEngine(Backend):
         return TokenLogprob(token=self.tokenizer.decode([token]), token_id=token, logprob=float(logprobs[token]),
                             top=top)
 
-    def _choose(self, logits: torch.Tensor, r: GenerateRequest, gen: torch.Generator) -> tuple[int, TokenLogprob]:
+    def _choose(self, logits: torch.Tensor, r: GenerateRequest, gen: torch.Generator,
+                allowed: torch.Tensor | None = None) -> tuple[int, TokenLogprob]:
+        """Sample the next token. ``allowed`` (a grammar's mask) removes the others before
+        sampling; the logprob reported is the model's own, unconstrained."""
         logprobs = torch.log_softmax(logits, dim=-1)
+        if allowed is not None and bool(allowed.any()):
+            logits = logits.masked_fill(~allowed[: logits.shape[0]], float("-inf"))
         if r.temperature == 0:
             token = int(torch.argmax(logits))
         else:

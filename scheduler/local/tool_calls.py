@@ -9,10 +9,10 @@ does the same with the Hermes/Qwen format, which SmolLM2's instruction data used
     {"name": "read_file", "arguments": {"path": "a.txt"}}
     </tool_call>
 
-``tool_choice`` ``required`` or a named function is enforced the way a constrained
-decoder would start: the assistant turn is prefilled with the opening of a call,
-so the model can only complete it. A 135M model often writes broken JSON: a block
-whose name can be read becomes a call with the raw argument text (the agent loop
+The engine constrains what the model writes inside a call with a grammar built from
+the tools' schemas (``scheduler/local/grammar.py``), so a block is normally valid JSON.
+Parsing stays lenient for what a grammar cannot prevent (a call cut by ``max_tokens``): a
+block whose name can be read becomes a call with the raw argument text (the agent loop
 reports the bad JSON back to the model); a block with no readable name stays text.
 """
 
@@ -73,20 +73,6 @@ def with_tools(messages: list[dict[str, str]], tools: list[dict[str, Any]]) -> l
     return [{"role": "system", "content": block}, *messages]
 
 
-def forced_prefix(tool_choice: Any, tools: list[dict[str, Any]]) -> str:
-    """Text the assistant turn starts with so that a call is the only way on. ``required``
-    with one tool names it; with several, the model picks the name (unconstrained)."""
-    if tool_choice == "required":
-        if len(tools) == 1:
-            return forced_prefix({"function": {"name": tools[0].get("function", tools[0]).get("name")}}, tools)
-        return f'{OPEN}\n{{"name": "'
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        if name:
-            return f'{OPEN}\n{{"name": {json.dumps(name)}, "arguments": '
-    return ""
-
-
 def _call(block: str) -> ToolCall | None:
     block = block.strip()
     name: str | None = None
@@ -114,10 +100,10 @@ class ToolCallParser:
     """Feed generated text; get back the text that is plain content. Text from the first
     ``<tool_call>`` on is held back and turned into calls by ``finish``."""
 
-    def __init__(self, prefix: str = "") -> None:
-        self._buf = prefix
+    def __init__(self) -> None:
+        self._buf = ""
         self._emitted = 0  # chars of _buf already returned as content
-        self._in_call = bool(prefix)
+        self._in_call = False
 
     def feed(self, text: str) -> str:
         self._buf += text
