@@ -8,8 +8,11 @@ Nothing is fetched from a model hub.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
+import logging
 import os
+import sys
 import shutil
 import tempfile
 import time
@@ -19,6 +22,8 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,8 +89,15 @@ def load_model() -> LoadedModel:
     converted = False
     if not (folder / "config.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        _convert(gguf_path(), folder)
-        converted = True
+        # Several processes may start at once (replicas, test workers): one converts, the others
+        # wait for it instead of replacing the folder under a process that is already loading it.
+        with open(folder.parent / f".{MODEL_NAME}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (folder / "config.json").exists():
+                print(f"converting {GGUF_NAME} to {folder} (once; about 20 s, longer on a busy machine)",
+                      file=sys.stderr, flush=True)
+                _convert(gguf_path(), folder)
+                converted = True
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
