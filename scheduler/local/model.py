@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
-import logging
 import os
 import sys
 import shutil
@@ -23,7 +22,6 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-log = logging.getLogger(__name__)
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
