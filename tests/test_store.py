@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from orchestrator.db import create_engine, migrate
 from orchestrator.events import InProcessBus
+from orchestrator.metrics import Metrics
+from orchestrator.runs.context import RunContext
 from orchestrator.runs.states import RunStatus, can_transition
-from orchestrator.runs.store import LeaseLost, NewRun, RunStore
+from orchestrator.runs.store import CONTROL_CHANNEL, LeaseLost, NewRun, RunStore, run_channel
+from orchestrator.runs.worker import Worker
+from orchestrator.workflows.registry import WorkflowRegistry
 
 
 @pytest.fixture
@@ -27,7 +33,7 @@ async def new_run(store: RunStore, priority: int = 0, tenant: str = "t") -> str:
     run, created = await store.create(NewRun(tenant=tenant, workflow="echo", input={"message": 1}, metadata={},
                                              priority=priority), max_active=None)
     assert created
-    return run["id"]
+    return run.id
 
 
 async def test_stale_owner_is_fenced_out(store):
@@ -48,9 +54,9 @@ async def test_stale_owner_is_fenced_out(store):
     assert lost == {run_id}
     await store.finish(lease2, RunStatus.SUCCEEDED, output=2)
     run = await store.get("t", run_id)
-    assert run["status"] == "succeeded" and run["output"] == 2 and run["attempt"] == 2
+    assert run.status is RunStatus.SUCCEEDED and run.output == 2 and run.attempt == 2
     events = await store.events(run_id, after=0, limit=100)
-    assert [e["type"] for e in events] == ["run.queued", "run.started", "run.recovered", "run.succeeded"]
+    assert [e.type for e in events] == ["run.queued", "run.started", "run.recovered", "run.succeeded"]
 
 
 async def test_live_lease_is_not_reclaimed_and_heartbeat_extends_it(store):
@@ -82,8 +88,8 @@ async def test_op_key_makes_emits_idempotent_and_seq_gap_free(store):
     [(lease, _)] = await store.claim_queued("w1", 1, 30)
     await asyncio.gather(*(store.emit(lease, "e", {"i": i}, op_key=f"emit:{i % 5}") for i in range(10)))
     events = await store.events(run_id, after=0, limit=100)
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert len([e for e in events if e["type"] == "e"]) == 5
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert len([e for e in events if e.type == "e"]) == 5
 
 
 async def test_concurrent_limit_counts_only_active_runs(store):
@@ -93,10 +99,64 @@ async def test_concurrent_limit_counts_only_active_runs(store):
         await store.create(NewRun(tenant="lim", workflow="echo", input=None, metadata={}), max_active=2)
     with pytest.raises(RateLimited):
         await store.create(NewRun(tenant="lim", workflow="echo", input=None, metadata={}), max_active=2)
-    runs, _ = await store.list("lim", limit=10, after=None, status=None, workflow=None)
+    runs, _ = await store.list_runs("lim", limit=10, after=None, status=None, workflow=None)
     assert len(runs) == 2  # the refused run left nothing behind
-    await store.request_cancel("lim", runs[0]["id"])
+    await store.request_cancel("lim", runs[0].id)
     await store.create(NewRun(tenant="lim", workflow="echo", input=None, metadata={}), max_active=2)
+
+
+class ClaimedBeforeWakeUpReturns(InProcessBus):
+    """A bus whose wake-up for a new run returns only once a worker has claimed that run: the
+    worst case for ``RunStore.create``, whose caller builds the 201 after it. A record read
+    after the wake-up (or after the commit, on a slow path) would then say ``running``."""
+
+    store: RunStore
+
+    async def publish(self, channel: str, message: dict[str, Any]) -> None:
+        if channel != CONTROL_CHANNEL or message.get("type") != "queued":
+            return await super().publish(channel, message)
+        run_id = message["run_id"]
+        async with self.subscribe(run_channel(run_id)) as sub:  # before the read: no event falls between
+            await super().publish(channel, message)
+            while (await self.store.get(None, run_id)).status is RunStatus.QUEUED:
+                await sub.get(timeout=1.0)
+
+
+class NoInput(BaseModel):
+    pass
+
+
+async def test_create_returns_the_run_as_committed_even_when_a_worker_claims_it_at_once(make_settings):
+    """Was: the run was read back after the workers' wake-up was published, so the 201 of a
+    new run could already say ``running``. Here a real worker claims it before ``create``
+    returns, every time."""
+    settings = make_settings()
+    engine = create_engine(settings.database_url)
+    await migrate(engine)
+    bus = ClaimedBeforeWakeUpReturns()
+    store = bus.store = RunStore(engine, bus)
+    registry = WorkflowRegistry()
+    finish = asyncio.Event()
+
+    @registry.workflow("hold", NoInput)
+    async def hold(_ctx: RunContext, _inp: NoInput) -> None:
+        await finish.wait()
+
+    worker = Worker(store, registry, settings, Metrics())
+    await worker.start()
+    try:
+        for _ in range(3):
+            run, created = await store.create(NewRun(tenant="t", workflow="hold", input={}, metadata={}),
+                                              max_active=None)
+            assert created
+            assert (run.status, run.attempt, run.epoch, run.last_seq) == (RunStatus.QUEUED, 0, 0, 1)
+            assert run.started_at is None and run.lease_owner is None
+            now = await store.get("t", run.id)
+            assert now.status is RunStatus.RUNNING and now.lease_owner == worker.id  # claimed meanwhile
+    finally:
+        finish.set()
+        await worker.stop()
+        await engine.dispose()
 
 
 def test_state_machine() -> None:

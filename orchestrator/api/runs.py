@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import pydantic_core
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -11,13 +12,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from orchestrator.api.schemas import (
-    ERROR_RESPONSES, Page, RunCreate, RunEventObject, RunObject, StepObject, WorkflowObject, run_object,
+    ERROR_RESPONSES, Page, RunCreate, RunError, RunEventObject, RunObject, StepObject, WorkflowObject,
 )
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.auth import Tenant, authenticate
 from orchestrator.db.models import INT32_MAX
 from orchestrator.errors import InvalidRequest, NotFound, RateLimited, ValidationFailed
 from orchestrator.ids import id_pattern, is_valid_id
+from orchestrator.metrics import Metrics
+from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import FINAL_EVENT, RunStatus
 from orchestrator.runs.store import NewRun, RunStore, request_hash, run_channel
 
@@ -41,7 +44,8 @@ RUN_LINKS = {name: {"operationId": op, "parameters": {"run_id": "$response.body#
 
 
 def _store(request: Request) -> RunStore:
-    return request.app.state.store
+    store: RunStore = request.app.state.store
+    return store
 
 
 def _check_id(run_id: str) -> None:
@@ -84,16 +88,16 @@ async def create_run(
         request_hash=request_hash(payload),
     )
     try:
-        row, created = await _store(request).create(new, max_active=tenant.limits.max_concurrent_runs)
+        run, created = await _store(request).create(new, max_active=tenant.limits.max_concurrent_runs)
     except RateLimited:
         state.metrics.rate_limited.labels("concurrent_runs").inc()
         raise
-    response.headers["Location"] = f"/v1/runs/{row['id']}"
+    response.headers["Location"] = f"/v1/runs/{run.id}"
     if created:
         state.metrics.runs_submitted.labels(body.workflow).inc()
     else:
         response.headers["Idempotent-Replayed"] = "true"
-    return run_object(row)
+    return _run_object(run)
 
 
 @router.get("/runs", response_model=Page[RunObject], summary="List runs, newest first")
@@ -108,12 +112,10 @@ async def list_runs(
 ) -> Page[RunObject]:
     if after is not None and not is_valid_id("run", after):
         raise InvalidRequest(f"Invalid cursor {after!r}.", code="invalid_cursor", param="after")
-    rows, more = await _store(request).list(
-        tenant.name, limit=limit, after=after, status=[s.value for s in status] if status else None,
-        workflow=workflow,
-    )
-    return Page[RunObject](data=[run_object(r) for r in rows], has_more=more,
-                           next_cursor=rows[-1]["id"] if more else None)
+    runs, more = await _store(request).list_runs(tenant.name, limit=limit, after=after, status=status,
+                                                 workflow=workflow)
+    return Page[RunObject](data=[_run_object(r) for r in runs], has_more=more,
+                           next_cursor=runs[-1].id if more else None)
 
 
 @router.get("/runs/{run_id}", response_model=RunObject, summary="Get a run")
@@ -125,26 +127,26 @@ async def get_run(
 ) -> RunObject:
     _check_id(run_id)
     store = _store(request)
-    row = await store.get(tenant.name, run_id)
+    run = await store.get(tenant.name, run_id)
     wait = min(wait, request.app.state.settings.max_wait_seconds)
-    if wait > 0 and not RunStatus(row["status"]).terminal:
+    if wait > 0 and not run.status.terminal:
         deadline = time.monotonic() + wait
         async with store.bus.subscribe(run_channel(run_id)) as sub:
-            row = await store.get(tenant.name, run_id)
-            while not RunStatus(row["status"]).terminal:
+            run = await store.get(tenant.name, run_id)
+            while not run.status.terminal:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 msg = await sub.get(timeout=min(left, 1.0))
                 if msg is None or msg.get("type") in FINAL_TYPES or sub.lagged:
-                    row = await store.get(tenant.name, run_id)
-    return run_object(row)
+                    run = await store.get(tenant.name, run_id)
+    return _run_object(run)
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunObject, summary="Cancel a run (idempotent)")
 async def cancel_run(run_id: RunId, request: Request, tenant: TenantDep) -> RunObject:
     _check_id(run_id)
-    return run_object(await _store(request).request_cancel(tenant.name, run_id))
+    return _run_object(await _store(request).request_cancel(tenant.name, run_id))
 
 
 @router.get("/runs/{run_id}/steps", response_model=Page[StepObject], summary="Checkpointed steps of a run")
@@ -153,7 +155,22 @@ async def list_steps(run_id: RunId, request: Request, tenant: TenantDep) -> Page
     store = _store(request)
     await store.get(tenant.name, run_id)
     steps = await store.steps(run_id)
-    return Page[StepObject](data=[StepObject(**s) for s in steps], has_more=False)
+    return Page[StepObject](data=[_step_object(s) for s in steps], has_more=False)
+
+
+def _run_object(run: RunRecord) -> RunObject:
+    return RunObject(
+        id=run.id, workflow=run.workflow, status=run.status, input=run.input, metadata=run.metadata,
+        priority=run.priority, output=run.output, error=None if run.error is None else RunError.model_validate(run.error),
+        attempt=run.attempt, timeout_seconds=run.timeout_seconds, created_at=run.created_at,
+        started_at=run.started_at, finished_at=run.finished_at, last_event_seq=run.last_seq,
+    )
+
+
+def _step_object(step: StepRecord) -> StepObject:
+    return StepObject(step_id=step.step_id, name=step.name, status=step.status, output=step.output,
+                      error=step.error, attempt=step.attempt, started_at=step.started_at,
+                      finished_at=step.finished_at)
 
 
 @router.get(
@@ -193,16 +210,20 @@ async def run_events(
     events = await store.events(run_id, after=starting_after, limit=limit + 1)
     more = len(events) > limit
     events = events[:limit]
-    return Page[RunEventObject](data=[RunEventObject(**e) for e in events], has_more=more,
-                                next_cursor=str(events[-1]["seq"]) if more else None)
+    return Page[RunEventObject](data=[_event_object(e) for e in events], has_more=more,
+                                next_cursor=str(events[-1].seq) if more else None)
 
 
-def _frame(ev: dict[str, Any]) -> str:
-    body = RunEventObject(**ev).model_dump_json()
-    return f"id: {ev['seq']}\nevent: {ev['type']}\ndata: {body}\n\n"
+def _event_object(ev: EventRecord) -> RunEventObject:
+    return RunEventObject(run_id=ev.run_id, seq=ev.seq, type=ev.type, data=ev.data, created_at=ev.created_at)
 
 
-async def _sse(store: RunStore, run_id: str, after: int, keepalive: float, metrics: Any) -> AsyncIterator[str]:
+def _frame(ev: EventRecord) -> str:
+    body = _event_object(ev).model_dump_json()
+    return f"id: {ev.seq}\nevent: {ev.type}\ndata: {body}\n\n"
+
+
+async def _sse(store: RunStore, run_id: str, after: int, keepalive: float, metrics: Metrics) -> AsyncIterator[str]:
     """Subscribe first, then read the log, then tail: no event can fall between the two. The log
     is read again whenever the live messages may have missed something. A run found finished
     before a log read has all its events there: once they are sent the stream ends, also when
@@ -213,13 +234,13 @@ async def _sse(store: RunStore, run_id: str, after: int, keepalive: float, metri
         async with store.bus.subscribe(run_channel(run_id)) as sub:
             yield "retry: 1000\n\n"
             while True:
-                finished = RunStatus((await store.get(None, run_id))["status"]).terminal
+                finished = (await store.get(None, run_id)).status.terminal
                 while True:  # the log after `last`, page by page
                     batch = await store.events(run_id, after=last, limit=REPLAY_BATCH)
                     for ev in batch:
                         yield _frame(ev)
-                        last = ev["seq"]
-                        if ev["type"] in FINAL_TYPES:
+                        last = ev.seq
+                        if ev.type in FINAL_TYPES:
                             return
                     if len(batch) < REPLAY_BATCH:
                         break
@@ -236,21 +257,22 @@ async def _sse(store: RunStore, run_id: str, after: int, keepalive: float, metri
                         break
                     for ev in new:
                         yield _frame(ev)
-                        last = ev["seq"]
-                        if ev["type"] in FINAL_TYPES:
+                        last = ev.seq
+                        if ev.type in FINAL_TYPES:
                             return
     finally:
         metrics.sse_streams.dec()
 
 
-def _live(msgs: list[dict[str, Any]], last: int, lagged: bool) -> list[dict[str, Any]] | None:
-    """The live messages to send after ``last``, in order; ``None`` when the log must be read
+def _live(msgs: list[dict[str, Any]], last: int, lagged: bool) -> list[EventRecord] | None:
+    """The live events to send after ``last``, in order; ``None`` when the log must be read
     instead: the bus dropped messages or skipped a number, or a final event at or before
     ``last`` came (a stream resumed past the run's end while it was finishing)."""
-    new = sorted((m for m in msgs if m["seq"] > last), key=lambda m: m["seq"])
-    if lagged or any(m["seq"] != last + 1 + i for i, m in enumerate(new)):
+    events = [EventRecord.from_message(m) for m in msgs]
+    new = sorted((e for e in events if e.seq > last), key=lambda e: e.seq)
+    if lagged or any(e.seq != last + 1 + i for i, e in enumerate(new)):
         return None
-    if any(m["type"] in FINAL_TYPES for m in msgs if m["seq"] <= last):
+    if any(e.type in FINAL_TYPES for e in events if e.seq <= last):
         return None
     return new
 

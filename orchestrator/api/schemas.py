@@ -92,15 +92,6 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def run_object(row: dict[str, Any]) -> RunObject:
-    return RunObject(
-        id=row["id"], workflow=row["workflow"], status=row["status"], input=row["input"],
-        metadata=row["metadata"] or {}, priority=row["priority"], output=row["output"], error=row["error"],
-        attempt=row["attempt"], timeout_seconds=row["timeout_seconds"], created_at=row["created_at"],
-        started_at=row["started_at"], finished_at=row["finished_at"], last_event_seq=row["last_seq"],
-    )
-
-
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": desc}
     for code, desc in {

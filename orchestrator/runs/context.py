@@ -13,6 +13,7 @@ import json
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
+from orchestrator.runs.records import RunRecord, StepRecord
 from orchestrator.runs.store import Lease, LeaseLost, RunStore
 
 T = TypeVar("T")
@@ -42,19 +43,19 @@ class RunContext:
         self,
         store: RunStore,
         lease: Lease,
-        run: dict[str, Any],
-        completed: dict[int, dict[str, Any]],
+        run: RunRecord,
+        completed: dict[int, StepRecord],
         on_step: Callable[[str], None] | None = None,
         services: Any = None,
         lease_valid: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.lease = lease
-        self.run_id: str = run["id"]
-        self.tenant: str = run["tenant"]
-        self.workflow: str = run["workflow"]
-        self.attempt: int = run["attempt"]
-        self.metadata: dict[str, Any] = run["metadata"] or {}
+        self.run_id = run.id
+        self.tenant = run.tenant
+        self.workflow = run.workflow
+        self.attempt = run.attempt
+        self.metadata = run.metadata
         self._completed = completed
         self._next_step = 0
         self._next_emit = 0
@@ -72,7 +73,7 @@ class RunContext:
         done = self._completed.get(step_id)
         if done is not None:
             self._on_step("replayed")
-            return done["output"]
+            return done.output
         self._check_lease()
         await self.store.start_step(self.lease, step_id, name, self.attempt)
         self._check_lease()  # the write may have taken long, or this process may have been paused

@@ -15,7 +15,8 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
+from typing import Any
 
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +26,7 @@ from orchestrator.db.models import Run, RunEvent, RunStep, Worker
 from orchestrator.errors import Conflict, NotFound, RateLimited
 from orchestrator.events.bus import EventBus
 from orchestrator.ids import new_id
+from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
 
 runs_t = Run.__table__
@@ -66,10 +68,6 @@ class NewRun:
     request_hash: str | None = None
 
 
-def event_dict(run_id: str, row: Any) -> dict[str, Any]:
-    return {"run_id": run_id, "seq": row.seq, "type": row.type, "data": row.data, "created_at": row.created_at}
-
-
 class RunStore:
     """Run persistence plus bus notifications after each commit."""
 
@@ -101,7 +99,7 @@ class RunStore:
         op_key: str | None = None,
         now: float | None = None,
         values: dict[str, Any] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> EventRecord | None:
         """Append one event (and apply ``values`` to the run row) in the caller's transaction.
 
         With ``epoch`` the write is fenced. With ``op_key`` an event already written
@@ -131,17 +129,24 @@ class RunStore:
         await conn.execute(
             insert(events_t).values(run_id=run_id, seq=seq, type=type_, data=data, created_at=now, op_key=op_key)
         )
-        return {"run_id": run_id, "seq": seq, "type": type_, "data": data, "created_at": now}
+        return EventRecord(run_id=run_id, seq=seq, type=type_, data=data, created_at=now)
 
-    async def _publish(self, events: Sequence[dict[str, Any] | None]) -> None:
+    async def _publish(self, events: Sequence[EventRecord | None]) -> None:
         for ev in events:
             if ev is not None:
-                await self.bus.publish(run_channel(ev["run_id"]), ev)
+                await self.bus.publish(run_channel(ev.run_id), ev.message())
 
     # ---- API side ------------------------------------------------------------------
 
-    async def create(self, new: NewRun, *, max_active: int | None) -> tuple[dict[str, Any], bool]:
-        """Insert a queued run. Returns ``(run, created)``; ``created`` is False for an idempotent replay."""
+    async def create(self, new: NewRun, *, max_active: int | None) -> tuple[RunRecord, bool]:
+        """Insert a queued run. Returns ``(run, created)``; ``created`` is False for an idempotent replay.
+
+        A created run is returned as it was committed, ``queued``: it is read back inside the
+        inserting transaction, and the wake-up for the workers is published only after that.
+        A response built from a read after the commit could already say ``running`` (or even
+        ``succeeded``), since any worker may claim the run as soon as it is committed. A replay
+        returns the original run as it is now.
+        """
         now = time.time()
         run_id = new_id("run")
         try:
@@ -171,14 +176,14 @@ class RunStore:
                 ev = await self._append(conn, run_id, "run.queued", {"status": "queued", "workflow": new.workflow}, now=now)
                 # read back in the same transaction: once it commits a worker may claim the run
                 # at once (its poll, or the wake-up below), and the 201 must say what was created
-                row = (await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).one()
+                run = RunRecord.from_row((await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).one())
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
             existing = await self._by_idempotency_key(new.tenant, new.idempotency_key)
             if existing is None:  # pragma: no cover - deleted between the two statements
                 raise
-            if existing["request_hash"] != new.request_hash:
+            if existing.request_hash != new.request_hash:
                 raise Conflict(
                     "This Idempotency-Key was already used with a different request body.",
                     code="idempotency_key_reused", param="Idempotency-Key",
@@ -186,16 +191,16 @@ class RunStore:
             return existing, False
         await self._publish([ev])
         await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
-        return dict(row._mapping), True
+        return run, True
 
-    async def _by_idempotency_key(self, tenant: str, key: str) -> dict[str, Any] | None:
+    async def _by_idempotency_key(self, tenant: str, key: str) -> RunRecord | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(
                 select(runs_t).where(runs_t.c.tenant == tenant, runs_t.c.idempotency_key == key)
             )).first()
-        return dict(row._mapping) if row else None
+        return RunRecord.from_row(row) if row else None
 
-    async def get(self, tenant: str | None, run_id: str) -> dict[str, Any]:
+    async def get(self, tenant: str | None, run_id: str) -> RunRecord:
         cond = [runs_t.c.id == run_id]
         if tenant is not None:
             cond.append(runs_t.c.tenant == tenant)
@@ -203,29 +208,30 @@ class RunStore:
             row = (await conn.execute(select(runs_t).where(*cond))).first()
         if row is None:
             raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
-        return dict(row._mapping)
+        return RunRecord.from_row(row)
 
-    async def list(
-        self, tenant: str, *, limit: int, after: str | None, status: list[str] | None, workflow: str | None
-    ) -> tuple[list[dict[str, Any]], bool]:
+    async def list_runs(
+        self, tenant: str, *, limit: int, after: str | None, status: Collection[RunStatus] | None,
+        workflow: str | None,
+    ) -> tuple[list[RunRecord], bool]:
         """Newest first; ``after`` is the id of the last run of the previous page."""
         cond = [runs_t.c.tenant == tenant]
         if after is not None:
             cond.append(runs_t.c.id < after)
         if status:
-            cond.append(runs_t.c.status.in_(status))
+            cond.append(runs_t.c.status.in_([s.value for s in status]))
         if workflow is not None:
             cond.append(runs_t.c.workflow == workflow)
         stmt = select(runs_t).where(*cond).order_by(runs_t.c.id.desc()).limit(limit + 1)
         async with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in await conn.execute(stmt)]
-        return rows[:limit], len(rows) > limit
+            runs = [RunRecord.from_row(r) for r in await conn.execute(stmt)]
+        return runs[:limit], len(runs) > limit
 
-    async def request_cancel(self, tenant: str, run_id: str) -> dict[str, Any]:
+    async def request_cancel(self, tenant: str, run_id: str) -> RunRecord:
         """Idempotent: a queued run is cancelled at once, a leased one moves to ``cancelling``."""
         run = await self.get(tenant, run_id)
-        status = RunStatus(run["status"])
-        events: list[dict[str, Any] | None] = []
+        status = run.status
+        events: list[EventRecord | None] = []
         if status is RunStatus.QUEUED:
             now = time.time()
             async with self._write() as conn:
@@ -248,24 +254,25 @@ class RunStore:
                     events.append(await self._append(conn, run_id, "run.cancelling", {"status": "cancelling"}))
             if not events:
                 return await self.request_cancel(tenant, run_id)
-            await self.bus.publish(CONTROL_CHANNEL, {"type": "cancel", "run_id": run_id, "owner": run["lease_owner"]})
+            await self.bus.publish(CONTROL_CHANNEL, {"type": "cancel", "run_id": run_id, "owner": run.lease_owner})
         await self._publish(events)
         return await self.get(tenant, run_id)
 
-    async def events(self, run_id: str, *, after: int, limit: int) -> list[dict[str, Any]]:
+    async def events(self, run_id: str, *, after: int, limit: int) -> list[EventRecord]:
         stmt = (
-            select(events_t.c.seq, events_t.c.type, events_t.c.data, events_t.c.created_at)
+            select(events_t.c.run_id, events_t.c.seq, events_t.c.type, events_t.c.data, events_t.c.created_at)
             .where(events_t.c.run_id == run_id, events_t.c.seq > after)
             .order_by(events_t.c.seq)
             .limit(limit)
         )
         async with self.engine.connect() as conn:
-            return [event_dict(run_id, r) for r in await conn.execute(stmt)]
+            return [EventRecord(run_id=r.run_id, seq=r.seq, type=r.type, data=r.data, created_at=r.created_at)
+                    for r in await conn.execute(stmt)]
 
-    async def steps(self, run_id: str) -> list[dict[str, Any]]:
+    async def steps(self, run_id: str) -> list[StepRecord]:
         stmt = select(steps_t).where(steps_t.c.run_id == run_id).order_by(steps_t.c.step_id)
         async with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in await conn.execute(stmt)]
+            return [StepRecord.from_row(r) for r in await conn.execute(stmt)]
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
@@ -273,7 +280,7 @@ class RunStore:
 
     # ---- worker side ---------------------------------------------------------------
 
-    async def claim_queued(self, owner: str, limit: int, lease_seconds: float) -> list[tuple[Lease, dict[str, Any]]]:
+    async def claim_queued(self, owner: str, limit: int, lease_seconds: float) -> list[tuple[Lease, RunRecord]]:
         """Claim up to ``limit`` queued runs, highest priority then oldest first."""
         now = time.time()
         stmt = (
@@ -284,8 +291,8 @@ class RunStore:
         )
         if self.dialect == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
-        claimed: list[tuple[Lease, dict[str, Any]]] = []
-        events = []
+        claimed: list[tuple[Lease, RunRecord]] = []
+        events: list[EventRecord | None] = []
         async with self._write() as conn:
             for run_id, epoch in (await conn.execute(stmt)).all():
                 row = (await conn.execute(
@@ -299,17 +306,17 @@ class RunStore:
                 )).first()
                 if row is None:
                     continue
-                run = dict(row._mapping)
+                run = RunRecord.from_row(row)
                 lease = Lease(run_id, epoch + 1, owner)
                 events.append(await self._append(conn, run_id, "run.started", {
-                    "status": "running", "attempt": run["attempt"], "worker": owner}, epoch=lease.epoch, now=now))
+                    "status": "running", "attempt": run.attempt, "worker": owner}, epoch=lease.epoch, now=now))
                 claimed.append((lease, run))
         await self._publish(events)
         return claimed
 
     async def reclaim_expired(
         self, owner: str, limit: int, lease_seconds: float, max_attempts: int, *, exclude: Collection[str] = ()
-    ) -> tuple[list[tuple[Lease, dict[str, Any]]], int]:
+    ) -> tuple[list[tuple[Lease, RunRecord]], int]:
         """Take over leased runs whose owner stopped heart-beating.
 
         Runs that used up ``max_attempts`` fail with ``worker_lost``; runs with a
@@ -329,8 +336,8 @@ class RunStore:
         )
         if self.dialect == "postgresql":
             stmt = stmt.with_for_update(skip_locked=True)
-        claimed: list[tuple[Lease, dict[str, Any]]] = []
-        events = []
+        claimed: list[tuple[Lease, RunRecord]] = []
+        events: list[EventRecord | None] = []
         expired = 0
         async with self._write() as conn:
             for run_id, epoch, attempt, status, old_owner in (await conn.execute(stmt)).all():
@@ -358,7 +365,7 @@ class RunStore:
                         "status": "running", "attempt": attempt + 1, "worker": owner,
                         "reason": "released" if old_owner is None else "lease_expired",
                     }, epoch=lease.epoch, now=now))
-                    claimed.append((lease, dict(row._mapping)))
+                    claimed.append((lease, RunRecord.from_row(row)))
         await self._publish(events)
         return claimed, expired
 
@@ -394,10 +401,10 @@ class RunStore:
             return  # a concurrent emit wrote the same op_key first
         await self._publish([ev])
 
-    async def completed_steps(self, run_id: str) -> dict[int, dict[str, Any]]:
+    async def completed_steps(self, run_id: str) -> dict[int, StepRecord]:
         stmt = select(steps_t).where(steps_t.c.run_id == run_id, steps_t.c.status == "completed")
         async with self.engine.connect() as conn:
-            return {r.step_id: dict(r._mapping) for r in await conn.execute(stmt)}
+            return {r.step_id: StepRecord.from_row(r) for r in await conn.execute(stmt)}
 
     async def start_step(self, lease: Lease, step_id: int, name: str, attempt: int) -> None:
         now = time.time()
@@ -452,7 +459,7 @@ class RunStore:
     async def _finish(
         self, conn: AsyncConnection, lease: Lease, status: RunStatus, *, now: float,
         output: Any = None, error: dict[str, Any] | None = None,
-    ) -> dict[str, Any] | None:
+    ) -> EventRecord | None:
         data: dict[str, Any] = {"status": status.value}
         if error is not None:
             data["error"] = error

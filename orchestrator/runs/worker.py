@@ -27,6 +27,7 @@ from pydantic_core import to_jsonable_python
 from orchestrator.ids import new_id
 from orchestrator.metrics import Metrics
 from orchestrator.runs.context import RunContext, RunFailed, StepError
+from orchestrator.runs.records import RunRecord
 from orchestrator.runs.states import RunStatus
 from orchestrator.runs.store import CONTROL_CHANNEL, Lease, LeaseLost, RunStore
 from orchestrator.settings import Settings
@@ -144,13 +145,13 @@ class Worker:
             self.metrics.lease_expiries.inc(expired)
             self.metrics.recoveries.inc(len(reclaimed))
             for lease, run in reclaimed:
-                log.info("recovered run", extra={"run_id": lease.run_id, "attempt": run["attempt"]})
+                log.info("recovered run", extra={"run_id": lease.run_id, "attempt": run.attempt})
                 self._spawn(lease, run, sent)
             free -= len(reclaimed)
         if free > 0:
             sent = time.monotonic()
             for lease, run in await self.store.claim_queued(self.id, free, s.lease_seconds):
-                self.metrics.queue_wait.labels(run["workflow"]).observe(max(0.0, time.time() - run["created_at"]))
+                self.metrics.queue_wait.labels(run.workflow).observe(max(0.0, time.time() - run.created_at))
                 self._spawn(lease, run, sent)
 
     async def _heartbeat_loop(self) -> None:
@@ -221,7 +222,7 @@ class Worker:
             ex.stop_reason = reason
             ex.task.cancel()
 
-    def _spawn(self, lease: Lease, run: dict[str, Any], sent: float) -> None:
+    def _spawn(self, lease: Lease, run: RunRecord, sent: float) -> None:
         """Execute a claimed run; ``sent``: ``time.monotonic()`` before the claim was sent."""
         ex = _Execution(lease, LeaseClock(self._lease_valid_for, sent))
         ex.task = asyncio.create_task(self._execute(ex, run), name=f"run-{lease.run_id}")
@@ -238,7 +239,7 @@ class Worker:
         self.metrics.runs_executing.set(len(self._running))
         self._wake.set()
 
-    async def _execute(self, ex: _Execution, run: dict[str, Any]) -> None:
+    async def _execute(self, ex: _Execution, run: RunRecord) -> None:
         lease = ex.lease
         try:
             status, output, error = await self._run_workflow(ex, run)
@@ -256,27 +257,27 @@ class Worker:
         except LeaseLost:
             ex.stop_reason = "lost"
             return
-        self.metrics.runs_finished.labels(run["workflow"], status.value).inc()
-        started = run.get("started_at") or time.time()
-        self.metrics.run_duration.labels(run["workflow"]).observe(max(0.0, time.time() - started))
+        self.metrics.runs_finished.labels(run.workflow, status.value).inc()
+        started = run.started_at or time.time()
+        self.metrics.run_duration.labels(run.workflow).observe(max(0.0, time.time() - started))
         log.info("run finished", extra={"run_id": lease.run_id, "status": status.value})
 
-    async def _run_workflow(self, ex: _Execution, run: dict[str, Any]) -> tuple[RunStatus, Any, dict[str, Any] | None]:
+    async def _run_workflow(self, ex: _Execution, run: RunRecord) -> tuple[RunStatus, Any, dict[str, Any] | None]:
         lease = ex.lease
-        defn = self.registry.get(run["workflow"])
+        defn = self.registry.get(run.workflow)
         if defn is None:
             return RunStatus.FAILED, None, {"code": "unknown_workflow",
-                                            "message": f"No workflow {run['workflow']!r} in this service."}
-        if run["cancel_requested"]:
+                                            "message": f"No workflow {run.workflow!r} in this service."}
+        if run.cancel_requested:
             return RunStatus.CANCELLED, None, {"code": "cancelled", "message": "Cancelled."}
         try:
-            inp = defn.input_model.model_validate(run["input"])
+            inp = defn.input_model.model_validate(run.input)
         except ValidationError as exc:
             return RunStatus.FAILED, None, {"code": "invalid_input", "message": str(exc)}
         completed = await self.store.completed_steps(lease.run_id)
         ctx = RunContext(self.store, lease, run, completed, on_step=lambda st: self.metrics.steps.labels(st).inc(),
                          services=self.services, lease_valid=ex.clock.valid)
-        deadline = run.get("deadline_at")
+        deadline = run.deadline_at
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         try:
             async with asyncio.timeout(timeout) as cm:
@@ -289,7 +290,7 @@ class Worker:
         except TimeoutError:
             if cm.expired():
                 return RunStatus.TIMED_OUT, None, {"code": "timeout",
-                                                   "message": f"Run exceeded its timeout of {run['timeout_seconds']} s."}
+                                                   "message": f"Run exceeded its timeout of {run.timeout_seconds} s."}
             return RunStatus.FAILED, None, {"code": "workflow_error", "type": "TimeoutError", "message": "timed out"}
         except LeaseLost:
             raise

@@ -164,7 +164,7 @@ async def test_an_unexpected_error_is_a_500_with_the_request_id_in_header_and_lo
     def broken_check(_body: Any) -> None:
         raise RuntimeError("induced fault")
 
-    monkeypatch.setattr(RunStore, "list", broken_list)
+    monkeypatch.setattr(RunStore, "list_runs", broken_list)
     monkeypatch.setattr("orchestrator.api.gateway._check_messages", broken_check)
     lines = io.StringIO()
     handler = logging.StreamHandler(lines)

@@ -28,6 +28,7 @@ from orchestrator import RunContext, Settings
 from orchestrator.db import create_engine, migrate
 from orchestrator.events.bus import InProcessBus
 from orchestrator.metrics import Metrics
+from orchestrator.runs.records import RunRecord
 from orchestrator.runs.store import Lease, NewRun, RunStore
 from orchestrator.runs.worker import Worker
 from orchestrator.workflows.registry import WorkflowRegistry
@@ -218,7 +219,7 @@ class HangingHeartbeatStore(RunStore):
             await asyncio.Event().wait()
         return await super().heartbeat(owner, leases, lease_seconds)
 
-    async def reclaim_expired(self, *args: Any, **kwargs: Any) -> tuple[list[tuple[Lease, dict[str, Any]]], int]:
+    async def reclaim_expired(self, *args: Any, **kwargs: Any) -> tuple[list[tuple[Lease, RunRecord]], int]:
         self.sweeps += 1
         return await super().reclaim_expired(*args, **kwargs)
 
@@ -265,14 +266,14 @@ async def test_worker_stops_runs_when_heartbeat_hangs(pg_database: str, tmp_path
         seen: dict[str, Any] = {}
 
         async def stopped_or_reclaimed() -> bool:
-            seen.update(at=time.time(), executing=worker.executing, run=await store.get(None, run["id"]))
-            return seen["executing"] == 0 or seen["run"]["epoch"] > 1
+            seen.update(at=time.time(), executing=worker.executing, run=await store.get(None, run.id))
+            return seen["executing"] == 0 or seen["run"].epoch > 1
 
         await eventually("the worker stops the run or claims it again", stopped_or_reclaimed)
-        assert seen["run"]["epoch"] == 1, "the worker claimed its run again while it still executed it"
+        assert seen["run"].epoch == 1, "the worker claimed its run again while it still executed it"
         # Stopped by the worker's own clock, before the database would let another worker claim
         # it, and nothing of it ran after that.
-        expires = seen["run"]["lease_expires_at"]
+        expires = seen["run"].lease_expires_at
         ran = step_runs(journal)
         assert seen["at"] < expires
         assert all(r.finish_wall is not None and r.finish_wall < expires for r in ran), ran
@@ -284,7 +285,7 @@ async def test_worker_stops_runs_when_heartbeat_hangs(pg_database: str, tmp_path
         # Once the lease has expired the run may be claimed again (here by the same worker, whose
         # other queries work); that execution starts only after the first one stopped.
         await eventually("the run is claimed again", started_again)
-        assert (await store.get(None, run["id"]))["epoch"] > 1
+        assert (await store.get(None, run.id)).epoch > 1
         assert not concurrent(step_runs(journal))
 
 
@@ -323,7 +324,7 @@ async def test_worker_never_claims_a_run_it_still_executes(pg_database: str) -> 
             assert starts == [1], "the worker claimed its run again while it still executed it"
 
             async def lease_expired() -> bool:
-                return (await store.get(None, run["id"]))["lease_expires_at"] < time.time()
+                return (await store.get(None, run.id)).lease_expires_at < time.time()
 
             await eventually("the lease has expired in the database", lease_expired)
             sweeps = store.sweeps
@@ -332,7 +333,7 @@ async def test_worker_never_claims_a_run_it_still_executes(pg_database: str) -> 
                 return store.sweeps >= sweeps + 2
 
             await eventually("the worker has swept for expired leases since", swept_twice)
-            assert (await store.get(None, run["id"]))["epoch"] == 1 and starts == [1] and worker.executing == 1
+            assert (await store.get(None, run.id)).epoch == 1 and starts == [1] and worker.executing == 1
             release.set()
 
             async def claimed_again() -> bool:
