@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 from orchestrator.settings import DEV_API_KEY
 from orchestrator_sdk import Client, OrchestratorError, RunEvent

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
 
+from orchestrator import Settings
 from tests.servers import running_server
 
 
@@ -16,7 +18,7 @@ def backend() -> str:  # the page does not depend on the database
     return "sqlite"
 
 
-async def test_swagger_ui_is_served_from_the_service_itself(make_settings):
+async def test_swagger_ui_is_served_from_the_service_itself(make_settings: Callable[..., Settings]) -> None:
     async with running_server(make_settings()) as base, httpx.AsyncClient(base_url=base, timeout=30) as client:
         page = await client.get("/docs")
         assert page.status_code == 200 and "SwaggerUIBundle" in page.text

@@ -19,8 +19,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -68,12 +68,12 @@ SNIPPETS = readme_snippets()
 
 
 def expectation(code: str) -> Callable[[str], None]:
-    [check] = [check for marker, check in EXPECTED.items() if marker in code] or [None]
-    assert check is not None, f"no expectation for this README block; add one to EXPECTED:\n{code}"
-    return check
+    checks = [check for marker, check in EXPECTED.items() if marker in code]
+    assert len(checks) == 1, f"not exactly one expectation for this README block (see EXPECTED):\n{code}"
+    return checks[0]
 
 
-def test_the_section_has_its_snippets_and_each_has_an_expectation():
+def test_the_section_has_its_snippets_and_each_has_an_expectation() -> None:
     assert {lang for lang, _ in SNIPPETS} == {"python", "bash"}, SNIPPETS
     assert sorted(expectation(code).__name__ for _, code in SNIPPETS) == sorted(f.__name__ for f in EXPECTED.values())
 
@@ -117,7 +117,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.mark.parametrize(("lang", "code"), SNIPPETS, ids=[f"{i}-{lang}" for i, (lang, _) in enumerate(SNIPPETS)])
-def test_readme_snippet_runs_as_written(service: str, lang: str, code: str, tmp_path: Path):
+def test_readme_snippet_runs_as_written(service: str, lang: str, code: str, tmp_path: Path) -> None:
     check = expectation(code)
     (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     code = code.replace(DOCUMENTED_URL, service)

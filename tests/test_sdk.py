@@ -8,12 +8,19 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 from orchestrator_sdk import (
-    AsyncClient, AuthenticationError, Client, ConflictError, NotFoundError, RateLimitError, Run,
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    ConflictError,
+    NotFoundError,
+    RateLimitError,
+    Run,
     UnprocessableEntityError,
 )
 from tests.servers import running_server
@@ -201,7 +208,7 @@ SERVER_MODULES = ("fastapi", "sqlalchemy", "alembic", "redis", "uvicorn", "starl
                   "tools", "agents", "evolve")
 
 
-def test_importing_the_sdk_loads_nothing_of_the_server(tmp_path):
+def test_importing_the_sdk_loads_nothing_of_the_server(tmp_path: Path) -> None:
     """``orchestrator_sdk`` is a client: importing it (in a fresh interpreter, outside the repository
     so that no server package is on the path by accident) must not load the server's stack.
     The bound on the module count is httpx + pydantic (~400) with room, far under the ~1,000

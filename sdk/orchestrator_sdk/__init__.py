@@ -7,8 +7,18 @@ event streams that resume by themselves after a dropped connection.
 
 from orchestrator_sdk._async import AsyncClient
 from orchestrator_sdk._errors import (
-    APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError, ConflictError,
-    InternalServerError, NotFoundError, OrchestratorError, PayloadTooLargeError, RateLimitError, StreamError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    OrchestratorError,
+    PayloadTooLargeError,
+    RateLimitError,
+    StreamError,
     UnprocessableEntityError,
 )
 from orchestrator_sdk._models import Page, Run, RunEvent, Step, Workflow

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import builtins  # annotations after the method named `list`
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
 from orchestrator_sdk._base import (
-    ClientConfig, SSEParser, StreamCursor, list_params, new_idempotency_key, retry_delay, run_create_body,
+    ClientConfig,
+    SSEParser,
+    StreamCursor,
+    list_params,
+    new_idempotency_key,
+    retry_delay,
+    run_create_body,
     should_retry,
 )
 from orchestrator_sdk._errors import APIConnectionError, APITimeoutError, error_for
@@ -33,7 +41,8 @@ class AsyncClient:
         self.workflows = AsyncWorkflows(self)
 
     async def request(self, method: str, path: str, *, json: Any = None, params: Any = None,
-                      headers: dict[str, str] | None = None, timeout: float | None = None) -> Any:
+                      headers: dict[str, str] | None = None,
+                      timeout: float | None = None) -> Any:  # noqa: ASYNC109 (httpx's per-request timeout)
         attempt = 0
         while True:
             response: httpx.Response | None = None
@@ -56,7 +65,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -86,7 +95,7 @@ class AsyncRuns:
         data = await self._c.request("GET", "/v1/runs", params=list_params(limit, after, status, workflow))
         return Page[Run].model_validate(data)
 
-    async def list_all(self, *, page_size: int = 100, status: list[str] | str | None = None,
+    async def list_all(self, *, page_size: int = 100, status: builtins.list[str] | str | None = None,
                        workflow: str | None = None) -> AsyncIterator[Run]:
         after = None
         while True:
@@ -100,7 +109,8 @@ class AsyncRuns:
     async def cancel(self, run_id: str) -> Run:
         return Run.model_validate(await self._c.request("POST", f"/v1/runs/{run_id}/cancel"))
 
-    async def wait(self, run_id: str, *, timeout: float | None = None, poll: float = 30.0) -> Run:
+    async def wait(self, run_id: str, *, timeout: float | None = None,  # noqa: ASYNC109 (the sync API's)
+                   poll: float = 30.0) -> Run:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = poll if deadline is None else min(poll, deadline - time.monotonic())
@@ -108,7 +118,7 @@ class AsyncRuns:
             if run.finished or (deadline is not None and time.monotonic() >= deadline):
                 return run
 
-    async def steps(self, run_id: str) -> list[Step]:
+    async def steps(self, run_id: str) -> builtins.list[Step]:
         return Page[Step].model_validate(await self._c.request("GET", f"/v1/runs/{run_id}/steps")).data
 
     async def events(self, run_id: str, *, starting_after: int = 0, limit: int = 100) -> Page[RunEvent]:

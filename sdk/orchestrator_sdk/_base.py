@@ -33,7 +33,7 @@ class ClientConfig:
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, base_url: str | None, api_key: str | None, timeout: float, max_retries: int) -> "ClientConfig":
+    def build(cls, base_url: str | None, api_key: str | None, timeout: float, max_retries: int) -> ClientConfig:
         url = (base_url or os.environ.get("ORCH_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("ORCH_API_KEY")
         headers = {"User-Agent": "orchestrator-python"}
@@ -72,7 +72,8 @@ def run_create_body(
     return body
 
 
-def list_params(limit: int, after: str | None, status: list[str] | str | None, workflow: str | None) -> list[tuple[str, Any]]:
+def list_params(limit: int, after: str | None, status: list[str] | str | None,
+                workflow: str | None) -> list[tuple[str, Any]]:
     params: list[tuple[str, Any]] = [("limit", limit)]
     if after:
         params.append(("after", after))
@@ -100,7 +101,7 @@ class StreamCursor:
             headers["Last-Event-ID"] = str(self.last)
         return headers
 
-    def accept(self, data: str) -> "RunEvent | None":
+    def accept(self, data: str) -> RunEvent | None:
         """The event in an SSE data field, or ``None`` when it was already delivered."""
         from orchestrator_sdk._models import RunEvent
 

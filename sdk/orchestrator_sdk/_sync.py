@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import builtins  # annotations after the method named `list`
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 
 from orchestrator_sdk._base import (
-    ClientConfig, SSEParser, StreamCursor, list_params, new_idempotency_key, retry_delay, run_create_body,
+    ClientConfig,
+    SSEParser,
+    StreamCursor,
+    list_params,
+    new_idempotency_key,
+    retry_delay,
+    run_create_body,
     should_retry,
 )
 from orchestrator_sdk._errors import APIConnectionError, APITimeoutError, error_for
@@ -58,7 +66,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -86,7 +94,7 @@ class Runs:
         data = self._c.request("GET", "/v1/runs", params=list_params(limit, after, status, workflow))
         return Page[Run].model_validate(data)
 
-    def list_all(self, *, page_size: int = 100, status: list[str] | str | None = None,
+    def list_all(self, *, page_size: int = 100, status: builtins.list[str] | str | None = None,
                  workflow: str | None = None) -> Iterator[Run]:
         """Every run, newest first, fetching pages as the iteration needs them."""
         after = None
@@ -109,7 +117,7 @@ class Runs:
             if run.finished or (deadline is not None and time.monotonic() >= deadline):
                 return run
 
-    def steps(self, run_id: str) -> list[Step]:
+    def steps(self, run_id: str) -> builtins.list[Step]:
         return Page[Step].model_validate(self._c.request("GET", f"/v1/runs/{run_id}/steps")).data
 
     def events(self, run_id: str, *, starting_after: int = 0, limit: int = 100) -> Page[RunEvent]:
