@@ -17,7 +17,7 @@ NODE_STAMP := $(NODE_DEPLOY)/.installed
 
 .PHONY: install demo serve test test-fast bench clean deploy-tools
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/pyproject.toml
 	@echo "install: $(VENV) with the service and its dev and local extras (PyPI; several minutes the first time, quiet meanwhile)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
