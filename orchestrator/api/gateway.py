@@ -13,17 +13,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from orchestrator.api.fast import FastRoute, json_bytes, send_json
+from orchestrator.api.fast import FastRoute, send_json
 from orchestrator.api.schemas import ERROR_RESPONSES, ErrorBody
 from orchestrator.api.strict_json import NotJSON, StrictJSONRoute, decode
 from orchestrator.auth import Tenant, authenticate
 from orchestrator.errors import APIError, Conflict, InvalidRequest, NotFound, ServiceUnavailable, ValidationFailed
+from scheduler.backends import openai_wire as wire
 from scheduler.backends.base import BackendError, BackendHTTPError, GenerateRequest, Generation, GenerationChunk
 from scheduler.core import UnknownProgram
 from scheduler.runtime import ProgramConflict, ProgramRuntime
@@ -161,23 +163,6 @@ def _generate_request(body: ChatCompletionRequest, rid: str, max_tokens: int) ->
         raise ValidationFailed(exc.errors()[0]["msg"], code="invalid_request") from None
 
 
-def _tool_calls(chunk: GenerationChunk | Generation) -> list[dict[str, Any]]:
-    return [{"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-            for tc in chunk.tool_calls]
-
-
-def _usage(u: Any) -> dict[str, Any]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-
-
-def _logprobs(lps: list[Any]) -> dict[str, Any]:
-    return {"content": [{"token": lp.token, "logprob": lp.logprob, "bytes": None,
-                         "top_logprobs": [{"token": t, "logprob": v, "bytes": None} for t, v in lp.top]}
-                        for lp in lps]}
-
-
 async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /v1/chat/completions``: a plain ASGI route (``orchestrator.api.fast``), because this
     is the one call an agent makes per turn and the framework's share of it was the larger."""
@@ -201,7 +186,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     except ProgramConflict:
         raise Conflict(f"Program id {program_id!r} is in use by another tenant.", code="program_id_conflict",
                        param="program_id") from None
-    base = {"id": rid, "created": int(time.time()), "model": body.model or "default"}
+    created, model = int(time.time()), body.model or "default"
 
     def done() -> None:
         if one_shot:
@@ -211,7 +196,9 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
                 pass
 
     if body.stream:
-        await _stream_events(body, base, runtime.stream(program_id, tenant.name, gen_req), done, receive, send)
+        events = wire.ChunkEvents(rid, model, created, with_logprobs=body.logprobs,
+                                  include_usage=bool((body.stream_options or {}).get("include_usage")))
+        await _stream_events(events, runtime.stream(program_id, tenant.name, gen_req), done, receive, send)
         return
 
     async def collect() -> list[GenerationChunk]:
@@ -226,20 +213,15 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     finally:
         done()
     gen = Generation.from_chunks(rid, chunks)
-    message: dict[str, Any] = {"role": "assistant", "content": gen.text or (None if gen.tool_calls else "")}
-    if gen.tool_calls:
-        message["tool_calls"] = _tool_calls(gen)
-    choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
-    if body.logprobs:
-        choice["logprobs"] = _logprobs(gen.logprobs)
-    await send_json(send, 200, {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen.usage)})
+    await send_json(send, 200, wire.completion(gen, id=rid, model=model, created=created,
+                                               with_logprobs=body.logprobs))
 
 
-async def _stream_events(body: ChatCompletionRequest, base: dict[str, Any], stream: AsyncIterator[GenerationChunk],
+async def _stream_events(events: wire.ChunkEvents, stream: AsyncIterator[GenerationChunk],
                          done: Callable[[], None], receive: Receive, send: Send) -> None:
-    """SSE chunks as the backend streams. The first chunk comes before the 200, so a dead
-    backend is a clean error status; a client that goes away aborts the call on the engine."""
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    """SSE chunks (``scheduler.backends.openai_wire``) as the backend streams. The first chunk
+    comes before the 200, so a dead backend is a clean error status; a client that goes away
+    aborts the call on the engine."""
     try:
         try:
             first = await _unless_disconnected(receive, anext(stream))
@@ -253,26 +235,14 @@ async def _stream_events(body: ChatCompletionRequest, base: dict[str, Any], stre
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
 
         async def write() -> None:
-            chunk = first
+            chunk, out = first, events.first()  # the role event goes out with the first chunk's
             try:
                 while chunk is not None:
-                    delta: dict[str, Any] = {}
-                    if chunk.text:
-                        delta["content"] = chunk.text
-                    if chunk.tool_calls:
-                        delta["tool_calls"] = [{"index": i, **tc} for i, tc in enumerate(_tool_calls(chunk))]
-                    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
-                    if body.logprobs and chunk.logprobs:
-                        choice["logprobs"] = _logprobs(chunk.logprobs)
-                    out = _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
-                    if chunk.usage is not None and include_usage:
-                        out += _sse({**base, "object": "chat.completion.chunk", "choices": [],
-                                     "usage": _usage(chunk.usage)})
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                    chunk = await anext(stream, None)
-                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
+                    await send({"type": "http.response.body", "body": out + events.event(chunk), "more_body": True})
+                    chunk, out = await anext(stream, None), b""
+                await send({"type": "http.response.body", "body": out + wire.DONE, "more_body": True})
             except BackendError as exc:
-                await send({"type": "http.response.body", "body": _sse(_backend_error(exc).body()),
+                await send({"type": "http.response.body", "body": wire.sse(_backend_error(exc).body()),
                             "more_body": True})
 
         try:
@@ -363,10 +333,6 @@ def _backend_error(exc: BackendError) -> APIError:
     if isinstance(exc, BackendHTTPError) and exc.status in _REQUEST_FAULTS:
         return InvalidRequest(f"The LLM backend refused the request: {exc}", code="backend_rejected_request")
     return ServiceUnavailable(f"The LLM backend failed: {exc}", code="backend_unavailable")
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
 @router.post("/programs/{program_id}/release", summary="The agent is done: free its program")

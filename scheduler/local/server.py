@@ -10,16 +10,16 @@ to end against real generation without a GPU:
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from scheduler.backends.base import GenerateRequest, GenerationChunk, TokenLogprob, ToolCall
+from scheduler.backends import openai_wire as wire
+from scheduler.backends.base import GenerateRequest, GenerationChunk, TokenLogprob
 from scheduler.local.engine import LocalEngine
 
 
@@ -29,10 +29,6 @@ def _lp_triples(lps: list[TokenLogprob]) -> list[list[Any]]:
 
 def _top_triples(lps: list[TokenLogprob]) -> list[list[list[Any]]]:
     return [[[v, None, t] for t, v in lp.top] for lp in lps]
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
 
 
 def create_server(engine: LocalEngine) -> FastAPI:
@@ -69,10 +65,10 @@ def create_server(engine: LocalEngine) -> FastAPI:
                 yield _generate_frame(req, text, ids, lps, chunk, max(0, start))
 
         if body.get("stream"):
-            async def stream() -> AsyncIterator[str]:
+            async def stream() -> AsyncIterator[bytes]:
                 async for frame in frames():
-                    yield _sse(frame)
-                yield "data: [DONE]\n\n"
+                    yield wire.sse(frame)
+                yield wire.DONE
 
             return StreamingResponse(stream(), media_type="text/event-stream")
         last: dict[str, Any] = {}
@@ -94,36 +90,14 @@ def create_server(engine: LocalEngine) -> FastAPI:
                 tools=body.get("tools") or None, tool_choice=body.get("tool_choice"))
         except (ValidationError, ValueError) as exc:
             return bad_request(str(exc))
-        created = int(time.time())
-        base = {"id": req.rid, "created": created, "model": body.get("model") or model_name}
+        model = body.get("model") or model_name
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-            async def stream() -> AsyncIterator[str]:
-                async for chunk in engine.stream(req):
-                    delta: dict[str, Any] = {"content": chunk.text} if chunk.text else {}
-                    if chunk.tool_calls:
-                        delta["tool_calls"] = [{"index": i, **_openai_tool_call(tc)}
-                                               for i, tc in enumerate(chunk.tool_calls)]
-                    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": chunk.finish_reason}
-                    if req.logprobs:
-                        choice["logprobs"] = {"content": _chat_logprobs(chunk.logprobs)}
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
-                    if chunk.usage is not None and include_usage:
-                        yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
-                                    "usage": _openai_usage(chunk)})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            events = wire.ChunkEvents(req.rid, model, with_logprobs=req.logprobs,
+                                      include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+            return StreamingResponse(events.events(engine.stream(req)), media_type="text/event-stream")
         gen = await engine.generate(req)
-        message: dict[str, Any] = {"role": "assistant", "content": gen.text or (None if gen.tool_calls else "")}
-        if gen.tool_calls:
-            message["tool_calls"] = [_openai_tool_call(tc) for tc in gen.tool_calls]
-        choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
-        if req.logprobs:
-            choice["logprobs"] = {"content": _chat_logprobs(gen.logprobs)}
-        usage_chunk = GenerationChunk(rid=gen.rid, usage=gen.usage)
-        return {**base, "object": "chat.completion", "choices": [choice], "usage": _openai_usage(usage_chunk)}
+        return Response(wire.json_bytes(wire.completion(gen, id=req.rid, model=model, with_logprobs=req.logprobs)),
+                        media_type="application/json")
 
     @app.post("/abort_request")
     async def abort(request: Request) -> Response:
@@ -203,23 +177,6 @@ def _generate_frame(req: GenerateRequest, text: str, ids: list[int], lps: list[T
             meta["input_token_logprobs"] = [[None, None, None], *_lp_triples(chunk.prompt_logprobs)][prompt_start:]
             meta["input_top_logprobs"] = [None, *_top_triples(chunk.prompt_logprobs)][prompt_start:]
     return {"text": text, "output_ids": ids, "meta_info": meta}
-
-
-def _chat_logprobs(lps: list[TokenLogprob]) -> list[dict[str, Any]]:
-    return [{"token": lp.token, "logprob": lp.logprob,
-             "top_logprobs": [{"token": t, "logprob": v} for t, v in lp.top]} for lp in lps]
-
-
-def _openai_tool_call(tc: ToolCall) -> dict[str, Any]:
-    return {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
-
-
-def _openai_usage(chunk: GenerationChunk) -> dict[str, Any]:
-    u = chunk.usage
-    assert u is not None
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
 def main() -> None:

@@ -12,22 +12,31 @@ wall time. Field names follow ../shared/sglang-cpu/README.md (measured on SGLang
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from scheduler.backends import openai_wire as wire
+from scheduler.backends.base import Generation, GenerationChunk, TokenLogprob, Usage
 from scheduler.sim.clock import RealTimeClock
 from scheduler.sim.cost import PRESETS, preset
 from scheduler.sim.engine import EngineConfig, SimEngine, SimRequest
 from scheduler.sim.script import (
-    AgentTraceScript, ChunkedScript, PseudoScript, Script, Turn, hashed_prompt_logprobs, problem_script,
+    AgentTraceScript,
+    ChunkedScript,
+    PseudoScript,
+    Script,
+    Turn,
+    hashed_prompt_logprobs,
+    problem_script,
 )
 from scheduler.sim.tokenizer import SimTokenizer, render_chat
 
@@ -84,10 +93,6 @@ def _error(status: int, message: str) -> JSONResponse:
                         status_code=status)
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
 def create_app(config: EngineConfig, script: Script | None = None, speed: float = 1.0,
                model_name: str = "sim-model", faults: Faults | None = None) -> FastAPI:
     """The app; the engine starts with the app's lifespan (it needs the running loop)."""
@@ -106,10 +111,12 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
     def engine() -> SimEngine:
         return state["engine"]
 
-    def submit(body: dict[str, Any], input_ids: list[int], max_new_tokens: int, **extra: Any) -> tuple[SimRequest, _Live]:
+    def submit(body: dict[str, Any], input_ids: list[int], max_new_tokens: int,
+               **extra: Any) -> tuple[SimRequest, _Live]:
         live = _Live()
         req = SimRequest(
-            rid=str(body.get("rid") or uuid.uuid4().hex), input_ids=input_ids, max_new_tokens=max(1, int(max_new_tokens)),
+            rid=str(body.get("rid") or uuid.uuid4().hex), input_ids=input_ids,
+            max_new_tokens=max(1, int(max_new_tokens)),
             priority=int(body.get("priority") or 0), on_tokens=live.notify, on_finish=live.notify, **extra)
         engine().submit(req)
         return req, live
@@ -145,7 +152,8 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
         if body.get("rid") and engine().is_live(str(body["rid"])):
             return _error(400, f"duplicate rid {body['rid']}")
         req, live = submit(body, list(input_ids), sp.get("max_new_tokens", 128), ignore_eos=bool(sp.get("ignore_eos")),
-                           logprobs=bool(body.get("return_logprob")), top_logprobs=int(body.get("top_logprobs_num") or 0),
+                           logprobs=bool(body.get("return_logprob")),
+                           top_logprobs=int(body.get("top_logprobs_num") or 0),
                            seed=sp.get("sampling_seed", sp.get("seed")), prompt_text=text)
         start = body.get("logprob_start_len", -1)
         prompt_logprobs = bool(body.get("return_logprob")) and start is not None and int(start) >= 0
@@ -173,8 +181,9 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                 "completion_tokens": n, "cached_tokens": req.cached_tokens, "e2e_latency": time.monotonic() - t0,
             }
             if req.logprobs:
-                meta["output_token_logprobs"] = [[lp, tid, p] for lp, tid, p in
-                                                 zip(req.plan.logprobs[:n], req.output_ids[:n], req.plan.pieces[:n])]
+                meta["output_token_logprobs"] = [
+                    [lp, tid, p] for lp, tid, p in
+                    zip(req.plan.logprobs[:n], req.output_ids[:n], req.plan.pieces[:n], strict=False)]
                 meta["output_top_logprobs"] = [[[lp, tokenizer.piece_id(t), t] for t, lp in top]
                                                for top in req.plan.top_logprobs[:n]]
             if prompt_logprobs and req.finish_reason is not None:
@@ -193,17 +202,17 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                 pass
             return JSONResponse(payload())
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[bytes]:
             sent, stalled = 0, False
             try:
                 async for _ in live.updates(req):
                     while (n := faults.limit(sent, req.generated, stalled)) < req.generated:
-                        yield _sse(payload_upto(n))
+                        yield wire.sse(payload_upto(n))
                         sent = n
                         stalled = await faults.after(sent, stalled)
-                    yield _sse(payload())
+                    yield wire.sse(payload())
                     sent = req.generated
-                yield "data: [DONE]\n\n"
+                yield wire.DONE
             finally:
                 if req.finish_reason is None or sent < req.generated:  # client went away: SGLang aborts it
                     engine().abort(req.rid)
@@ -226,79 +235,60 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
                            tool_choice=body.get("tool_choice"), logprobs=bool(body.get("logprobs")),
                            top_logprobs=int(body.get("top_logprobs") or 0), seed=body.get("seed"),
                            ignore_eos=bool(body.get("ignore_eos")), prompt_text=render_chat(messages))
-        cid, created, model = f"chatcmpl-{req.rid}", int(time.time()), str(body.get("model") or model_name)
+        cid, model = f"chatcmpl-{req.rid}", str(body.get("model") or model_name)
 
         def visible(n: int) -> int:
             assert req.plan is not None
             c = req.plan.content_tokens
             return n if c is None else min(n, c)
 
-        def logprobs(a: int, b: int) -> dict[str, Any] | None:
+        def token_logprobs(a: int, b: int) -> list[TokenLogprob]:
             assert req.plan is not None
             if not req.logprobs:
-                return None
-            return {"content": [
-                {"token": req.plan.pieces[i], "logprob": req.plan.logprobs[i], "bytes": list(req.plan.pieces[i].encode()),
-                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in req.plan.top_logprobs[i]]}
-                for i in range(a, b)]}
+                return []
+            p = req.plan
+            return [TokenLogprob(token=p.pieces[i], token_id=p.token_ids[i], logprob=p.logprobs[i],
+                                 top=p.top_logprobs[i]) for i in range(a, b)]
 
-        def usage() -> dict[str, Any]:
-            return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.generated,
-                    "total_tokens": req.prompt_tokens + req.generated,
-                    "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
-
-        def tool_calls() -> list[dict[str, Any]]:
-            return [{"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for i, c in enumerate(req.tool_calls)]
+        def usage() -> Usage:
+            return Usage(prompt_tokens=req.prompt_tokens, completion_tokens=req.generated,
+                         cached_tokens=req.cached_tokens)
 
         if not body.get("stream"):
             async for _ in live.updates(req):
                 pass
-            assert req.plan is not None
+            assert req.plan is not None and req.finish_reason is not None
             n = visible(req.generated)
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(req.plan.pieces[:n]) or None}
-            if req.tool_calls:
-                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls()]
-            elif message["content"] is None:
-                message["content"] = ""
-            return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": req.finish_reason,
-                             "matched_stop": None, "logprobs": logprobs(0, n)}],
-                "usage": usage()})
+            gen = Generation(rid=cid, text="".join(req.plan.pieces[:n]), logprobs=token_logprobs(0, n),
+                             tool_calls=req.tool_calls, finish_reason=req.finish_reason, usage=usage())
+            return Response(wire.json_bytes(wire.completion(gen, id=cid, model=model, with_logprobs=req.logprobs)),
+                            media_type="application/json")
 
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, lp: dict[str, Any] | None = None) -> str:
-            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
-
-        async def events() -> AsyncIterator[str]:
+        async def chunks() -> AsyncIterator[GenerationChunk]:
+            """Content as the engine decodes it (a scripted fault holds it back or breaks the
+            stream), then the tool calls, finish reason and usage in the last chunk."""
             sent, stalled = 0, False
             try:
-                yield chunk({"role": "assistant", "content": ""})
                 async for _ in live.updates(req):
                     assert req.plan is not None
                     while True:
                         n = faults.limit(sent, visible(req.generated), stalled)
                         if n > sent:
-                            yield chunk({"content": "".join(req.plan.pieces[sent:n])}, lp=logprobs(sent, n))
+                            yield GenerationChunk(rid=cid, text="".join(req.plan.pieces[sent:n]),
+                                                  logprobs=token_logprobs(sent, n))
                             sent = n
                         if n == visible(req.generated):
                             break
                         stalled = await faults.after(sent, stalled)
-                if req.tool_calls:
-                    yield chunk({"tool_calls": tool_calls()})
-                yield chunk({}, finish=req.finish_reason)
-                if include_usage:
-                    yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [], "usage": usage()})
-                yield "data: [DONE]\n\n"
+                yield GenerationChunk(rid=cid, tool_calls=req.tool_calls, finish_reason=req.finish_reason,
+                                      usage=usage())
             finally:
                 if req.finish_reason is None:
                     engine().abort(req.rid)
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        events = wire.ChunkEvents(cid, model, with_logprobs=req.logprobs,
+                                  include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+        return StreamingResponse(events.events(chunks()), media_type="text/event-stream")
 
     # ---- control and introspection ------------------------------------------------------
 
@@ -316,7 +306,8 @@ def create_app(config: EngineConfig, script: Script | None = None, speed: float 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
         if engine().flush_cache():
-            return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)\n")
+            return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. (When there are "
+                                     "running or waiting requests, the operation will not be performed.)\n")
         return PlainTextResponse("Cache not flushed: there are running or waiting requests.\n", status_code=400)
 
     @app.get("/health")
