@@ -1,10 +1,12 @@
 """`make demo`: start the service on its embedded default (SQLite file, in-process bus) with the
 local SmolLM2-135M engine as its LLM backend, submit an ``agent`` run with the SDK, and follow
-its event stream live: each LLM turn, each tool call in the run's sandbox, the answer.
+its event stream live: each LLM turn, each tool call in the run's sandbox and its output, the
+answer; then what the scheduler did (dispatches, pauses while tools ran, KV cache hits).
 
-SmolLM2-135M is a very small model: its answers are weak and it may not call tools well. The
-point is the machinery: the run goes through the scheduler, its tools run sandboxed, every turn
-is a checkpointed step, and it ends within its budgets whatever the model writes."""
+SmolLM2-135M is a very small model. Its tool calls are well-formed because the local engine
+decodes them under a grammar built from the tools' schemas (as SGLang does with constrained
+decoding); what it chooses to do is still a 135M model's choice, so the task is a simple one.
+A run that ends without an answer is reported as such and the demo exits non-zero."""
 
 from __future__ import annotations
 
@@ -24,15 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-orch-dev"  # the development key the service accepts when ORCH_API_KEYS is unset
 
 TASK = {
-    "task": "Use the shell tool with the command: python3 hello.py. Then give its output "
-            "with final_answer.",
-    "files": {"hello.py": "print('hello from the sandbox', 6 * 7)\n"},
+    "task": 'What is the secret word? Find it with shell: {"command": "python3 secret.py"}, then give '
+            "the word with final_answer.",
+    "files": {"secret.py": "print('the secret word is', 'banana'.upper())\n"},
     "tools": ["shell", "final_answer"],
     "tool_choice": "required",
-    "max_turns": 4,
-    "max_tokens_per_turn": 96,
-    "time_budget_s": 240,
+    "max_turns": 5,
+    "max_tokens_per_turn": 64,
+    "time_budget_s": 300,
 }
+SCHEDULER_LINES = ("orchestrator_scheduler_dispatches", "orchestrator_scheduler_pauses",
+                   "orchestrator_scheduler_resumes", "orchestrator_scheduler_programs_released",
+                   "orchestrator_scheduler_prompt_tokens", "orchestrator_scheduler_cached_tokens",
+                   "orchestrator_scheduler_kv_hit_ratio")
 
 
 def free_port() -> int:
@@ -56,7 +62,21 @@ def show(event_type: str, data: dict) -> str:
     if event_type == "agent.tool":
         content = (data["content"] or "").strip().replace("\n", " | ")[:160]
         return f"  {data['tool']} -> {'ok' if data['ok'] else data['error']} in {data['duration_s']} s: {content}"
+    if event_type == "agent.repeat":
+        return f"turn {data['turn']} repeated a call with the same result; next turn: {data['next_tool_choice']}"
     return json.dumps(data)[:200]
+
+
+def scheduler_figures(base: str) -> list[str]:
+    """The scheduler's counters from /metrics: what it dispatched, paused and found cached."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    figures = []
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.removesuffix("_total") in SCHEDULER_LINES and value:
+            figures.append(f"{name.removeprefix('orchestrator_scheduler_').removesuffix('_total')} "
+                           f"{float(value):g}")
+    return figures
 
 
 def main() -> int:
@@ -91,10 +111,16 @@ def main() -> int:
                 print(f"[{event.seq:>2}] {event.type:<15} {show(event.type, event.data)}")
             final = client.runs.get(run.id)
             out = final.output or {}
+            print(f"steps (checkpointed): {[s.name for s in client.runs.steps(run.id)]}")
+            print("scheduler: " + ", ".join(scheduler_figures(base)))
+            answered = final.status == "succeeded" and out.get("stop_reason") == "final_answer"
             print(f"run {final.id} {final.status}: stop reason {out.get('stop_reason')}, "
-                  f"{out.get('turns')} turns, {out.get('tool_calls')} tool calls, answer {out.get('answer')!r}")
-            print(f"steps: {[s.name for s in client.runs.steps(run.id)]}")
-            return 0 if final.status == "succeeded" else 1
+                  f"{out.get('turns')} turns, {out.get('tool_calls')} tool calls")
+            if not answered:
+                print(f"the agent gave no answer (stop reason {out.get('stop_reason')}): not a success")
+                return 1
+            print(f"answer: {out.get('answer')!r}")
+            return 0
     finally:
         proc.terminate()
         proc.wait(15)

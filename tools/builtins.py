@@ -95,9 +95,10 @@ async def str_replace(ctx: ToolContext,
     return f"replaced 1 occurrence in {path} at line {line}"
 
 
-async def final_answer(ctx: ToolContext,
-                       answer: Annotated[str, Field(description="The answer to the task.")]) -> ToolResult:
+async def final_answer(ctx: ToolContext, answer: str) -> ToolResult:
     """Give the final answer to the task; the run ends with it."""
+    # ``answer`` has no description on purpose: small models copy a parameter's description
+    # into its value ("The answer to the task.") instead of writing the answer.
     return ToolResult(answer, final=True)
 
 
