@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httpx
 import openai
@@ -273,3 +273,18 @@ async def test_a_request_the_backend_refuses_is_a_400_with_its_reason(tmp_path: 
                 assert ok.status_code == 200, ok.text
     finally:
         small.kill()
+
+
+async def test_a_streamed_tool_call_reads_back_with_the_clients_stream_helper(service: str):
+    """The gateway's events (``scheduler.backends.openai_wire``) as the ``openai`` client's own
+    stream helper assembles them: the role, the tool call by its index, the finish reason, usage."""
+    client = AsyncOpenAI(base_url=f"{service}/v1", api_key="sk-a")
+    strict = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]
+    async with client.chat.completions.stream(
+            model="m", messages=[{"role": "user", "content": "Fix the bug."}], tools=strict, tool_choice="required",
+            max_tokens=32, stream_options={"include_usage": True}) as stream:
+        final = await stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "tool_calls"
+    assert [c.function.name for c in choice.message.tool_calls or []] == ["run_tests"]
+    assert final.usage is not None and final.usage.completion_tokens > 0

@@ -3,18 +3,17 @@ SGLang-compatible server (real model, real loopback HTTP)."""
 
 from __future__ import annotations
 
-import asyncio
 
 import httpx
 import pytest
-import uvicorn
+from openai import AsyncOpenAI
 
 from scheduler.backends import GenerateRequest
 from scheduler.backends.openai_compat import OpenAICompatBackend
 from scheduler.backends.sglang import SGLangBackend
 from scheduler.local import LocalEngine, load_model
 from scheduler.local.server import create_server
-from tests.servers import free_port
+from tests.servers import serve_app
 
 
 @pytest.fixture(scope="module")
@@ -25,22 +24,18 @@ def loaded():
 @pytest.fixture
 async def url(loaded):
     engine = LocalEngine(loaded, cache_tokens=4096)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_server(engine), host="127.0.0.1", port=port, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
-    await engine.close()
+    try:
+        async with serve_app(create_server(engine)) as base:
+            yield base
+    finally:
+        await engine.close()
 
 
 async def test_generate_stream_is_cumulative_like_sglang(url):
     async with httpx.AsyncClient(base_url=url, timeout=60) as c:
         texts = []
-        async with c.stream("POST", "/generate", json={"text": "One, two, three,", "stream": True,
-                                                       "sampling_params": {"max_new_tokens": 6, "temperature": 0}}) as r:
+        body = {"text": "One, two, three,", "stream": True, "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+        async with c.stream("POST", "/generate", json=body) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
                     texts.append(httpx.Response(200, content=line[6:]).json()["text"])
@@ -81,3 +76,19 @@ async def test_openai_sdk_backend_against_local_server(url):
         assert await b.health()
     finally:
         await b.close()
+
+
+async def test_openai_client_stream_helper_against_local_server(url):
+    """The chat stream (``scheduler.backends.openai_wire``) as the ``openai`` client's own
+    stream helper assembles it: the role, the text, a logprob per token, usage."""
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none")
+    async with client.chat.completions.stream(
+            model="m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, logprobs=True,
+            top_logprobs=2, stream_options={"include_usage": True}) as stream:
+        async for _ in stream:
+            pass
+        final = stream.current_completion_snapshot  # get_final_completion refuses a `length` finish
+    choice = final.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content and final.usage is not None
+    assert choice.logprobs is not None and len(choice.logprobs.content or []) == final.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode()) for t in choice.logprobs.content or [])
