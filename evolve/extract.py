@@ -9,7 +9,7 @@ answer the extractor recognises.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 Extractor = Callable[[str], "str | None"]
 

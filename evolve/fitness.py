@@ -12,7 +12,8 @@ answer) is the most confident end; it needs no model call, for APIs without logp
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from scheduler.backends.base import TokenLogprob
 

@@ -9,7 +9,8 @@ ledger survives a restart with its checkpoint.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from scheduler.backends.base import Usage
 
@@ -25,7 +26,7 @@ class ModelUsage:
     scoring_output_tokens: int = 0   # the one token a prefill-only pass still generates
     cost_usd: float = 0.0
 
-    def add(self, other: "ModelUsage") -> None:
+    def add(self, other: ModelUsage) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
 
@@ -83,12 +84,12 @@ class Ledger:
                 "tokens": self.tokens(), "cost_usd": self.cost_usd}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Ledger":
+    def from_dict(cls, data: dict[str, Any]) -> Ledger:
         return cls({k: ModelUsage(**v) for k, v in data.get("models", {}).items()},
                    dict(data.get("tier_calls", {})), int(data.get("lite", 0)))
 
     @classmethod
-    def total(cls, ledgers: Iterable["Ledger"]) -> "Ledger":
+    def total(cls, ledgers: Iterable[Ledger]) -> Ledger:
         out = cls()
         for ledger in ledgers:
             for name, usage in ledger.models.items():

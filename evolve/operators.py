@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from evolve.extract import BUILTIN_EXTRACTORS
 
@@ -166,7 +167,7 @@ def default_operators() -> Operators:
     from evolve.fitness import fitness_confidence, fitness_diversity
 
     ops = Operators()
-    for kind, table in {
+    tables: dict[str, dict[str, Any]] = {
         "fitness": {"confidence": fitness_confidence, "diversity": fitness_diversity},
         "selection": {"uniform": select_uniform, "softmax": select_softmax},
         "recombination": {"aggregate": aggregate_prompt, "synthesize": synthesize_prompt},
@@ -174,7 +175,8 @@ def default_operators() -> Operators:
         "lite": {"majority": lite_majority, "random": lite_random},
         "final": {"majority": final_majority, "synthesize": final_synthesize},
         "extractor": dict(BUILTIN_EXTRACTORS),
-    }.items():
+    }
+    for kind, table in tables.items():
         for name, fn in table.items():
             ops.add(kind, name, fn)
     return ops

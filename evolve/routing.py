@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 LITE = -1
 
@@ -35,7 +35,7 @@ class Routing:
     thresholds: list[float]   # one per model boundary
 
     def counts(self, n_models: int) -> dict[int, int]:
-        out = {t: 0 for t in range(n_models)}
+        out = dict.fromkeys(range(n_models), 0)
         out[LITE] = 0
         for t in self.tiers:
             out[t] += 1

@@ -40,7 +40,7 @@ class ModelSpec(BaseModel):
     extra_body: dict[str, Any] = Field(default_factory=dict, description="Merged into every request body.")
 
     @model_validator(mode="after")
-    def _template(self) -> "ModelSpec":
+    def _template(self) -> ModelSpec:
         check_template(self.chat_template)
         return self
 
@@ -94,7 +94,7 @@ class EvolveInput(BaseModel):
     max_concurrency: int = Field(default=64, ge=1, le=4096, description="Model calls in flight for this run.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "EvolveInput":
+    def _consistent(self) -> EvolveInput:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("model names must be unique")
@@ -141,7 +141,7 @@ def input_model(ops: Operators) -> type[EvolveInput]:
         model_config = ConfigDict(extra="forbid", title="EvolveInput")
 
         @model_validator(mode="after")
-        def _known_operators(self) -> "BoundEvolveInput":
+        def _known_operators(self) -> BoundEvolveInput:
             bad = check_names(ops, self.model_dump(include=set(_OPERATOR_FIELDS)))
             if bad:
                 raise ValueError("; ".join(f"{field}: {msg}" for field, msg in bad))

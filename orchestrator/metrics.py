@@ -6,7 +6,20 @@ bounded labels only (workflow names and statuses, never a run id).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from sqlalchemy.pool import QueuePool
+
+if TYPE_CHECKING:  # types only: the collectors read what the app hands them at scrape time
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from orchestrator.events.bus import EventBus
+    from scheduler.runtime import ProgramRuntime
+    from tools.sandbox.pool import SandboxPool
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 RUN_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -27,8 +40,8 @@ class Metrics:
         self.queue_wait = Histogram("orchestrator_run_queue_wait_seconds", "From submission to first claim.",
                                     ["workflow"], buckets=RUN_BUCKETS, registry=r)
         self.runs_executing = Gauge("orchestrator_runs_executing", "Runs executing in this process.", registry=r)
-        self.steps = Counter("orchestrator_steps_total", "Workflow steps by outcome (replayed = served from a checkpoint).",
-                             ["status"], registry=r)
+        self.steps = Counter("orchestrator_steps_total",
+                             "Workflow steps by outcome (replayed = served from a checkpoint).", ["status"], registry=r)
         self.recoveries = Counter("orchestrator_run_recoveries_total", "Runs taken over after their lease expired.",
                                   registry=r)
         self.lease_expiries = Counter("orchestrator_lease_expiries_total", "Expired leases found.", registry=r)
@@ -68,14 +81,12 @@ class SchedulerCollector:
 
     Labels stay bounded: phase, status, backend name (from configuration), quantile."""
 
-    def __init__(self, runtime: object) -> None:
+    def __init__(self, runtime: ProgramRuntime) -> None:
         self.runtime = runtime
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
+    def collect(self) -> Iterator[Metric]:
         rt = self.runtime
-        sched = rt.sched  # type: ignore[attr-defined]
+        sched = rt.sched
         programs = GaugeMetricFamily("orchestrator_programs", "Live programs by phase and status.",
                                      labels=["phase", "status"])
         counts: dict[tuple[str, str], int] = {}
@@ -88,11 +99,11 @@ class SchedulerCollector:
             programs.add_metric([phase, status], n)
         yield programs
         c = sched.counters
-        for name, key, doc in (("pauses", "pauses", "Programs paused."), ("resumes", "resumes", "Programs resumed."),
-                               ("dispatches", "dispatches", "LLM calls dispatched."),
-                               ("programs_released", "released", "Programs released.")):
-            yield CounterMetricFamily(f"orchestrator_scheduler_{name}", doc, value=c[key])
-        stats = rt.stats  # type: ignore[attr-defined]
+        for name, counter, doc in (("pauses", "pauses", "Programs paused."), ("resumes", "resumes", "Programs resumed."),
+                                   ("dispatches", "dispatches", "LLM calls dispatched."),
+                                   ("programs_released", "released", "Programs released.")):
+            yield CounterMetricFamily(f"orchestrator_scheduler_{name}", doc, value=c[counter])
+        stats = rt.stats
         yield CounterMetricFamily("orchestrator_scheduler_retains", "Retain calls sent: a kept program's KV "
                                   "ranked ahead of released KV on the engine.", value=stats.retains_sent)
         yield CounterMetricFamily("orchestrator_scheduler_retains_failed", "Retain calls that failed (the rank "
@@ -101,7 +112,7 @@ class SchedulerCollector:
                                   "after ORCH_PROGRAM_IDLE_RELEASE_S with nothing in flight (their agent never "
                                   "released them).", value=stats.idle_released)
         yield GaugeMetricFamily("orchestrator_scheduler_pinned_tokens", "KV tokens of pinned programs.", value=pinned)
-        totals = rt.token_totals  # type: ignore[attr-defined]
+        totals = rt.token_totals
         yield CounterMetricFamily("orchestrator_scheduler_prompt_tokens", "Prompt tokens of finished calls.",
                                   value=totals["prompt"])
         yield CounterMetricFamily("orchestrator_scheduler_cached_tokens", "Prompt tokens served from KV cache.",
@@ -109,9 +120,9 @@ class SchedulerCollector:
         yield GaugeMetricFamily("orchestrator_scheduler_kv_hit_ratio", "Cached over prompt tokens, since start.",
                                 value=totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0)
         for name, samples, doc in (
-                ("orchestrator_scheduler_decision_seconds", rt.stats.decision_seconds,  # type: ignore[attr-defined]
+                ("orchestrator_scheduler_decision_seconds", stats.decision_seconds,
                  "Time to handle one event (recent window)."),
-                ("orchestrator_scheduler_hold_seconds", rt.stats.held_seconds,  # type: ignore[attr-defined]
+                ("orchestrator_scheduler_hold_seconds", stats.held_seconds,
                  "How long calls waited for dispatch (recent window).")):
             g = GaugeMetricFamily(name, doc, labels=["quantile"])
             ordered = sorted(samples)
@@ -120,7 +131,7 @@ class SchedulerCollector:
             yield g
         yield CounterMetricFamily("orchestrator_scheduler_calls_placed_again",
                                   "Calls that failed on a backend before any output and were placed on another.",
-                                  value=rt.stats.calls_placed_again)  # type: ignore[attr-defined]
+                                  value=stats.calls_placed_again)
         failures = CounterMetricFamily("orchestrator_backend_call_failures",
                                        "Calls a backend failed (it is then marked down until it answers).",
                                        labels=["backend"])
@@ -132,7 +143,7 @@ class SchedulerCollector:
             cap.add_metric([b.name], b.capacity)
             used.add_metric([b.name], b.used)
             healthy.add_metric([b.name], 1 if b.healthy else 0)
-            failures.add_metric([b.name], rt.stats.backend_failures.get(b.name, 0))  # type: ignore[attr-defined]
+            failures.add_metric([b.name], stats.backend_failures.get(b.name, 0))
         yield failures
         yield cap
         yield used
@@ -142,18 +153,16 @@ class SchedulerCollector:
 class SandboxCollector:
     """Sandboxes of the pool by state, and the disk their workspaces hold (last measured)."""
 
-    def __init__(self, pool: object) -> None:
+    def __init__(self, pool: SandboxPool) -> None:
         self.pool = pool
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        from prometheus_client.core import GaugeMetricFamily
-
+    def collect(self) -> Iterator[Metric]:
         states = GaugeMetricFamily("orchestrator_sandboxes", "Sandboxes by state.", labels=["state"])
-        for state, n in sorted(self.pool.state_counts().items()):  # type: ignore[attr-defined]
+        for state, n in sorted(self.pool.state_counts().items()):
             states.add_metric([state], n)
         yield states
         yield GaugeMetricFamily("orchestrator_sandbox_disk_bytes", "Disk held by sandbox workspaces.",
-                                value=self.pool.total_disk_bytes)  # type: ignore[attr-defined]
+                                value=self.pool.total_disk_bytes)
 
 
 class StorageCollector:
@@ -162,15 +171,13 @@ class StorageCollector:
     Why: the service's state lives in the database and its fan-out in Redis; a saturated pool
     or a bus that keeps reconnecting shows here before runs slow down."""
 
-    def __init__(self, engine: object, bus: object) -> None:
+    def __init__(self, engine: AsyncEngine, bus: EventBus) -> None:
         self.engine = engine
         self.bus = bus
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        pool = self.engine.sync_engine.pool  # type: ignore[attr-defined]
-        if hasattr(pool, "checkedout"):
+    def collect(self) -> Iterator[Metric]:
+        pool = self.engine.sync_engine.pool
+        if isinstance(pool, QueuePool):  # the other pools keep no count
             conns = GaugeMetricFamily("orchestrator_db_pool_connections", "Database connections by state.",
                                       labels=["state"])
             conns.add_metric(["checked_out"], pool.checkedout())
@@ -181,9 +188,9 @@ class StorageCollector:
                                     value=pool.size())
         bus = self.bus
         info = GaugeMetricFamily("orchestrator_bus_info", "The event bus in use (1).", labels=["kind"])
-        info.add_metric([bus.name], 1)  # type: ignore[attr-defined]
+        info.add_metric([bus.name], 1)
         yield info
         yield CounterMetricFamily("orchestrator_bus_messages_delivered", "Bus messages handed to local subscribers.",
-                                  value=bus.delivered)  # type: ignore[attr-defined]
+                                  value=bus.delivered)
         yield CounterMetricFamily("orchestrator_bus_reconnects", "Times the bus lost its connection and reconnected.",
-                                  value=bus.reconnects)  # type: ignore[attr-defined]
+                                  value=bus.reconnects)

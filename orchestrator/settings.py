@@ -8,11 +8,10 @@ PostgreSQL and ``ORCH_REDIS_URL`` turns on the multi-replica profile.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 DEV_API_KEY = "sk-orch-dev"
 
@@ -54,7 +53,7 @@ class BackendConfig(BaseModel):
         "kind openai: the KV capacity the scheduler assumes (a hosted API reports none)."))
 
     @model_validator(mode="after")
-    def _needs_url(self) -> "BackendConfig":
+    def _needs_url(self) -> BackendConfig:
         if self.kind != "local" and not self.url:
             raise ValueError(f"backend {self.name!r} of kind {self.kind} needs a url")
         return self

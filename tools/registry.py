@@ -12,7 +12,8 @@ import inspect
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, get_type_hints
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, get_type_hints
 
 import jsonschema
 from pydantic import TypeAdapter, create_model
@@ -53,7 +54,7 @@ class ToolResult:
                 "data": self.data, "duration_s": round(self.duration_s, 4)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ToolResult":
+    def from_json(cls, d: dict[str, Any]) -> ToolResult:
         return cls(d["content"], d["ok"], d.get("error"), d.get("final", False), d.get("data") or {},
                    d.get("duration_s", 0.0))
 
@@ -88,7 +89,7 @@ def schema_from_callable(fn: Callable[..., Any]) -> dict[str, Any]:
             raise TypeError(f"tool {fn.__name__}: *args / **kwargs cannot be described by a schema")
         annotation = hints.get(p.name, Any)
         fields[p.name] = (annotation, ... if p.default is inspect.Parameter.empty else p.default)
-    model = create_model(f"{fn.__name__}_args", **fields)  # type: ignore[call-overload]
+    model = create_model(f"{fn.__name__}_args", **fields)
     schema = TypeAdapter(model).json_schema()
     schema.pop("title", None)
     for prop in schema.get("properties", {}).values():
@@ -135,7 +136,7 @@ class ToolRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self._tools
 
-    def subset(self, names: Iterable[str]) -> "ToolRegistry":
+    def subset(self, names: Iterable[str]) -> ToolRegistry:
         """The named tools only (unknown names raise ``KeyError``: a spec error, not a model error)."""
         chosen = []
         for n in names:

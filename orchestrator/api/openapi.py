@@ -9,7 +9,8 @@ configured ``max_tokens`` ceiling; they are added here.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 

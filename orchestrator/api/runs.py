@@ -12,7 +12,14 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from orchestrator.api.schemas import (
-    ERROR_RESPONSES, Page, RunCreate, RunError, RunEventObject, RunObject, StepObject, WorkflowObject,
+    ERROR_RESPONSES,
+    Page,
+    RunCreate,
+    RunError,
+    RunEventObject,
+    RunObject,
+    StepObject,
+    WorkflowObject,
 )
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.auth import Tenant, authenticate
@@ -161,8 +168,9 @@ async def list_steps(run_id: RunId, request: Request, tenant: TenantDep) -> Page
 def _run_object(run: RunRecord) -> RunObject:
     return RunObject(
         id=run.id, workflow=run.workflow, status=run.status, input=run.input, metadata=run.metadata,
-        priority=run.priority, output=run.output, error=None if run.error is None else RunError.model_validate(run.error),
-        attempt=run.attempt, timeout_seconds=run.timeout_seconds, created_at=run.created_at,
+        priority=run.priority, output=run.output,
+        error=None if run.error is None else RunError.model_validate(run.error), attempt=run.attempt,
+        timeout_seconds=run.timeout_seconds, created_at=run.created_at,
         started_at=run.started_at, finished_at=run.finished_at, last_event_seq=run.last_seq,
     )
 
@@ -277,7 +285,8 @@ def _live(msgs: list[dict[str, Any]], last: int, lagged: bool) -> list[EventReco
     return new
 
 
-@router.get("/workflows", response_model=Page[WorkflowObject], tags=["workflows"], summary="Workflows this service runs")
+@router.get("/workflows", response_model=Page[WorkflowObject], tags=["workflows"],
+            summary="Workflows this service runs")
 async def list_workflows(request: Request, tenant: TenantDep) -> Page[WorkflowObject]:
     reg = request.app.state.registry
     data = [WorkflowObject(name=d.name, description=d.description, input_schema=d.input_model.model_json_schema())

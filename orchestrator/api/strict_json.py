@@ -15,7 +15,8 @@ integer is one, not ``true`` or ``"1"`` coerced.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pydantic_core
 from fastapi import Request, Response

@@ -12,7 +12,7 @@ QUEUE_SIZE = 1024
 class Subscription:
     """Messages for one channel, delivered to one reader. ``lagged`` is set when some were dropped."""
 
-    def __init__(self, bus: "EventBus", channel: str) -> None:
+    def __init__(self, bus: EventBus, channel: str) -> None:
         self._bus = bus
         self.channel = channel
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
@@ -22,7 +22,7 @@ class Subscription:
         """The next message, or ``None`` after ``timeout`` seconds."""
         try:
             return await asyncio.wait_for(self.queue.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     def drain(self) -> list[dict[str, Any]]:
@@ -37,7 +37,7 @@ class Subscription:
         except asyncio.QueueFull:
             self.lagged = True
 
-    async def __aenter__(self) -> "Subscription":
+    async def __aenter__(self) -> Subscription:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -14,11 +14,11 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from collections.abc import AsyncIterator, Collection, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -29,10 +29,12 @@ from orchestrator.ids import new_id
 from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
 
-runs_t = Run.__table__
-events_t = RunEvent.__table__
-steps_t = RunStep.__table__
-workers_t = Worker.__table__
+# Core tables, not ORM classes: the store writes with statements (fenced UPDATEs, RETURNING).
+# ``__table__`` is typed as any FromClause; for a declarative class it is always a Table.
+runs_t = cast(Table, Run.__table__)
+events_t = cast(Table, RunEvent.__table__)
+steps_t = cast(Table, RunStep.__table__)
+workers_t = cast(Table, Worker.__table__)
 
 CONTROL_CHANNEL = "control"
 
@@ -163,17 +165,18 @@ class RunStore:
                     )
                 )
                 if max_active is not None:
-                    active = await conn.scalar(
+                    active = (await conn.execute(
                         select(func.count()).select_from(runs_t).where(
                             runs_t.c.tenant == new.tenant, runs_t.c.status.in_([s.value for s in ACTIVE])
                         )
-                    )
+                    )).scalar_one()
                     if active > max_active:
                         raise RateLimited(
                             f"Tenant has {active - 1} active runs; the limit is {max_active}.",
                             retry_after=1.0, code="too_many_concurrent_runs",
                         )
-                ev = await self._append(conn, run_id, "run.queued", {"status": "queued", "workflow": new.workflow}, now=now)
+                ev = await self._append(conn, run_id, "run.queued", {"status": "queued", "workflow": new.workflow},
+                                        now=now)
                 # read back in the same transaction: once it commits a worker may claim the run
                 # at once (its poll, or the wake-up below), and the 201 must say what was created
                 run = RunRecord.from_row((await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).one())
@@ -247,7 +250,9 @@ class RunStore:
         elif status in (RunStatus.RUNNING, RunStatus.WAITING):
             async with self._write() as conn:
                 res = await conn.execute(
-                    update(runs_t).where(runs_t.c.id == run_id, runs_t.c.status.in_([RunStatus.RUNNING.value, RunStatus.WAITING.value]))
+                    update(runs_t)
+                    .where(runs_t.c.id == run_id,
+                           runs_t.c.status.in_([RunStatus.RUNNING.value, RunStatus.WAITING.value]))
                     .values(status=RunStatus.CANCELLING.value, cancel_requested=True)
                 )
                 if res.rowcount == 1:

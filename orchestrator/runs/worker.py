@@ -129,7 +129,7 @@ class Worker:
                 log.exception("claim failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.worker_poll_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 

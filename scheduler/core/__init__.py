@@ -12,7 +12,8 @@ from scheduler.core.state import BackendView, Phase, Program, Status
 from scheduler.core.tool_stats import ToolDurations, ToolStats
 
 __all__ = [
-    "BackendObserved", "BackendView", "CollectSandbox", "Decision", "Dispatch", "Event", "Pause", "Phase", "Pin", "Retain",
+    "BackendObserved", "BackendView", "CollectSandbox", "Decision", "Dispatch", "Event", "Pause", "Phase", "Pin",
+    "Retain",
     "Policy", "PrepareSandbox", "Program", "ProgramReleased", "RequestArrived", "RequestFinished", "Resume",
     "Scheduler", "Status", "Tick", "ToolDurations", "ToolEnded", "ToolStarted", "ToolStats", "Unpin",
     "UnknownProgram", "make_policy", "policy_class", "policy_names",

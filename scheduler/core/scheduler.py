@@ -9,7 +9,7 @@ how long each tool took); the choices live in the policy.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 from scheduler.core.decisions import (
     CollectSandbox, Decision, Dispatch, Pause, Pin, PrepareSandbox, Resume, Retain, Unpin,
@@ -42,7 +42,8 @@ class Scheduler:
         self._rid_backend: dict[str, str] = {}
         self._out: list[Decision] = []
         self.now = 0.0
-        self.counters = {"dispatches": 0, "pauses": 0, "resumes": 0, "pins": 0, "unpins": 0, "retains": 0, "released": 0}
+        self.counters = {"dispatches": 0, "pauses": 0, "resumes": 0, "pins": 0, "unpins": 0, "retains": 0,
+                         "released": 0}
         self.policy.attach(self)
 
     # ---- events ------------------------------------------------------------------------

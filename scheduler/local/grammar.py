@@ -68,7 +68,8 @@ def tool_call_grammar(tool_choice: Any, tools: list[dict[str, Any]]) -> str | No
     if tool_choice == "required" or isinstance(tool_choice, dict):
         picked = chosen_tools(tool_choice, tools)
         schema = _call_schema(picked[0]) if len(picked) == 1 else {"anyOf": [_call_schema(t) for t in picked]}
-        return f"start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}"
+        opening, closing = json.dumps(OPEN + "\n"), json.dumps("\n" + CLOSE)
+        return f"start: {opening} call {closing}\ncall: %json {json.dumps(schema)}"
     tags = [StructTag(trigger=OPEN, begin=f'{OPEN}\n{{"name": {json.dumps(_function(t)["name"])}, "arguments": ',
                       grammar=_parameters(t), end=f"}}\n{CLOSE}") for t in tools]
     return StructTag.to_grammar(tags, assume_special=False)

@@ -8,8 +8,8 @@ what is cached), a held request simply waits, ``Pin`` locks the program's cached
 prefix (the Continuum baseline's lever), ``Retain`` is a one-token request over the
 program's computed context carrying the rank as its priority (what the runtime sends SGLang for
 a token-level call), sandboxes take time to become ready and hold disk until collected. Each policy's
-engines run with the SGLang flags it declares (``Policy.engine_flags``). Closed loop: ``concurrency`` programs run at once; when one
-ends the next trace starts, so every policy sees the same programs in the same order.
+engines run with the SGLang flags it declares (``Policy.engine_flags``). Closed loop: ``concurrency``
+programs run at once; when one ends the next trace starts, so every policy sees the same programs in the same order.
 
 Throughput, tokens and pauses are measured over the window (``run(duration_s)``). Completion
 times are not: a program still running at the window's end would drop out of them, and the
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from collections.abc import Iterator
 
 from scheduler.core import (
     BackendObserved, BackendView, Decision, Dispatch, Pin, PrepareSandbox, ProgramReleased, RequestArrived,
@@ -65,10 +65,11 @@ class AgenticResult:
     def kv_hit_ratio(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
-    def figures(self) -> dict[str, float | int]:
+    def figures(self) -> dict[str, float | int | None]:
         return {
             "steps_per_min": round(self.steps_per_min, 2),
-            "mean_completion_s": round(sum(self.completion_s) / len(self.completion_s), 1) if self.completion_s else None,
+            "mean_completion_s": (round(sum(self.completion_s) / len(self.completion_s), 1)
+                                  if self.completion_s else None),
             "p95_completion_s": round(percentile(self.completion_s, 95), 1) if self.completion_s else None,
             "programs_completed": self.programs_completed,
             "unfinished": self.unfinished,
@@ -101,7 +102,7 @@ class AgenticSimulation:
         self.family, self.concurrency, self.seed = family, concurrency, seed
         flags = policy_class(policy).engine_flags if engine_flags is None else engine_flags
         self.cluster = VirtualCluster(engines, preset, seed=seed, kv_capacity_tokens=kv_capacity_tokens,
-                                      **flags)  # type: ignore[arg-type]
+                                      **flags)
         e0 = self.cluster.engines[0]
         per_token = e0.cost.prefill_time([(1000, 0)]) / 1000
         self.sched = Scheduler(policy, backends=[
@@ -176,9 +177,9 @@ class AgenticSimulation:
                              priority=rank, meta={"program": prog.id})
             self.cluster.submit(req, engine=self.engine_index[d.backend], on_finish=self._finished)
         elif isinstance(d, Pin):
-            prog = self.progs.get(d.program_id)
-            if prog is not None:
-                self.cluster.engines[self.engine_index[d.backend]].pin(d.program_id, prog.context)
+            pinned = self.progs.get(d.program_id)
+            if pinned is not None:
+                self.cluster.engines[self.engine_index[d.backend]].pin(d.program_id, pinned.context)
         elif isinstance(d, Retain):
             # after the event that decided it: the finishing call's output joins the context first
             self.cluster.clock.call_at(now, lambda: self._retain(d))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class Timer(Protocol):

@@ -12,7 +12,7 @@ import gc
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from scheduler.sim.clock import VirtualClock
 from scheduler.sim.cost import CostModel, preset
@@ -111,7 +111,11 @@ class VirtualCluster:
 
     def abort(self, rid: str, engine: int, at: float | None = None) -> None:
         when = self.clock.now() if at is None else at
-        self.clock.call_at(when, lambda: self.engines[engine].abort(rid))
+
+        def abort() -> None:
+            self.engines[engine].abort(rid)
+
+        self.clock.call_at(when, abort)
 
     def run(self, until: float | None = None) -> None:
         """Advance virtual time. The cyclic garbage collector is paused meanwhile: its scans walk

@@ -39,7 +39,7 @@ Sources (H100 SXM 80 GB; confidence in brackets):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Iterable
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from scheduler.backends.base import ToolCall
 from scheduler.sim.clock import Clock, Timer
@@ -54,8 +55,8 @@ class SimRequest:
     tool_choice: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     prompt_text: str | None = None  # the prompt as text, when it came as text or messages (scripts read it)
-    on_tokens: Callable[["SimRequest"], None] | None = None
-    on_finish: Callable[["SimRequest"], None] | None = None
+    on_tokens: Callable[[SimRequest], None] | None = None
+    on_finish: Callable[[SimRequest], None] | None = None
     # --- report ---
     arrival: float = math.nan
     first_token_time: float | None = None

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 
 @dataclass(eq=False)
 class RadixNode:
     key: list[int]
-    parent: "RadixNode | None"
-    children: dict[int, "RadixNode"] = field(default_factory=dict)
+    parent: RadixNode | None
+    children: dict[int, RadixNode] = field(default_factory=dict)
     ref: int = 0
     last_access: int = 0
     priority: int = 0
@@ -111,21 +111,23 @@ class RadixCache:
     # ---- references ---------------------------------------------------------------------
 
     def lock(self, node: RadixNode) -> None:
-        while node is not None and node is not self.root:
-            if node.ref == 0:
-                self.evictable_size -= len(node.key)
-            node.ref += 1
-            node = node.parent  # type: ignore[assignment]
+        cur: RadixNode | None = node  # up to the root, whose parent is None
+        while cur is not None and cur is not self.root:
+            if cur.ref == 0:
+                self.evictable_size -= len(cur.key)
+            cur.ref += 1
+            cur = cur.parent
 
     def unlock(self, node: RadixNode) -> None:
-        while node is not None and node is not self.root:
-            node.ref -= 1
-            if node.ref < 0:
+        cur: RadixNode | None = node  # up to the root, whose parent is None
+        while cur is not None and cur is not self.root:
+            cur.ref -= 1
+            if cur.ref < 0:
                 raise RuntimeError("unlock without lock")
-            if node.ref == 0:
-                self.evictable_size += len(node.key)
-                self._offer(node)
-            node = node.parent  # type: ignore[assignment]
+            if cur.ref == 0:
+                self.evictable_size += len(cur.key)
+                self._offer(cur)
+            cur = cur.parent
 
     # ---- insert / evict -----------------------------------------------------------------
 
@@ -197,11 +199,12 @@ class RadixCache:
         return self._tick
 
     def _raise_path(self, node: RadixNode, priority: int) -> None:
-        while node is not None and node is not self.root:
-            if node.priority < priority:
-                node.priority = priority
-                self._offer(node)
-            node = node.parent  # type: ignore[assignment]
+        cur: RadixNode | None = node  # up to the root, whose parent is None
+        while cur is not None and cur is not self.root:
+            if cur.priority < priority:
+                cur.priority = priority
+                self._offer(cur)
+            cur = cur.parent
 
     def _evictable_leaf(self, node: RadixNode) -> bool:
         return node is not self.root and node.parent is not None and not node.children and node.ref == 0

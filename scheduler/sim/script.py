@@ -13,7 +13,8 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from scheduler.backends.base import ToolCall
 from scheduler.sim.tokenizer import SimTokenizer
@@ -41,7 +42,7 @@ class Plan:
 
 
 class Script(Protocol):
-    def plan(self, request: "SimRequest") -> Plan: ...
+    def plan(self, request: SimRequest) -> Plan: ...
 
 
 def _hash(*parts: object) -> int:
@@ -57,7 +58,7 @@ class _Pieces:
     def words(self, n: int, key: int) -> list[str]:
         return random.Random(key).choices(_WORDS, k=n)
 
-    def plan(self, pieces: list[str], request: "SimRequest", reason: Literal["stop", "tool_calls"] = "stop",
+    def plan(self, pieces: list[str], request: SimRequest, reason: Literal["stop", "tool_calls"] = "stop",
              tool_calls: Sequence[ToolCall] = (), logprob: Callable[[int], float] | None = None,
              call_tokens: int = 0) -> Plan:
         final: Literal["stop", "length", "tool_calls"] = reason
@@ -70,7 +71,7 @@ class _Pieces:
             return Plan(pieces, ids, final, calls, content_tokens=content)
         lps = [logprob(i) for i in range(len(pieces))]
         tops = [[(p, lp)] + [(w, lp - 0.5 * (j + 1)) for j, w in enumerate(self.words(request.top_logprobs, i))]
-                for i, (p, lp) in enumerate(zip(pieces, lps))]
+                for i, (p, lp) in enumerate(zip(pieces, lps, strict=True))]
         return Plan(pieces, ids, final, calls, lps, [t[: request.top_logprobs] for t in tops], content)
 
     def tool_call(self, name: str, arguments: str, key: int) -> tuple[list[str], ToolCall]:
@@ -92,7 +93,7 @@ class PseudoScript:
         self._pool: list[str] = []
         self._pool_ids: list[int] = []
 
-    def plan(self, request: "SimRequest") -> Plan:
+    def plan(self, request: SimRequest) -> Plan:
         # hash() of ints is stable across processes; the prompt, not the rid, picks the reply
         key = hash((self.seed, -1 if request.seed is None else request.seed, len(request.input_ids),
                     *request.input_ids[-32:])) & (2**62 - 1)
@@ -116,7 +117,7 @@ class PseudoScript:
             self._pool_ids = [self._p.tokenizer.piece_id(p) for p in self._pool]
 
 
-def _forced_tool(request: "SimRequest") -> str | None:
+def _forced_tool(request: SimRequest) -> str | None:
     if not request.tools:
         return None
     choice = request.tool_choice
@@ -147,7 +148,7 @@ class AgentTraceScript:
         self.seed = seed
         self._p = _Pieces()
 
-    def plan(self, request: "SimRequest") -> Plan:
+    def plan(self, request: SimRequest) -> Plan:
         index = request.meta.get("turn")
         if index is None:
             index = sum(1 for m in request.messages or [] if m.get("role") == "assistant")
@@ -164,12 +165,12 @@ class TextScript:
     """A given reply (fixed, or computed from the request) with a fixed per-token logprob:
     evolve tests use it to control answers and confidence."""
 
-    def __init__(self, reply: str | Callable[["SimRequest"], str], logprob: float = -0.1) -> None:
+    def __init__(self, reply: str | Callable[[SimRequest], str], logprob: float = -0.1) -> None:
         self.reply = reply
         self.logprob = logprob
         self._p = _Pieces()
 
-    def plan(self, request: "SimRequest") -> Plan:
+    def plan(self, request: SimRequest) -> Plan:
         text = self.reply(request) if callable(self.reply) else self.reply
         return self._p.plan(self._p.tokenizer.split(text), request, logprob=lambda i: self.logprob)
 
@@ -186,7 +187,7 @@ class ChunkedScript:
         self.seed = seed
         self._p = _Pieces()
 
-    def plan(self, request: "SimRequest") -> Plan:
+    def plan(self, request: SimRequest) -> Plan:
         key = _hash(self.seed, request.rid)
         pieces: list[str] = []
         for k in range(self.chunks):
@@ -258,12 +259,13 @@ class ProblemScript:
         except ValueError:
             return truth + "?"
 
-    def plan(self, request: "SimRequest") -> Plan:
+    def plan(self, request: SimRequest) -> Plan:
         text = request.prompt_text or ""
         key = _hash(self.seed, text, request.seed)
         words = self._p.words(self.reasoning_tokens, key)
         answer = self.answer(text, request.seed)
-        tail = self._p.tokenizer.split(f" So the answer is \\boxed{{{answer}}}." if answer is not None else " I am not sure.")
+        closing = f" So the answer is \\boxed{{{answer}}}." if answer is not None else " I am not sure."
+        tail = self._p.tokenizer.split(closing)
         return self._p.plan(words + tail, request, logprob=lambda i: -0.1)
 
     def prompt_confidence(self, text: str) -> float:
@@ -281,7 +283,7 @@ class ProblemScript:
         """Per prompt token after the first: its top-k (token, logprob), the token itself first."""
         row = _top_row(self.prompt_confidence("".join(pieces)), max(1, top_k))
         alternatives = self._p.words(len(row), self.seed)
-        return [[(pieces[i], row[0])] + [(w, lp) for w, lp in zip(alternatives[1:], row[1:])]
+        return [[(pieces[i], row[0])] + [(w, lp) for w, lp in zip(alternatives[1:], row[1:], strict=True)]
                 for i in range(1, len(pieces))]
 
 

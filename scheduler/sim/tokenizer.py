@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _PIECE = re.compile(r"<\|[a-z_]+\|>| ?[A-Za-z0-9]{1,4}| ?[^\sA-Za-z0-9]|\s")
 VOCAB = 1 << 31
@@ -54,7 +55,8 @@ def render_chat(messages: Sequence[dict[str, Any]]) -> str:
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         for call in m.get("tool_calls") or []:
             fn = call.get("function", {})
-            content += f'<tool_call>{{"name": "{fn.get("name", "")}", "arguments": {fn.get("arguments", "{}")}}}</tool_call>'
+            name, arguments = fn.get("name", ""), fn.get("arguments", "{}")
+            content += f'<tool_call>{{"name": "{name}", "arguments": {arguments}}}</tool_call>'
         parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
     parts.append("<|im_start|>assistant\n")
     return "".join(parts)

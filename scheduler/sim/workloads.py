@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 
 @dataclass(frozen=True, slots=True)

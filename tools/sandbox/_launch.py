@@ -68,7 +68,9 @@ def _check(rc: int, what: str) -> None:
 
 def _mount(libc: ctypes.CDLL, src: str | None, target: str, fstype: str | None, flags: int,
            data: str | None = None) -> None:
-    enc = (lambda s: None if s is None else s.encode())
+    def enc(s: str | None) -> bytes | None:
+        return None if s is None else s.encode()
+
     _check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
            f"mount {fstype or 'bind'} on {target}")
 
@@ -179,12 +181,12 @@ def _child(spec: dict, argv: list[str], cgroup_fds: list[int]) -> None:
         os.umask(0o022)
         for name, (soft, hard) in spec.get("rlimits", {}).items():
             resource.setrlimit(getattr(resource, name), (soft, hard))
-    except Exception as exc:  # noqa: BLE001 - reported, then the child ends
+    except Exception as exc:
         os.write(2, f"sandbox: setup failed: {exc}\n".encode())
         os._exit(125)
-    exc = _exec(argv, dict(os.environ))
-    os.write(2, f"sandbox: {argv[0]}: {exc.strerror or exc}\n".encode())
-    os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
+    err = _exec(argv, dict(os.environ))
+    os.write(2, f"sandbox: {argv[0]}: {err.strerror or err}\n".encode())
+    os._exit(127 if isinstance(err, FileNotFoundError) else 126)
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> OSError:

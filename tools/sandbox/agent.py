@@ -65,7 +65,7 @@ def create_agent_app(sandbox: Sandbox, token: str) -> Starlette:
                 return JSONResponse({"error": str(exc)}, status_code=400)
             except (ValueError, KeyError, TypeError) as exc:
                 return JSONResponse({"error": f"bad request: {exc!r}"}, status_code=400)
-            except Exception as exc:  # noqa: BLE001 - the control plane should see why, as JSON
+            except Exception as exc:
                 log.exception("sandbox agent: %s %s failed", request.method, request.url.path)
                 return JSONResponse({"error": f"sandbox agent failed: {exc!r}"}, status_code=500)
 

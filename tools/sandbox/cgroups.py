@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -187,7 +187,7 @@ class SandboxPool:
         async def close() -> None:
             try:
                 sandbox = await task
-            except BaseException:  # noqa: BLE001 - never created: nothing to delete
+            except BaseException:
                 return
             try:
                 await sandbox.close()
@@ -222,7 +222,7 @@ class SandboxPool:
         """Bytes each ready program's workspace holds, measured now."""
         ready = {pid: t.result() for pid, t in self._entries.items() if self.is_ready(pid)}
         sizes = await asyncio.gather(*(sb.disk_bytes() for sb in ready.values()), return_exceptions=True)
-        self._disk = {pid: n for pid, n in zip(ready, sizes) if isinstance(n, int)}
+        self._disk = {pid: n for pid, n in zip(ready, sizes, strict=True) if isinstance(n, int)}
         return dict(self._disk)
 
     @property

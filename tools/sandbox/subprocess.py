@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tools.sandbox import tree
 from tools.sandbox import volume as volumes
@@ -306,7 +307,7 @@ class SubprocessSandbox(Sandbox):
         """
         uid, gid = _sandbox_user(run_as)
         features = await asyncio.to_thread(probe, uid, gid)
-        root = Path(root).absolute()
+        root = Path(root).absolute()  # noqa: ASYNC240 - reads the working directory, no file
         workspace = root / _workspace_name(sandbox_id)
         # 0700: nobody but the service lists or enters the root. Without a new root the sandbox
         # user must cross it to reach its workspace (0711: search, no listing).
@@ -372,12 +373,12 @@ class SubprocessSandbox(Sandbox):
                 rl[name] = (value, value)
         return rl
 
-    def _spec(self, limits: Limits) -> dict:
+    def _spec(self, limits: Limits) -> dict[str, Any]:
         def want(on: bool) -> str:
             return "require" if on else "off"
 
         network = limits.network or not self.features.net
-        spec = {"uid": self._uid, "gid": self._gid, "parent": os.getpid(), "workspace": str(self.workspace),
+        spec: dict[str, Any] = {"uid": self._uid, "gid": self._gid, "parent": os.getpid(), "workspace": str(self.workspace),
                 "net": want(not network), "pid": want(self.features.pid), "mnt": want(self.features.mnt),
                 "rlimits": self._rlimits(limits)}
         if self.features.mnt:

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from scheduler.core.state import BackendView, Program
 
 if TYPE_CHECKING:
     from scheduler.core.scheduler import Scheduler
 
-_REGISTRY: dict[str, Callable[..., "Policy"]] = {}
+_REGISTRY: dict[str, Callable[..., Policy]] = {}
 
 
-def register(name: str) -> Callable[[type["Policy"]], type["Policy"]]:
-    def deco(cls: type["Policy"]) -> type["Policy"]:
+def register(name: str) -> Callable[[type[Policy]], type[Policy]]:
+    def deco(cls: type[Policy]) -> type[Policy]:
         cls.name = name
         _REGISTRY[name] = cls
         return cls
     return deco
 
 
-def make_policy(name: str, **options: Any) -> "Policy":
+def make_policy(name: str, **options: Any) -> Policy:
     return policy_class(name)(**options)
 
 
-def policy_class(name: str) -> type["Policy"]:
+def policy_class(name: str) -> type[Policy]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]  # type: ignore[return-value]
@@ -42,10 +43,10 @@ class Policy:
     tick_s: float = 1.0  # how often a driver should send ``Tick``
     # The SGLang flags this policy is designed for (the simulator runs each policy's engines
     # with them; deploy/helm sets them on the backends). SGLang's defaults: FCFS, LRU eviction.
-    engine_flags: dict[str, object] = {}
+    engine_flags: ClassVar[dict[str, object]] = {}
     ranks_kv: bool = False  # its dispatches carry ``retain_until`` (needs priority eviction)
 
-    def attach(self, sched: "Scheduler") -> None:
+    def attach(self, sched: Scheduler) -> None:
         self.s = sched
 
     def on_request(self, p: Program, new: bool, now: float) -> None: ...

@@ -16,7 +16,8 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right, insort
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from scheduler.core.state import Program, Status
 
@@ -34,7 +35,7 @@ class _Share:
 
 
 class FootprintIndex:
-    def __init__(self, sched: "Scheduler", cost: Callable[[Program], float],
+    def __init__(self, sched: Scheduler, cost: Callable[[Program], float],
                  least_need: Callable[[Program], float]) -> None:
         self.s = sched
         self.cost = cost

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 from scheduler.core.policies.base import register
 from scheduler.core.policies.capacity import CapacityPolicy
@@ -50,7 +51,7 @@ from scheduler.core.state import BackendView, Phase, Program, Status
 @register("program")
 class ProgramPolicy(CapacityPolicy):
     check_interval_s = 1.0
-    engine_flags = {"radix_eviction_policy": "priority"}
+    engine_flags: ClassVar[dict[str, object]] = {"radix_eviction_policy": "priority"}
     ranks_kv = True
     retain_max_s = 600.0  # the longest a kept program's KV is ranked ahead at once
 
@@ -78,7 +79,7 @@ class ProgramPolicy(CapacityPolicy):
             return p.tokens + self.headroom(p)
         return float(p.tokens) if p.kept else 0.0
 
-    def attach(self, sched: "Scheduler") -> None:  # type: ignore[name-defined]  # noqa: F821
+    def attach(self, sched: Scheduler) -> None:  # type: ignore[name-defined]  # noqa: F821
         super().attach(sched)
         self.index = FootprintIndex(sched, lambda p: self.cost(p, 0.0), self.least_need)
 
@@ -182,8 +183,9 @@ class ProgramPolicy(CapacityPolicy):
             for b in self.s.healthy_backends():
                 for p in self.s.resident[b.name].values():
                     if p.phase is Phase.ACTING and p.kept:
-                        self.set_kept(p, self.worth_keeping(p, now, demand=True))
-                        if p.kept and p.retain_until is None and b.ranks_kv:  # kept before anyone waited
+                        kept = self.worth_keeping(p, now, demand=True)
+                        self.set_kept(p, kept)
+                        if kept and p.retain_until is None and b.ranks_kv:  # kept before anyone waited
                             self.retain(p, now)
         for b in self.s.healthy_backends():
             self.relieve(b, now)
@@ -248,7 +250,8 @@ class ProgramPolicy(CapacityPolicy):
                 prepared += 1
                 continue
             target = None
-            if p.backend in backends and (p.allowed is None or p.backend in p.allowed) and room[p.backend] >= self.need(p, backends[p.backend], prefixes[p.backend]):
+            if (p.backend in backends and (p.allowed is None or p.backend in p.allowed)
+                    and room[p.backend] >= self.need(p, backends[p.backend], prefixes[p.backend])):
                 target = p.backend  # affinity: its KV may still be there
             else:
                 fits = [(room[n] - self.need(p, b, prefixes[n]), n) for n, b in backends.items()

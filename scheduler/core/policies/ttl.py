@@ -1,7 +1,7 @@
 """``ttl``: Continuum (arXiv 2511.02230) — keep a program's KV across a tool call for a
 time-to-live chosen from that tool's duration history.
 
-At tool start the TTL τ maximises P(tool returns within τ)·(recompute time saved) −
+At tool start the TTL τ maximises P(tool returns within τ)·(recompute time saved) -
 (memory held)·τ, both in GPU-seconds: keeping c tokens for τ seconds denies c/capacity
 of the engine for τ seconds; returning within τ saves prefill of c tokens. Cold start
 uses an exponential prior. Pins expire at τ and are released one at a time under
@@ -12,6 +12,8 @@ simulator's radix lock stands in for Continuum's vLLM pin (SGLang has none).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from scheduler.core.policies.base import Policy, cache_aware_pick, register
 from scheduler.core.state import BackendView, Program
 
@@ -20,7 +22,8 @@ _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 
 @register("ttl")
 class TTLPolicy(Policy):
-    engine_flags = {"enable_priority_scheduling": True}  # resumes go first by their priority
+    # resumes go first by their priority
+    engine_flags: ClassVar[dict[str, object]] = {"enable_priority_scheduling": True}
 
     def __init__(self, pressure_used_fraction: float = 0.95) -> None:
         self.pressure = pressure_used_fraction
