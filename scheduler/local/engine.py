@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 
@@ -76,7 +77,8 @@ class LocalEngine(Backend):
 
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
         out = self.model(input_ids=torch.tensor([tokens]), cache=cache, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        # SmolLM2 has full-attention layers only: each holds keys and values
+        kv: KV = [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
         return out.logits[0].float(), kv
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -184,7 +186,7 @@ class LocalEngine(Backend):
         top: list[tuple[str, float]] = []
         if top_n:
             values, indices = torch.topk(logprobs, top_n)
-            top = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
+            top = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]
         return TokenLogprob(token=self.tokenizer.decode([token]), token_id=token, logprob=float(logprobs[token]),
                             top=top)
 
