@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
 
 from agents.spec import AgentInput
 from agents.text_tools import parse_text_calls, tools_prompt
-from scheduler.backends.base import BackendError, GenerateRequest, Generation
+from scheduler.backends.base import GenerateRequest, Generation
 from tools.registry import ToolContext, ToolRegistry, ToolResult
 
-log = logging.getLogger("agents.loop")
 
 LLMCall = Callable[[GenerateRequest], Awaitable[Generation]]
 REMINDER = "Continue the task with a tool call, or call final_answer with your answer."
+REPEATED = ("You made the same call again and got the same result; it tells you nothing new. "
+            "Use what you have: do something else, or call final_answer with your answer.")
 PREVIEW_CHARS = 2000  # of tool output and text in events; the checkpoint keeps the whole
 
 
@@ -59,14 +59,13 @@ class Totals:
 class AgentLoop:
     def __init__(self, spec: AgentInput, ctx: StepContext, llm: LLMCall, tools: ToolRegistry,
                  tool_ctx: ToolContext, hooks: ToolHooks | None = None, *,
-                 llm_retries: int = 2, clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.spec = spec
         self.ctx = ctx
         self.llm = llm
         self.tools = tools
         self.tool_ctx = tool_ctx
         self.hooks = hooks or ToolHooks()
-        self.llm_retries = llm_retries
         self.clock = clock
         self.totals = Totals()
         native = spec.tool_mode != "text"
@@ -76,6 +75,8 @@ class AgentLoop:
         self.native = native
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system},
                                                {"role": "user", "content": spec.task}]
+        self._results: dict[tuple[str, str], str] = {}  # (tool, arguments) -> the content it returned
+        self._avoid: str | None = None  # the tool the next turn may not call (a repeat with nothing new)
 
     async def run(self) -> dict[str, Any]:
         started = self.clock()
@@ -110,7 +111,7 @@ class AgentLoop:
             request = GenerateRequest(
                 messages=[dict(m) for m in self.messages],
                 tools=self.tools.specs() if self.native and len(self.tools.names()) else None,
-                tool_choice=spec.tool_choice if self.native and self.tools.names() else None,
+                tool_choice=self._tool_choice() if self.native and self.tools.names() else None,
                 max_tokens=spec.max_tokens_per_turn, temperature=spec.temperature, seed=spec.seed,
                 model=spec.model)
             out = await self.ctx.step(f"turn-{turn}", self._llm_turn, request)
@@ -129,31 +130,51 @@ class AgentLoop:
                     return out["text"], "text_reply", turn + 1
                 self.messages.append({"role": "user", "content": REMINDER})
                 continue
+            self._avoid = None
             for j, call in enumerate(calls):
                 result = ToolResult.from_json(
                     await self.ctx.step(f"tool-{turn}-{j}", self._tool, call["name"], call["arguments"]))
                 self._count_tool(call["name"], result)
                 self.messages.append(self._tool_message(call, result))
+                if self._repeats(call, result):
+                    self._avoid = call["name"]
                 await self.ctx.emit("agent.tool", {
                     "turn": turn, "call": j, "tool": call["name"], "arguments": _preview(call["arguments"]),
                     "ok": result.ok, "error": result.error, "content": _preview(result.content),
                     "duration_s": round(result.duration_s, 3)})
                 if result.final:
                     return result.content, "final_answer", turn + 1
+            if self._avoid is not None:
+                if self._tool_choice() == self.spec.tool_choice:  # not steered by the choice: say it
+                    self.messages.append({"role": "user", "content": REPEATED})
+                await self.ctx.emit("agent.repeat", {"turn": turn, "tool": self._avoid,
+                                                     "next_tool_choice": self._tool_choice()})
         return None, "max_turns", spec.max_turns
+
+    # ---- repeats -----------------------------------------------------------------------------
+
+    def _repeats(self, call: dict[str, str], result: ToolResult) -> bool:
+        """A call that repeats an earlier one exactly and got exactly the same result taught the
+        model nothing; small models loop on such calls until ``max_turns``. The same command
+        after an edit is not a repeat: its result differs. Derived only from the checkpointed
+        calls and results, so a replayed run steers the same way."""
+        key = (call["name"], call["arguments"])
+        repeated = self._results.get(key) == result.content and not result.final
+        self._results[key] = result.content
+        return repeated
+
+    def _tool_choice(self) -> Any:
+        """The spec's ``tool_choice``; after a repeat, required calls go to another tool: named
+        when only one is left (the grammar of a constrained backend then allows only it)."""
+        if self._avoid is None or self.spec.tool_choice != "required":
+            return self.spec.tool_choice
+        others = [n for n in self.tools.names() if n != self._avoid]
+        return {"type": "function", "function": {"name": others[0]}} if len(others) == 1 else "required"
 
     # ---- steps -------------------------------------------------------------------------------
 
     async def _llm_turn(self, request: GenerateRequest) -> dict[str, Any]:
-        for attempt in range(self.llm_retries + 1):
-            try:
-                gen = await self.llm(request.model_copy(update={"rid": request.rid + (f"-r{attempt}" if attempt else "")}))
-                break
-            except BackendError as exc:
-                if not exc.retryable or attempt == self.llm_retries:
-                    raise
-                log.warning("LLM call failed (%s); retrying", exc)
-                await asyncio.sleep(0.5 * 2 ** attempt)
+        gen = await self.llm(request)  # retried, where a retry is safe, by the program session
         return {"text": gen.text, "finish_reason": gen.finish_reason,
                 "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in gen.tool_calls],
                 "usage": {"prompt_tokens": gen.usage.prompt_tokens, "completion_tokens": gen.usage.completion_tokens,

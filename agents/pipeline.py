@@ -1,8 +1,9 @@
 """The ``pipeline`` workflow: Mixture-of-Agents layers and an aggregator, ``wait`` or ``staircase``.
 
 Each agent is its own scheduler program (``<run id>:p<layer>.<index>``, ``<run id>:agg``), so the
-scheduler sees, places and can hold each one like any gateway program; they are released when the
-run ends, however it ends. The aggregator's tokens reach the user as ``pipeline.delta`` events
+scheduler sees, places and can hold each one like any gateway program; each is a
+``ProgramSession`` (no sandbox: pipeline agents run no tools), released when the run ends, however
+it ends, and whose calls a failure before their first token sends again. The aggregator's tokens reach the user as ``pipeline.delta`` events
 (batched, see ``delta_interval_s``) on the run's stream, which the SDK's ``runs.stream`` yields.
 
 Events written from concurrent agents cannot use ``RunContext.emit`` (its replay keys follow call
@@ -14,13 +15,17 @@ rounds it replays, and a round that was cut off by a crash and is run again says
 from __future__ import annotations
 
 import itertools
-from typing import Any, AsyncIterator
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from agents.pipeline_exec import PipelineError, PipelineExecutor
 from agents.pipeline_spec import Node, PipelineInput
 from orchestrator.runs.context import RunContext, RunFailed
 from scheduler.backends.base import GenerateRequest, GenerationChunk
-from scheduler.core import UnknownProgram
+from scheduler.session import ProgramSession
+
+if TYPE_CHECKING:
+    from orchestrator.workflows.registry import WorkflowRegistry
 
 
 class RunEvents:
@@ -46,37 +51,28 @@ class RunEvents:
 
 async def pipeline(ctx: RunContext, inp: PipelineInput) -> dict[str, Any]:
     """Run proposer layers and an aggregator; the aggregator's tokens stream as ``pipeline.delta``."""
-    runtime = getattr(ctx.services, "runtime", None)
-    if runtime is None:
-        raise RunFailed("no_backends", "The pipeline workflow needs an LLM backend; configure ORCH_BACKENDS.")
-    unknown = sorted(inp.backends() - set(runtime.backends))
-    if unknown:
-        raise RunFailed("unknown_backend", f"No backend {', '.join(map(repr, unknown))} here; configured: "
-                                           f"{', '.join(sorted(runtime.backends))}.")
-    tenant = ctx.tenant
-    programs: dict[str, str] = {n.id: f"{ctx.run_id}:{n.id}" for n in inp.nodes()}
+    runtime = ctx.runtime(inp.backends())
+    sessions = {n.id: ProgramSession(runtime, f"{ctx.run_id}:{n.id}", ctx.tenant,
+                                     backends=(n.agent.backend,) if n.agent.backend else None)
+                for n in inp.nodes()}
 
-    async def llm(node: Node, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
-        only = (node.agent.backend,) if node.agent.backend else None
-        async for chunk in runtime.stream(programs[node.id], tenant, request, backends=only, sandbox=False):
-            yield chunk
+    def llm(node: Node, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        return sessions[node.id].stream(request)
 
     await ctx.emit("pipeline.started", {"mode": inp.mode, "layers": [len(layer.agents) for layer in inp.layers],
-                                        "programs": programs})
-    try:
-        result = await PipelineExecutor(inp, llm, RunEvents(ctx), ctx.step).run()
-    except PipelineError as exc:
-        raise RunFailed(exc.code, exc.message) from None
-    finally:
-        for program in programs.values():
-            try:
-                runtime.release(program, tenant)
-            except UnknownProgram:
-                pass  # never called (replayed, or its layer was not reached)
+                                        "programs": {nid: s.program_id for nid, s in sessions.items()}})
+    async with AsyncExitStack() as programs:
+        for session in sessions.values():
+            await programs.enter_async_context(session)  # each released however the run ends
+        try:
+            result = await PipelineExecutor(inp, llm, RunEvents(ctx), ctx.step).run()
+        except PipelineError as exc:
+            raise RunFailed(exc.code, exc.message) from None
     await ctx.emit("pipeline.finished", {k: result[k] for k in ("stop_reason", "rounds", "usage", "ttft_s",
                                                                 "elapsed_s")})
     return result
 
 
-def register(registry: Any) -> None:
+def register(registry: "WorkflowRegistry") -> None:
+    """The ``orchestrator.workflows`` entry point (see pyproject.toml)."""
     registry.workflow("pipeline", PipelineInput)(pipeline)

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 from agents.pipeline_chunks import ChunkCutter, RoundPlan, RoundPlanner, Upstream
 from agents.pipeline_prompts import Conversation, proposer_messages
 from agents.pipeline_spec import Node, PipelineInput
-from scheduler.backends.base import BackendError, GenerateRequest, GenerationChunk
+from scheduler.backends.base import GenerateRequest, GenerationChunk
 
 log = logging.getLogger("agents.pipeline")
 
@@ -63,30 +63,13 @@ class Outcome:
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0,
                                                            "cached_tokens": 0})
     error: str | None = None
-    retryable: bool = False
-
-
-RETRIES = 2  # a call that failed retryably before its first token is sent again this often
-RETRY_DELAY_S = 0.5  # doubling
 
 
 async def stream_call(llm: LLM, node: Node, request: GenerateRequest, stall_s: float,
-                      on_text: Callable[[str], Awaitable[None]], *, retries: int = RETRIES) -> Outcome:
+                      on_text: Callable[[str], Awaitable[None]]) -> Outcome:
     """Stream one call; a gap longer than ``stall_s`` between two deltas ends it as stalled (the
-    call is closed, which aborts it on the engine). A retryable backend failure before any token
-    (connection refused, 5xx, 429) is retried: nobody has read anything of it yet."""
-    for attempt in range(retries + 1):
-        rid = request.rid if not attempt else f"{request.rid}-r{attempt}"
-        o = await _stream_once(llm, node, request.model_copy(update={"rid": rid}), stall_s, on_text)
-        if not (o.retryable and not o.text) or attempt == retries:
-            return o
-        log.warning("%s: call failed before its first token (%s); retrying", node.id, o.error)
-        await asyncio.sleep(RETRY_DELAY_S * 2 ** attempt)
-    raise AssertionError("unreachable")
-
-
-async def _stream_once(llm: LLM, node: Node, request: GenerateRequest, stall_s: float,
-                       on_text: Callable[[str], Awaitable[None]]) -> Outcome:
+    call is closed, which aborts it on the engine). A failure (after the program session's
+    retries, see ``scheduler.session``) ends it as failed, keeping what it had sent."""
     parts: list[str] = []
     gen = llm(node, request)
     try:
@@ -100,9 +83,8 @@ async def _stream_once(llm: LLM, node: Node, request: GenerateRequest, stall_s: 
                 return Outcome("".join(parts), "stalled", error=f"nothing for {stall_s:g} s")
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a backend error, no backend, a bad request: this agent's failure
-                return Outcome("".join(parts), "failed", error=f"{type(exc).__name__}: {exc}",
-                               retryable=isinstance(exc, BackendError) and exc.retryable)
+            except Exception as exc:  # a failed call, no backend, a bad request: this agent's failure
+                return Outcome("".join(parts), "failed", error=f"{type(exc).__name__}: {exc}")
             if chunk.text:
                 parts.append(chunk.text)
                 await on_text(chunk.text)  # its errors (a lost lease...) are the caller's, not the agent's

@@ -1,9 +1,10 @@
 """The ``agent`` workflow: one agent run is one scheduler program with one sandbox.
 
 Its LLM calls go through the scheduler runtime with the run id as the program id (so the
-scheduler can hold, pause and resume it like any gateway program), its tool calls run in the
-program's sandbox and are reported to the scheduler as the acting phase. Whatever way the run
-ends (answer, budget, failure, cancel) the program is released and the sandbox collected.
+scheduler can hold, pause and resume it like any gateway program), all through one
+``ProgramSession`` that declares the program's sandbox; its tool calls run in that sandbox and
+are reported to the scheduler as the acting phase. Whatever way the run ends (answer, budget,
+failure, cancel) the session releases the program and the sandbox is collected.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agents.loop import AgentLoop, ToolHooks
 from agents.spec import AgentInput, SandboxSpec
 from orchestrator.errors import ValidationFailed
 from orchestrator.runs.context import RunContext, RunFailed
 from orchestrator.settings import TenantLimits
-from scheduler.backends.base import GenerateRequest, Generation, GenerationChunk
-from scheduler.core import UnknownProgram
+from scheduler.backends.base import GenerateRequest
 from scheduler.runtime import estimate_tokens
+from scheduler.session import ProgramSession
 from tools.builtins import BUILTIN_NAMES
 from tools.registry import ToolContext, ToolRegistry, ToolResult
 from tools.sandbox.base import Limits
+
+if TYPE_CHECKING:
+    from orchestrator.metrics import Metrics
+    from orchestrator.workflows.registry import WorkflowRegistry
+    from tools.sandbox import SandboxPool
 
 
 def check_sandbox_ceilings(inp: AgentInput, limits: TenantLimits) -> None:
@@ -46,7 +52,7 @@ def sandbox_limits(inp: AgentInput) -> Limits:
 class _MeteredTools(ToolRegistry):
     """The run's tools, run within the pool's concurrency bound and counted in the metrics."""
 
-    def __init__(self, inner: ToolRegistry, metrics: Any, pool: Any) -> None:
+    def __init__(self, inner: ToolRegistry, metrics: "Metrics | None", pool: "SandboxPool") -> None:
         super().__init__(inner.get(n) for n in inner.names())  # type: ignore[misc]
         self.metrics = metrics
         self.pool = pool
@@ -64,60 +70,37 @@ class _MeteredTools(ToolRegistry):
 async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
     """Run a tool-calling agent to an answer or a budget; every turn and tool call is a step."""
     services = ctx.services
-    runtime = getattr(services, "runtime", None)
-    pool = getattr(services, "sandboxes", None)
-    if runtime is None:
-        raise RunFailed("no_backends", "The agent workflow needs an LLM backend; configure ORCH_BACKENDS.")
+    runtime = ctx.runtime([inp.backend] if inp.backend else [])
+    pool = services.sandboxes
     if pool is None:
         raise RunFailed("no_sandboxes", "The agent workflow needs the sandbox pool, which is not running here.")
     program, tenant = ctx.run_id, ctx.tenant
-    if inp.backend is not None and inp.backend not in runtime.backends:
-        raise RunFailed("unknown_backend", f"No backend {inp.backend!r} here; configured: "
-                                           f"{', '.join(sorted(runtime.backends))}.")
-    only = (inp.backend,) if inp.backend else None
     # runs with the same system prompt and tools share that prefix's KV: the scheduler counts it once
     head = json.dumps([inp.system_prompt, inp.tool_mode, sorted(inp.tools or BUILTIN_NAMES)])
     prefix_key = "agent:" + hashlib.sha256(head.encode()).hexdigest()[:16]
     prefix_tokens = estimate_tokens(GenerateRequest(prompt=head)) + 60 * len(inp.tools or BUILTIN_NAMES)
     tools = _MeteredTools(services.tools.subset(inp.tools if inp.tools is not None else BUILTIN_NAMES),
                           services.metrics, pool)
-
-    async def llm(request: GenerateRequest) -> Generation:
-        chunks: list[GenerationChunk] = [c async for c in runtime.stream(
-            program, tenant, request, prefix_key=prefix_key, prefix_tokens=prefix_tokens, backends=only)]
-        return Generation.from_chunks(request.rid, chunks)
-
-    def started(name: str) -> None:
-        try:
-            runtime.tool_started(program, tenant, name)
-        except UnknownProgram:
-            pass  # a replayed run's first tool step, before its first LLM call of this attempt
-
-    def ended() -> None:
-        try:
-            runtime.tool_ended(program, tenant)
-        except UnknownProgram:
-            pass
+    session = ProgramSession(runtime, program, tenant, sandbox=True, prefix_key=prefix_key,
+                             prefix_tokens=prefix_tokens, backends=(inp.backend,) if inp.backend else None)
 
     t0 = time.monotonic()
-    sandbox = await pool.acquire(program)
-    sandbox.limits = sandbox_limits(inp)
-    try:
-        await ctx.emit("agent.started", {"program_id": program, "tools": tools.names(), "model": inp.model,
-                                         "tool_mode": inp.tool_mode, "sandbox": sandbox.info().kind,
-                                         "sandbox_ready_s": round(time.monotonic() - t0, 3)})
-        if inp.files:
-            await ctx.step("workspace", _seed, sandbox, inp.files)
-        loop = AgentLoop(inp, ctx, llm, tools, ToolContext(sandbox, program, tenant), ToolHooks(started, ended))
-        result = await loop.run()
-        result["workspace"] = await ctx.step("workspace-listing", _listing, sandbox)
-        return result
-    finally:
+    async with session:
+        sandbox = await pool.acquire(program)
+        sandbox.limits = sandbox_limits(inp)
         try:
-            runtime.release(program, tenant)
-        except UnknownProgram:
-            pass
-        await pool.release(program)
+            await ctx.emit("agent.started", {"program_id": program, "tools": tools.names(), "model": inp.model,
+                                             "tool_mode": inp.tool_mode, "sandbox": sandbox.info().kind,
+                                             "sandbox_ready_s": round(time.monotonic() - t0, 3)})
+            if inp.files:
+                await ctx.step("workspace", _seed, sandbox, inp.files)
+            loop = AgentLoop(inp, ctx, session.generate, tools, ToolContext(sandbox, program, tenant),
+                             ToolHooks(session.tool_started, session.tool_ended))
+            result = await loop.run()
+            result["workspace"] = await ctx.step("workspace-listing", _listing, sandbox)
+            return result
+        finally:
+            await pool.release(program)
 
 
 async def _seed(sandbox: Any, files: dict[str, str]) -> list[str]:
@@ -131,5 +114,6 @@ async def _listing(sandbox: Any) -> list[dict[str, Any]]:
     return [{"path": e.path, "size": e.size} for e in entries if not e.is_dir]
 
 
-def register(registry: Any) -> None:
+def register(registry: "WorkflowRegistry") -> None:
+    """The ``orchestrator.workflows`` entry point (see pyproject.toml)."""
     registry.workflow("agent", AgentInput, check=check_sandbox_ceilings)(agent)

@@ -1,7 +1,8 @@
 """The ``evolve`` workflow: Squeeze-Evolve on the service's backends, one checkpoint per loop.
 
 Every model call goes through the scheduler runtime. The programs of a run are one per
-(problem, model) — ``{run_id}:{problem}:{model}`` — declaring the problem's question as their
+(problem, model) — ``{run_id}:{problem}:{model}``, each a ``ProgramSession`` (no sandbox; the
+session's retry policy) — declaring the problem's question as their
 shared prefix, so a problem's population is a family of programs the scheduler keeps together
 on each backend. Loop t is step ``loop-t``: its output (the populations, the routing, the
 ledger) is the checkpoint, so a run that crashed resumes at the loop it was in and finished
@@ -12,35 +13,35 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from evolve.engine import Evolution
 from evolve.ledger import Ledger
 from evolve.operators import Messages, Operators, default_operators
 from evolve.spec import EvolveInput, ModelSpec, input_model
 from evolve.templates import render
-from orchestrator.runs.context import RunContext, RunFailed
-from scheduler.backends.base import BackendError, GenerateRequest, Generation, new_rid
-from scheduler.core import UnknownProgram
-from scheduler.runtime import estimate_tokens
+from orchestrator.runs.context import RunContext
+from scheduler.backends.base import GenerateRequest, Generation
+from scheduler.runtime import ProgramRuntime, estimate_tokens
+from scheduler.session import ProgramSession
 
-
-CALL_ATTEMPTS = 3  # a retryable backend error (nothing was streamed) is tried again, twice at most
-
-
-class ModelCallFailed(RuntimeError):
-    """A model call finished without an answer (aborted or errored on the engine)."""
+if TYPE_CHECKING:
+    from orchestrator.metrics import Metrics
+    from orchestrator.workflows.registry import WorkflowRegistry
 
 
 class RuntimeCalls:
-    """``evolve.engine.Calls`` through the scheduler runtime, at most ``max_concurrency`` in flight."""
+    """``evolve.engine.Calls`` through the scheduler runtime, at most ``max_concurrency`` in flight:
+    one ``ProgramSession`` per (problem, model), opened on its first call and closed by ``close``."""
 
-    def __init__(self, runtime: Any, run_id: str, tenant: str, spec: EvolveInput) -> None:
+    def __init__(self, runtime: ProgramRuntime, run_id: str, tenant: str, spec: EvolveInput) -> None:
         self.runtime = runtime
         self.run_id = run_id
         self.tenant = tenant
         self.sem = asyncio.Semaphore(spec.max_concurrency)
-        self.programs: set[str] = set()
+        self.sessions: dict[str, ProgramSession] = {}
+        self._programs = AsyncExitStack()
         self._prefix = []
         for p in spec.problems:
             key = "evolve:" + hashlib.sha256(p.question.encode()).hexdigest()[:16]
@@ -74,35 +75,25 @@ class RuntimeCalls:
     def render(self, model: ModelSpec, messages: Messages) -> str:
         return render(model.chat_template, messages, self.runtime.backends.get(model.backend_name))
 
-    async def _call(self, model: ModelSpec, problem: int, request: GenerateRequest) -> Generation:
+    async def _session(self, model: ModelSpec, problem: int) -> ProgramSession:
         program = f"{self.run_id}:{problem}:{model.name}"
-        key, tokens = self._prefix[problem]
-        async with self.sem:
-            self.programs.add(program)
-            for attempt in range(CALL_ATTEMPTS):
-                try:
-                    chunks = [c async for c in self.runtime.stream(
-                        program, self.tenant, request, prefix_key=key, prefix_tokens=tokens,
-                        backends=(model.backend_name,), sandbox=False)]
-                    break
-                except BackendError as exc:
-                    # nothing came back (a dropped keep-alive connection, a 503): the same call again
-                    if not exc.retryable or attempt == CALL_ATTEMPTS - 1:
-                        raise
-                    request = request.model_copy(update={"rid": new_rid()})
-                    await asyncio.sleep(0.2 * (attempt + 1))
-        gen = Generation.from_chunks(request.rid, chunks)
-        if gen.finish_reason in ("error", "abort"):
-            raise ModelCallFailed(f"model {model.name!r} call {request.rid} ended with {gen.finish_reason}")
-        return gen
+        session = self.sessions.get(program)
+        if session is None:
+            key, tokens = self._prefix[problem]
+            session = self.sessions[program] = ProgramSession(
+                self.runtime, program, self.tenant, backends=(model.backend_name,), prefix_key=key,
+                prefix_tokens=tokens)
+            await self._programs.enter_async_context(session)
+        return session
 
-    def release(self) -> None:
-        for program in self.programs:
-            try:
-                self.runtime.release(program, self.tenant)
-            except UnknownProgram:
-                pass
-        self.programs.clear()
+    async def _call(self, model: ModelSpec, problem: int, request: GenerateRequest) -> Generation:
+        async with self.sem:
+            return await (await self._session(model, problem)).generate(request)
+
+    async def close(self) -> None:
+        """Release every program the run opened."""
+        await self._programs.aclose()
+        self.sessions.clear()
 
 
 def _loop_event(out: dict[str, Any], totals: Ledger) -> dict[str, Any]:
@@ -111,7 +102,7 @@ def _loop_event(out: dict[str, Any], totals: Ledger) -> dict[str, Any]:
             "wall_s": round(out["wall_s"], 4), "model_busy_s": round(out["model_busy_s"], 4)}
 
 
-def _count(metrics: Any, ledger: dict[str, Any]) -> None:
+def _count(metrics: "Metrics | None", ledger: dict[str, Any]) -> None:
     """Per-model and per-tier counters; called by a step that actually ran (never on replay)."""
     if metrics is None:
         return
@@ -130,17 +121,11 @@ def _count(metrics: Any, ledger: dict[str, Any]) -> None:
             metrics.evolve_routed.labels(tier).inc(n)
 
 
-def make_workflow(ops: Operators):
+def make_workflow(ops: Operators) -> Callable[[RunContext, Any], Awaitable[dict[str, Any]]]:
     async def evolve(ctx: RunContext, inp: EvolveInput) -> dict[str, Any]:
         """Squeeze-Evolve: confidence-routed multi-model evolution with a final answer per problem."""
-        runtime = getattr(ctx.services, "runtime", None)
-        if runtime is None:
-            raise RunFailed("no_backends", "The evolve workflow needs LLM backends; configure ORCH_BACKENDS.")
-        missing = sorted({m.backend_name for m in inp.models} - set(runtime.backends))
-        if missing:
-            raise RunFailed("unknown_backend", f"No backend {', '.join(map(repr, missing))} here; configured: "
-                                               f"{', '.join(sorted(runtime.backends))}.")
-        metrics = getattr(ctx.services, "metrics", None)
+        runtime = ctx.runtime(m.backend_name for m in inp.models)
+        metrics = ctx.services.metrics
         calls = RuntimeCalls(runtime, ctx.run_id, ctx.tenant, inp)
         evo = Evolution(inp, ops, calls)
         await ctx.emit("evolve.started", {
@@ -168,7 +153,7 @@ def make_workflow(ops: Operators):
                 await ctx.emit("evolve.loop", _loop_event(out, totals))
             final = await ctx.step("final", lambda: counted(evo.final(populations)))
         finally:
-            calls.release()
+            await calls.close()
         ledgers = [Ledger.from_dict(x["ledger"]) for x in loops]
         total = Ledger.total([*ledgers, Ledger.from_dict(final["ledger"])])
         answers = [a | {"population": pop} for a, pop in zip(final["answers"], populations)]
@@ -195,6 +180,8 @@ def make_workflow(ops: Operators):
     return evolve
 
 
-def register(registry: Any, ops: Operators | None = None, name: str = "evolve") -> None:
+def register(registry: "WorkflowRegistry", ops: Operators | None = None, name: str = "evolve") -> None:
+    """The ``orchestrator.workflows`` entry point (see pyproject.toml); ``ops`` and ``name`` register
+    a variant with other operators."""
     ops = ops or default_operators()
     registry.workflow(name, input_model(ops))(make_workflow(ops))

@@ -1,5 +1,7 @@
-"""What workflows use besides the run store: the scheduler runtime (every LLM call), the
-sandbox pool (every tool command) and the tool registry. Built once per process by the app."""
+"""What workflows use besides the run store: the scheduler runtime (every LLM call, through a
+``scheduler.session.ProgramSession``), the sandbox pool (every tool command), the tool registry
+and the metrics. Built once per process by the app; a workflow reaches it as
+``RunContext.services`` (typed, so a workflow cannot ask for something that is not there)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Services:
+    """``None``: not running in this process (no backends configured, a bare test context)."""
+
     runtime: "ProgramRuntime | None" = None
     sandboxes: "SandboxPool | None" = None
     tools: ToolRegistry = field(default_factory=builtin_registry)

@@ -1,14 +1,17 @@
 """The real-time driver: the scheduler core's decisions carried out on real backends.
 
-``ProgramRuntime`` is what the gateway and the agent workflows call. A call becomes a
+``ProgramRuntime`` is what the gateway calls, and the workflows through a
+``scheduler.session.ProgramSession`` (claim, calls, tool hints, release, retries). A call becomes a
 ``RequestArrived``; the core answers with a ``Dispatch`` (now, or later when the program
 is resumed: until then the call simply waits, which is how a program is paused on an
 engine that has no pause API); the chosen backend streams; usage and whether the answer
 called a tool go back as ``RequestFinished``. A backend that fails a call while another can
 serve is marked down in the core (its programs are placed again elsewhere) and, if the caller
 has seen no output yet, the call is placed again on a healthy backend (the only backend is
-never marked down by one failed call: the caller retries, the observation judges it); the
-periodic observation brings a backend back when it answers. On a backend that evicts cached
+never marked down by one failed call: the session's retry policy tries again, the observation
+judges it); the periodic observation (capacity and live load: the health check) brings a
+backend back when it answers. That is the service's one failover mechanism: a call refused
+because no backend is healthy raises ``NoBackendAvailable`` at once. On a backend that evicts cached
 KV by priority (``Capacity.ranks_kv``) each call carries its rank as its ``priority`` (wall-clock
 seconds, so that every service replica ranks alike), and a ``Retain`` is a one-token call over
 the program's last call and its output with the rank as priority.
@@ -27,9 +30,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
 from scheduler.backends.base import (
-    Backend, BackendError, GenerateRequest, GenerationChunk, StreamInterrupted, new_rid,
+    Backend, BackendError, BackendUnavailable, GenerateRequest, GenerationChunk, StreamInterrupted, new_rid,
 )
-from scheduler.backends.pool import NoBackendAvailable
 from scheduler.core import (
     BackendObserved, BackendView, CollectSandbox, Decision, Dispatch, PrepareSandbox, ProgramReleased,
     RequestArrived, RequestFinished, Retain, Scheduler, Tick, ToolEnded, ToolStarted, UnknownProgram,
@@ -42,6 +44,12 @@ SandboxHook = Callable[[str], Awaitable[None]]
 
 class ProgramConflict(Exception):
     """The program id belongs to another tenant."""
+
+
+class NoBackendAvailable(BackendUnavailable):
+    """Every backend (every allowed one) failed its last check or was marked down: the call is
+    refused at once rather than sent where it would fail. Retryable: the next observation may
+    bring one back."""
 
 
 def estimate_tokens(request: GenerateRequest) -> int:
@@ -90,15 +98,16 @@ class ProgramRuntime:
         self._hooks = {PrepareSandbox: on_prepare_sandbox, CollectSandbox: on_collect_sandbox}
         self.stats = RuntimeStats()
         self.token_totals = {"prompt": 0, "cached": 0}
-        self._sandboxless: set[str] = set()  # programs that run no tools: no sandbox prepared or collected
+        # programs that declared a sandbox when claimed: only theirs are prepared and collected
+        self._sandboxed: set[str] = set()
         # program -> what a Retain resends (its last call, see _remember), on backends that rank KV;
         # held from the end of a call to the program's next call or its release
         self._last_context: dict[str, GenerateRequest] = {}
         self._wall_offset = time.time() - clock()  # core times -> wall-clock seconds for ranks
         self._side_tasks: set[asyncio.Task[None]] = set()
         # An agent behind the gateway may never call release (most OpenAI clients know nothing of
-        # it) or may die mid-tool: its program would hold a place in the table, a sandbox, and
-        # count as acting for good. Programs claimed with ``idle_release=True`` are released
+        # it) or may die mid-tool: its program would hold a place in the table and count as
+        # acting for good. Programs claimed with ``idle_release=True`` are released
         # after ``idle_release_s`` with nothing in flight. Program id -> when it was last active.
         self.idle_release_s = idle_release_s if idle_release_s and idle_release_s > 0 else None
         self._last_active: dict[str, float] = {}
@@ -153,6 +162,7 @@ class ProgramRuntime:
             if pid not in self.sched.programs:  # claimed, but its call never reached the core
                 del self._last_active[pid]
                 self.owners.pop(pid, None)
+                self._sandboxed.discard(pid)
                 continue
             owner = self.owners[pid]  # claimed programs have one until released
             try:
@@ -213,7 +223,7 @@ class ProgramRuntime:
                 self._background(self._retain(d, context))
             return
         hook = self._hooks.get(type(d))  # type: ignore[call-overload]
-        if hook is not None and getattr(d, "program_id", None) not in self._sandboxless:
+        if hook is not None and getattr(d, "program_id", None) in self._sandboxed:
             self._background(hook(d.program_id))  # type: ignore[union-attr]
         # Pause / Resume are bookkeeping; Pin / Unpin have no lever on SGLang.
 
@@ -226,23 +236,27 @@ class ProgramRuntime:
 
     # ---- the calls ---------------------------------------------------------------------------
 
-    def claim(self, program_id: str, tenant: str, *, idle_release: bool = False) -> None:
+    def claim(self, program_id: str, tenant: str, *, idle_release: bool = False, sandbox: bool = False) -> None:
         """``program_id`` is ``tenant``'s (``ProgramConflict`` if another tenant's). With
         ``idle_release`` (the gateway's programs, whose agents may never release them) it is
-        released after ``idle_release_s`` with nothing in flight, where the runtime has one."""
+        released after ``idle_release_s`` with nothing in flight, where the runtime has one.
+        With ``sandbox`` the program runs tools: the core's sandbox decisions are carried out
+        for it (declared once, for the program's life; ``scheduler.session`` does it)."""
         owner = self.owners.get(program_id)
         if owner is not None and owner != tenant:
             raise ProgramConflict(program_id)
         self.owners[program_id] = tenant
+        if sandbox:
+            self._sandboxed.add(program_id)
         if idle_release and self.idle_release_s is not None:
             self._last_active[program_id] = self.clock()
 
     async def stream(self, program_id: str, tenant: str, request: GenerateRequest, *,
                      prefix_key: str | None = None, prefix_tokens: int = 0,
-                     backends: tuple[str, ...] | None = None, sandbox: bool = True) -> AsyncIterator[GenerationChunk]:
+                     backends: tuple[str, ...] | None = None) -> AsyncIterator[GenerationChunk]:
         """One LLM call of a program: waits while the program is paused, then streams.
-        ``backends`` restricts where it may run (a model or backend the caller chose);
-        ``sandbox=False``: the program runs no tools, so no sandbox is prepared for it."""
+        ``backends`` restricts where it may run (a model or backend the caller chose). Workflows
+        call it through ``scheduler.session.ProgramSession``, which adds the retry policy."""
         unknown = [n for n in backends or () if n not in self.backends]
         if unknown:
             raise ValueError(f"unknown backends {unknown}; configured: {sorted(self.backends)}")
@@ -250,8 +264,6 @@ class ProgramRuntime:
         self._open_calls[program_id] += 1  # open until the caller closes it (see _release_idle)
         try:
             self._last_context.pop(program_id, None)  # held only while its tool runs
-            if not sandbox:
-                self._sandboxless.add(program_id)
             if not self._available(backends):
                 raise NoBackendAvailable("no healthy backend: every one " + ("allowed " if backends else "")
                                          + "failed its last check", backend="runtime")
@@ -411,7 +423,7 @@ class ProgramRuntime:
         except UnknownProgram:
             pass  # known to us, finished in the core: releasing twice is harmless
         finally:
-            self._sandboxless.discard(program_id)
+            self._sandboxed.discard(program_id)
 
     def tool_started(self, program_id: str, tenant: str, tool: str) -> None:
         self._own(program_id, tenant)

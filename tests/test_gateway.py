@@ -15,6 +15,8 @@ from openai import AsyncOpenAI
 from orchestrator import Settings
 from tests.servers import SimServerProcess, free_port, running_server
 
+pytestmark = pytest.mark.slow
+
 KEYS = {"sk-a": "alpha", "sk-b": "beta"}
 TOOLS = [{"type": "function", "function": {"name": "run_tests", "parameters": {"type": "object", "properties": {}}}}]
 
@@ -68,6 +70,8 @@ async def test_openai_client_drop_in_with_program_lifecycle(service: str):
         assert 'orchestrator_programs{phase="reasoning",status="active"} 1.0' in metrics
         assert "orchestrator_scheduler_dispatches_total 2.0" in metrics
         assert 'orchestrator_backend_healthy{backend="sim-0"} 1.0' in metrics
+        # a gateway program declares no sandbox: none was prepared for its calls (a pod each, on Kubernetes)
+        assert all(f'orchestrator_sandboxes{{state="{st}"}} 0.0' in metrics for st in ("creating", "ready", "failed"))
         hit = float(metrics.split("\norchestrator_scheduler_kv_hit_ratio ")[1].split()[0])
         assert 0 < hit < 1
         prog = (await http.get("/v1/programs/agent-1")).json()

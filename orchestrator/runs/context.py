@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, TypeVar
 
 from orchestrator.runs.records import RunRecord, StepRecord
 from orchestrator.runs.store import Lease, LeaseLost, RunStore
+from orchestrator.services import Services
+
+if TYPE_CHECKING:
+    from scheduler.runtime import ProgramRuntime
 
 T = TypeVar("T")
 
@@ -46,7 +50,7 @@ class RunContext:
         run: RunRecord,
         completed: dict[int, StepRecord],
         on_step: Callable[[str], None] | None = None,
-        services: Any = None,
+        services: Services | None = None,
         lease_valid: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
@@ -60,11 +64,25 @@ class RunContext:
         self._next_step = 0
         self._next_emit = 0
         self._on_step = on_step or (lambda _status: None)
-        # What workflows call besides the store: the scheduler runtime, sandboxes, tools
-        # (``orchestrator.services.Services``); ``None`` in a bare context.
-        self.services = services
+        # What workflows call besides the store: the scheduler runtime, sandboxes, tools, metrics
+        self.services: Services = services if services is not None else Services()
         # The worker's local verdict on the lease (``worker.LeaseClock``): no database round trip.
         self._lease_valid = lease_valid or (lambda: True)
+
+    def runtime(self, backends: Iterable[str] = ()) -> "ProgramRuntime":
+        """The scheduler runtime this run's LLM calls go through (open a
+        ``scheduler.session.ProgramSession`` on it per program). The run fails with
+        ``no_backends`` where none is configured, and ``unknown_backend`` when one of
+        ``backends`` (names the input chose) is not."""
+        runtime = self.services.runtime
+        if runtime is None:
+            raise RunFailed("no_backends", f"The {self.workflow} workflow needs an LLM backend; "
+                                           "configure ORCH_BACKENDS.")
+        unknown = sorted(set(backends) - set(runtime.backends))
+        if unknown:
+            raise RunFailed("unknown_backend", f"No backend {', '.join(map(repr, unknown))} here; configured: "
+                                               f"{', '.join(sorted(runtime.backends))}.")
+        return runtime
 
     async def step(self, name: str, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` once; its JSON-serialisable result is checkpointed before this returns."""

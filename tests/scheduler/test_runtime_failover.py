@@ -12,10 +12,9 @@ import asyncio
 import pytest
 
 from scheduler.backends import BackendUnavailable, GenerateRequest, StreamInterrupted
-from scheduler.backends.pool import NoBackendAvailable
 from scheduler.backends.sglang import SGLangBackend
 from scheduler.core import Status
-from scheduler.runtime import ProgramRuntime
+from scheduler.runtime import NoBackendAvailable, ProgramRuntime
 from tests.servers import SimServerProcess
 
 
@@ -36,6 +35,7 @@ def servers():
         p.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["program", "request"])
 async def test_a_call_on_a_dead_backend_is_placed_again_and_answered(servers, policy: str) -> None:
     a, b = servers
@@ -70,6 +70,7 @@ async def test_a_call_on_a_dead_backend_is_placed_again_and_answered(servers, po
         await runtime.close()
 
 
+@pytest.mark.slow
 async def test_no_second_try_after_output_and_the_only_backend_is_judged_by_observation() -> None:
     # slow enough that the answer is still streaming when the server dies (at speed 200 the
     # whole answer took ~25 ms, and a busy machine could kill it only after the end)

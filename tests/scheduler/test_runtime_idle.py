@@ -15,6 +15,7 @@ from scheduler.runtime import ProgramRuntime
 from tests.servers import SimServerProcess
 
 
+@pytest.mark.slow
 async def test_idle_gateway_programs_are_released_and_busy_or_internal_ones_are_not():
     sim = SimServerProcess("--speed", "100").start()
     collected: list[str] = []
@@ -32,13 +33,13 @@ async def test_idle_gateway_programs_are_released_and_busy_or_internal_ones_are_
             pass
 
     try:
-        runtime.claim("gw-idle", "t", idle_release=True)
+        runtime.claim("gw-idle", "t", idle_release=True, sandbox=True)  # its sandbox is collected with it
         await call("gw-idle")
         await call("run-internal")  # a run's program: its run releases it
-        runtime.claim("gw-busy", "t", idle_release=True)
+        runtime.claim("gw-busy", "t", idle_release=True, sandbox=True)
         busy = runtime.stream("gw-busy", "t", GenerateRequest(prompt="a long answer", max_tokens=400))
         await anext(busy)  # in flight, and held there
-        runtime.claim("gw-hinted", "t", idle_release=True)
+        runtime.claim("gw-hinted", "t", idle_release=True, sandbox=True)
         await call("gw-hinted")
 
         now[0] = 8.0
