@@ -99,7 +99,8 @@ class SchedulerCollector:
             programs.add_metric([phase, status], n)
         yield programs
         c = sched.counters
-        for name, counter, doc in (("pauses", "pauses", "Programs paused."), ("resumes", "resumes", "Programs resumed."),
+        for name, counter, doc in (("pauses", "pauses", "Programs paused."),
+                                   ("resumes", "resumes", "Programs resumed."),
                                    ("dispatches", "dispatches", "LLM calls dispatched."),
                                    ("programs_released", "released", "Programs released.")):
             yield CounterMetricFamily(f"orchestrator_scheduler_{name}", doc, value=c[counter])

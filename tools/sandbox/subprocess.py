@@ -378,9 +378,10 @@ class SubprocessSandbox(Sandbox):
             return "require" if on else "off"
 
         network = limits.network or not self.features.net
-        spec: dict[str, Any] = {"uid": self._uid, "gid": self._gid, "parent": os.getpid(), "workspace": str(self.workspace),
-                "net": want(not network), "pid": want(self.features.pid), "mnt": want(self.features.mnt),
-                "rlimits": self._rlimits(limits)}
+        spec: dict[str, Any] = {
+            "uid": self._uid, "gid": self._gid, "parent": os.getpid(), "workspace": str(self.workspace),
+            "net": want(not network), "pid": want(self.features.pid), "mnt": want(self.features.mnt),
+            "rlimits": self._rlimits(limits)}
         if self.features.mnt:
             spec["stage"] = str(self.workspace.parent)
             spec["root"] = root_plan(str(self.workspace), network=network, python=self.python,
