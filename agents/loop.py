@@ -12,7 +12,8 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
 
 from agents.spec import AgentInput
 from agents.text_tools import parse_text_calls, tools_prompt
@@ -190,7 +191,7 @@ class AgentLoop:
 
     # ---- messages ----------------------------------------------------------------------------
 
-    def _calls(self, out: dict[str, Any], turn: int) -> list[dict[str, str]]:
+    def _calls(self, out: dict[str, Any], turn: int) -> list[dict[str, Any]]:
         if out["tool_calls"] and self.native:
             return out["tool_calls"]
         if self.spec.tool_mode == "native":

@@ -3,8 +3,9 @@
 Each agent is its own scheduler program (``<run id>:p<layer>.<index>``, ``<run id>:agg``), so the
 scheduler sees, places and can hold each one like any gateway program; each is a
 ``ProgramSession`` (no sandbox: pipeline agents run no tools), released when the run ends, however
-it ends, and whose calls a failure before their first token sends again. The aggregator's tokens reach the user as ``pipeline.delta`` events
-(batched, see ``delta_interval_s``) on the run's stream, which the SDK's ``runs.stream`` yields.
+it ends, and whose calls a failure before their first token sends again. The aggregator's tokens
+reach the user as ``pipeline.delta`` events (batched, see ``delta_interval_s``) on the run's
+stream, which the SDK's ``runs.stream`` yields.
 
 Events written from concurrent agents cannot use ``RunContext.emit`` (its replay keys follow call
 order), so they carry their own keys, unique per attempt: a resumed run does not re-send the
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
 
 from agents.pipeline_exec import PipelineError, PipelineExecutor
 from agents.pipeline_spec import Node, PipelineInput
@@ -56,7 +58,7 @@ async def pipeline(ctx: RunContext, inp: PipelineInput) -> dict[str, Any]:
                                      backends=(n.agent.backend,) if n.agent.backend else None)
                 for n in inp.nodes()}
 
-    def llm(node: Node, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+    def llm(node: Node, request: GenerateRequest) -> AsyncGenerator[GenerationChunk, None]:
         return sessions[node.id].stream(request)
 
     await ctx.emit("pipeline.started", {"mode": inp.mode, "layers": [len(layer.agents) for layer in inp.layers],
@@ -73,6 +75,6 @@ async def pipeline(ctx: RunContext, inp: PipelineInput) -> dict[str, Any]:
     return result
 
 
-def register(registry: "WorkflowRegistry") -> None:
+def register(registry: WorkflowRegistry) -> None:
     """The ``orchestrator.workflows`` entry point (see pyproject.toml)."""
     registry.workflow("pipeline", PipelineInput)(pipeline)

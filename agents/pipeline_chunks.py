@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 # the simulator tokenizer's pieces (scheduler/sim/tokenizer.py), which cover any text losslessly
 _PIECE = re.compile(r"<\|[a-z_]+\|>| ?[A-Za-z0-9]{1,4}| ?[^\sA-Za-z0-9]|\s")
@@ -93,13 +93,13 @@ class RoundPlanner:
     def plan(self, ups: list[Upstream]) -> RoundPlan | None:
         if len(ups) != len(self.taken):
             raise ValueError("one upstream per input")
-        if not all(u.ended or len(u.chunks) > t for u, t in zip(ups, self.taken)):
+        if not all(u.ended or len(u.chunks) > t for u, t in zip(ups, self.taken, strict=False)):
             return None
         all_ended = all(u.ended for u in ups)
-        fresh = any(len(u.chunks) > t for u, t in zip(ups, self.taken))
+        fresh = any(len(u.chunks) > t for u, t in zip(ups, self.taken, strict=False))
         if self.final_done or (not fresh and not all_ended):
             return None
-        parts = ["".join(u.chunks[t:]) for u, t in zip(ups, self.taken)]
+        parts = ["".join(u.chunks[t:]) for u, t in zip(ups, self.taken, strict=False)]
         return RoundPlan(parts, [u.ended for u in ups], [len(u.chunks) for u in ups], all_ended)
 
     def commit(self, plan: RoundPlan) -> None:

@@ -22,7 +22,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from agents.pipeline_chunks import ChunkCutter, RoundPlan, RoundPlanner, Upstream
 from agents.pipeline_prompts import Conversation, proposer_messages
@@ -31,7 +32,7 @@ from scheduler.backends.base import GenerateRequest, GenerationChunk
 
 log = logging.getLogger("agents.pipeline")
 
-LLM = Callable[[Node, GenerateRequest], AsyncIterator[GenerationChunk]]
+LLM = Callable[[Node, GenerateRequest], AsyncGenerator[GenerationChunk, None]]
 Step = Callable[..., Awaitable[Any]]
 
 
@@ -216,12 +217,12 @@ class PipelineExecutor:
         inputs: list[str] | None = None
         for li, nodes in enumerate(self.layers):
             outs = await self.step(f"layer-{li}", self._wait_layer, li, inputs)
-            for node, out in zip(nodes, outs):
+            for node, out in zip(nodes, outs, strict=False):
                 self.status[node.id] = out["status"]
                 self._count(node, out["usage"])
             if not any(o["text"] for o in outs):
                 raise PipelineError("proposers_failed", f"Every agent of layer {li} failed: "
-                                    + "; ".join(f"{n.id}: {o['error']}" for n, o in zip(nodes, outs)))
+                                    + "; ".join(f"{n.id}: {o['error']}" for n, o in zip(nodes, outs, strict=False)))
             inputs = [o["text"] for o in outs]
         out = await self.step("aggregate", self._wait_aggregate, inputs)
         self.status[self.final.id] = "finished"

@@ -33,13 +33,13 @@ def proposer_messages(task: str, system_prompt: str | None) -> list[dict[str, An
 
 def _listing(parts: list[str], complete: list[bool]) -> str:
     return "\n\n".join(f"Response {i + 1}:\n{text or ('(no response)' if done else '')}{'' if done else PARTIAL_MARK}"
-                       for i, (text, done) in enumerate(zip(parts, complete)))
+                       for i, (text, done) in enumerate(zip(parts, complete, strict=False)))
 
 
 def _more(parts: list[str], complete: list[bool], newly_complete: list[bool]) -> str:
     lines = [f"Response {i + 1}, continued:\n{text}{'' if done else PARTIAL_MARK}"
-             for i, (text, done) in enumerate(zip(parts, complete)) if text]
-    ended = [str(i + 1) for i, (text, now) in enumerate(zip(parts, newly_complete)) if now and not text]
+             for i, (text, done) in enumerate(zip(parts, complete, strict=False)) if text]
+    ended = [str(i + 1) for i, (text, now) in enumerate(zip(parts, newly_complete, strict=False)) if now and not text]
     if ended:
         lines.append(f"Response{'s' if len(ended) > 1 else ''} {', '.join(ended)} ended there.")
     if not lines:
@@ -81,9 +81,9 @@ class Conversation:
             {"role": "system", "content": f"{self.instruction}\n\n{_listing(first.parts, first.complete)}"},
             {"role": "user", "content": self.task}]
         before = first.complete
-        for prev, r in zip(self.rounds, self.rounds[1:]):
+        for prev, r in zip(self.rounds, self.rounds[1:], strict=False):
             msgs.append({"role": "assistant", "content": prev.output})
-            newly = [now and not was for now, was in zip(r.complete, before)]
+            newly = [now and not was for now, was in zip(r.complete, before, strict=False)]
             msgs.append({"role": "user", "content": _more(r.parts, r.complete, newly)})
             before = r.complete
         return msgs

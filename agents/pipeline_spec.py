@@ -63,7 +63,7 @@ class PipelineInput(AgentSettings):
     time_budget_s: float | None = Field(default=600.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
-    def _positive_schedule(self) -> "PipelineInput":
+    def _positive_schedule(self) -> PipelineInput:
         if any(n < 1 for n in self.chunk_schedule):
             raise ValueError("chunk_schedule entries must be >= 1")
         return self
@@ -76,7 +76,7 @@ class PipelineInput(AgentSettings):
         """Tokens an aggregating agent writes in its round ``index`` when more input is to come."""
         return self.aggregator_chunk_tokens or self.chunk_size(index)
 
-    def nodes(self) -> list["Node"]:
+    def nodes(self) -> list[Node]:
         """Every agent of the pipeline, layer by layer, the aggregator last."""
         out = [Node(f"p{li}.{ai}", li, ai, _resolve(self, li, layer, agent))
                for li, layer in enumerate(self.layers) for ai, agent in enumerate(layer.agents)]

@@ -52,7 +52,7 @@ def sandbox_limits(inp: AgentInput) -> Limits:
 class _MeteredTools(ToolRegistry):
     """The run's tools, run within the pool's concurrency bound and counted in the metrics."""
 
-    def __init__(self, inner: ToolRegistry, metrics: "Metrics | None", pool: "SandboxPool") -> None:
+    def __init__(self, inner: ToolRegistry, metrics: Metrics | None, pool: SandboxPool) -> None:
         super().__init__(inner.get(n) for n in inner.names())  # type: ignore[misc]
         self.metrics = metrics
         self.pool = pool
@@ -114,6 +114,6 @@ async def _listing(sandbox: Any) -> list[dict[str, Any]]:
     return [{"path": e.path, "size": e.size} for e in entries if not e.is_dir]
 
 
-def register(registry: "WorkflowRegistry") -> None:
+def register(registry: WorkflowRegistry) -> None:
     """The ``orchestrator.workflows`` entry point (see pyproject.toml)."""
     registry.workflow("agent", AgentInput, check=check_sandbox_ceilings)(agent)

@@ -13,7 +13,8 @@ import asyncio
 import hashlib
 import random
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Sequence
 
 from evolve.fitness import candidate_confidence
 from evolve.ledger import Ledger, Price
@@ -66,7 +67,7 @@ class BusyTimer:
 class _Loop:
     """The per-loop state the operators' environments reach: ledger, timer, models."""
 
-    def __init__(self, evo: "Evolution", index: int) -> None:
+    def __init__(self, evo: Evolution, index: int) -> None:
         self.evo = evo
         self.index = index
         self.ledger = Ledger()
@@ -126,8 +127,9 @@ class Evolution:
         self.models = spec.ordered_models()
         self.prices = {m.name: Price(m.price_in, m.price_out) for m in self.models}
         self.scorer = spec.scoring_model()
-        self.problems = [{"index": i, "id": p.id or str(i), "question": p.question, "answer": p.answer}
-                         for i, p in enumerate(spec.problems)]
+        self.problems: list[dict[str, Any]] = [
+            {"index": i, "id": p.id or str(i), "question": p.question, "answer": p.answer}
+            for i, p in enumerate(spec.problems)]
         self.instruction = ANSWER_INSTRUCTIONS.get(spec.answer_format, ANSWER_INSTRUCTIONS["boxed"])
         self.extract = ops.get("extractor", spec.answer_format)
         self._recombine = ops.get("recombination", spec.recombination)
@@ -149,7 +151,8 @@ class Evolution:
 
         async def one(problem: dict[str, Any], i: int) -> Candidate:
             messages = initial_prompt(problem["question"], self.instruction)
-            gen = await lp.generate(strong, problem["index"], messages, derived_seed(self.spec.seed, problem["index"], 0, i))
+            gen = await lp.generate(strong, problem["index"], messages,
+                                    derived_seed(self.spec.seed, problem["index"], 0, i))
             return self._candidate(gen, strong.name, 0)
 
         populations = await asyncio.gather(*(
@@ -212,7 +215,7 @@ class Evolution:
         pick = self.ops.get("final", self.spec.final)
         answers = await asyncio.gather(*(pick(lp, p, populations[p["index"]]) for p in self.problems))
         out = []
-        for problem, a in zip(self.problems, answers):
+        for problem, a in zip(self.problems, answers, strict=True):
             row = {"id": problem["id"], **a}
             if problem["answer"] is not None:
                 truth = self.extract(problem["answer"]) or problem["answer"].strip()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
 
 from evolve.engine import Evolution
 from evolve.ledger import Ledger
@@ -102,7 +103,7 @@ def _loop_event(out: dict[str, Any], totals: Ledger) -> dict[str, Any]:
             "wall_s": round(out["wall_s"], 4), "model_busy_s": round(out["model_busy_s"], 4)}
 
 
-def _count(metrics: "Metrics | None", ledger: dict[str, Any]) -> None:
+def _count(metrics: Metrics | None, ledger: dict[str, Any]) -> None:
     """Per-model and per-tier counters; called by a step that actually ran (never on replay)."""
     if metrics is None:
         return
@@ -143,6 +144,7 @@ def make_workflow(ops: Operators) -> Callable[[RunContext, Any], Awaitable[dict[
 
         try:
             loops: list[dict[str, Any]] = []
+            populations: list[Any] = []  # loop 0's, set before any later loop reads it
             out = await ctx.step("loop-0", lambda: counted(evo.initial()))
             for t in range(inp.loops):
                 if t > 0:
@@ -156,7 +158,7 @@ def make_workflow(ops: Operators) -> Callable[[RunContext, Any], Awaitable[dict[
             await calls.close()
         ledgers = [Ledger.from_dict(x["ledger"]) for x in loops]
         total = Ledger.total([*ledgers, Ledger.from_dict(final["ledger"])])
-        answers = [a | {"population": pop} for a, pop in zip(final["answers"], populations)]
+        answers = [a | {"population": pop} for a, pop in zip(final["answers"], populations, strict=False)]
         known = [a["correct"] for a in answers if "correct" in a]
         wall = sum(x["wall_s"] for x in loops) + final["wall_s"]
         busy = sum(x["model_busy_s"] for x in loops) + final["model_busy_s"]
@@ -180,7 +182,7 @@ def make_workflow(ops: Operators) -> Callable[[RunContext, Any], Awaitable[dict[
     return evolve
 
 
-def register(registry: "WorkflowRegistry", ops: Operators | None = None, name: str = "evolve") -> None:
+def register(registry: WorkflowRegistry, ops: Operators | None = None, name: str = "evolve") -> None:
     """The ``orchestrator.workflows`` entry point (see pyproject.toml); ``ops`` and ``name`` register
     a variant with other operators."""
     ops = ops or default_operators()

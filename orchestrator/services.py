@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class Services:
     """``None``: not running in this process (no backends configured, a bare test context)."""
 
-    runtime: "ProgramRuntime | None" = None
-    sandboxes: "SandboxPool | None" = None
+    runtime: ProgramRuntime | None = None
+    sandboxes: SandboxPool | None = None
     tools: ToolRegistry = field(default_factory=builtin_registry)
-    metrics: "Metrics | None" = None
+    metrics: Metrics | None = None

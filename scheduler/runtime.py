@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 
 from scheduler.backends.base import (
     Backend, BackendError, BackendUnavailable, GenerateRequest, GenerationChunk, StreamInterrupted, new_rid,
@@ -39,7 +39,7 @@ from scheduler.core import (
 
 log = logging.getLogger("scheduler.runtime")
 
-SandboxHook = Callable[[str], Awaitable[None]]
+SandboxHook = Callable[[str], Coroutine[object, object, None]]
 
 
 class ProgramConflict(Exception):
@@ -185,7 +185,7 @@ class ProgramRuntime:
                     self._context_tokens[name] = cap.max_context_tokens
                 return BackendObserved(self.clock(), name, cap.max_total_tokens, load.used_tokens, load.running,
                                        load.queued, True, ranks_kv=cap.ranks_kv)
-            except (BackendError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, BackendError, OSError) as exc:
                 log.warning("backend %s not observable: %s", name, exc)
                 view = self.sched.backends[name]
                 return BackendObserved(self.clock(), name, view.capacity, view.used, 0, 0, False)
@@ -222,15 +222,15 @@ class ProgramRuntime:
             if context is not None:
                 self._background(self._retain(d, context))
             return
-        hook = self._hooks.get(type(d))  # type: ignore[call-overload]
+        hook = self._hooks.get(type(d))
         if hook is not None and getattr(d, "program_id", None) in self._sandboxed:
-            self._background(hook(d.program_id))  # type: ignore[union-attr]
+            self._background(hook(d.program_id))
         # Pause / Resume are bookkeeping; Pin / Unpin have no lever on SGLang.
 
-    def _background(self, coro: Awaitable[None]) -> None:
+    def _background(self, coro: Coroutine[object, object, None]) -> None:
         """Run a side effect (a sandbox hook, a Retain) without waiting; the loop keeps only a
         weak reference to a task, so it is held here until done."""
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
@@ -253,7 +253,7 @@ class ProgramRuntime:
 
     async def stream(self, program_id: str, tenant: str, request: GenerateRequest, *,
                      prefix_key: str | None = None, prefix_tokens: int = 0,
-                     backends: tuple[str, ...] | None = None) -> AsyncIterator[GenerationChunk]:
+                     backends: tuple[str, ...] | None = None) -> AsyncGenerator[GenerationChunk, None]:
         """One LLM call of a program: waits while the program is paused, then streams.
         ``backends`` restricts where it may run (a model or backend the caller chose). Workflows
         call it through ``scheduler.session.ProgramSession``, which adds the retry policy."""
@@ -322,8 +322,8 @@ class ProgramRuntime:
         if view.healthy:
             self._handle(BackendObserved(self.clock(), name, view.capacity, view.used, 0, 0, False))
 
-    async def _run(self, fut: "asyncio.Future[Dispatch]", arrived: float,
-                   request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+    async def _run(self, fut: asyncio.Future[Dispatch], arrived: float,
+                   request: GenerateRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Wait for the core's dispatch, then stream from the chosen backend."""
         finished = False
         try:

@@ -29,7 +29,7 @@ import logging
 from contextlib import aclosing
 from dataclasses import dataclass
 from types import TracebackType
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from scheduler.backends.base import BackendError, BackendHTTPError, GenerateRequest, Generation, GenerationChunk
 from scheduler.core import UnknownProgram
@@ -114,7 +114,7 @@ class ProgramSession:
     # ---- calls -------------------------------------------------------------------------------
 
     async def stream(self, request: GenerateRequest, *,
-                     backends: tuple[str, ...] | None = None) -> AsyncIterator[GenerationChunk]:
+                     backends: tuple[str, ...] | None = None) -> AsyncGenerator[GenerationChunk, None]:
         """One LLM call, streamed. Retried by the policy (as ``<rid>-r<n>``) while it failed
         retryably before its first chunk; after output, a failure is the caller's to judge.
         ``backends`` narrows the session's for this call. Closing the iterator early aborts the

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
 
 from orchestrator.runs.records import RunRecord, StepRecord
 from orchestrator.runs.store import Lease, LeaseLost, RunStore
@@ -69,7 +70,7 @@ class RunContext:
         # The worker's local verdict on the lease (``worker.LeaseClock``): no database round trip.
         self._lease_valid = lease_valid or (lambda: True)
 
-    def runtime(self, backends: Iterable[str] = ()) -> "ProgramRuntime":
+    def runtime(self, backends: Iterable[str] = ()) -> ProgramRuntime:
         """The scheduler runtime this run's LLM calls go through (open a
         ``scheduler.session.ProgramSession`` on it per program). The run fails with
         ``no_backends`` where none is configured, and ``unknown_backend`` when one of

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
 
 from pydantic import BaseModel
 
@@ -27,7 +28,7 @@ class WorkflowDef(Generic[InputT]):
     description: str = ""
     check: InputCheck | None = None
 
-    def check_input(self, inp: InputT, limits: "TenantLimits") -> None:
+    def check_input(self, inp: InputT, limits: TenantLimits) -> None:
         """Refuse, before anything is written, a valid input this tenant may not run."""
         if self.check is not None:
             self.check(inp, limits)
@@ -58,7 +59,7 @@ class WorkflowRegistry:
     def names(self) -> list[str]:
         return sorted(self._defs)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[WorkflowDef[Any]]:
         return iter(self._defs.values())
 
     def load_module(self, module_name: str) -> None:
