@@ -45,5 +45,7 @@ async def test_real_model_agent_finishes_within_budgets(tmp_path: Path, tool_mod
         assert sum(e.type == "agent.tool" for e in events) == out["tool_calls"]
         if tool_mode == "auto":  # tool_choice "required": every turn is a call, and a valid one
             assert out["tool_calls"] >= out["turns"]
-            errors = [e.data["error"] for e in events if e.type == "agent.tool"]
+            # only a call cut by max_tokens (48 here) can be malformed: the grammar allows nothing else
+            cut = {e.data["turn"] for e in events if e.type == "agent.turn" and e.data["finish_reason"] == "length"}
+            errors = [e.data["error"] for e in events if e.type == "agent.tool" and e.data["turn"] not in cut]
             assert not {"malformed_arguments", "invalid_arguments", "unknown_tool"} & set(errors), errors
