@@ -43,9 +43,9 @@ $(NODE_STAMP): Makefile
 # Installs what it can; a missing Python 3.12+, npm or promtool is a line here and skipped tests,
 # not a failed `make test`. An install that can run but fails still fails.
 deploy-tools:
-	@if [ -n "$(PY_HELM)" ]; then $(MAKE) --no-print-directory $(HELM_STAMP); \
+	@if [ -n "$(PY_HELM)" ]; then $(MAKE) -s --no-print-directory $(HELM_STAMP); \
 	else echo "deploy-tools: no Python 3.12+ (pyenv, python3.12 or python3.13 on PATH, or PY_HELM=...): the chart's tests will skip"; fi
-	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(NODE_STAMP); \
+	@if command -v npm >/dev/null; then $(MAKE) -s --no-print-directory $(NODE_STAMP); \
 	else echo "deploy-tools: no npm: the dashboards' TypeScript checks will skip"; fi
 	@command -v promtool >/dev/null || echo "deploy-tools: no promtool (Debian: apt-get install prometheus, as root): the rules' tests will skip"
 
@@ -63,8 +63,9 @@ serve: $(STAMP)
 test: $(STAMP) deploy-tools
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP) deploy-tools
-	$(BIN)/python -m pytest -q -m "not slow and not sglang"
+# The fast tier: no server subprocess, no real model, no SGLang, no chart tools (README, Tests).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow and not sglang"
 
 bench: $(STAMP)
 	$(BIN)/python bench/control_plane.py --quick

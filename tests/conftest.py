@@ -1,15 +1,18 @@
-"""Shared fixtures: real SQLite, PostgreSQL and Redis; the service on loopback."""
+"""Shared fixtures: real SQLite, PostgreSQL and Redis; the service on loopback. And the fast
+tier's guard: a test that starts a server subprocess must be marked ``slow``."""
 
 from __future__ import annotations
 
 import asyncio
-
+import functools
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from orchestrator import Settings
+from tests import servers
 from tests.services import create_database, drop_database, postgres_server, redis_server, sqlalchemy_url
 
 DEV_KEYS = {"sk-test-a": "tenant-a", "sk-test-b": "tenant-b"}
@@ -67,3 +70,34 @@ def make_settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) 
         return Settings(**values)
 
     return build
+
+
+# The fast tier (`make test-fast`: -m "not slow and not sglang") starts no server subprocess. So
+# that its marks cannot drift, a test that starts one (the service, the simulator) without a
+# `slow` or `sglang` mark fails, in every tier, saying so.
+_running: pytest.Item | None = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    global _running
+    _running = item  # through setup, call and teardown, where fixtures start servers too
+    try:
+        return (yield)
+    finally:
+        _running = None
+
+
+def _slow_only(start: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(start)
+    def guarded(self: object, *args: Any, **kwargs: Any) -> Any:
+        item = _running
+        if item is not None and not (item.get_closest_marker("slow") or item.get_closest_marker("sglang")):
+            pytest.fail(f"{item.nodeid} starts {type(self).__name__}, a server subprocess: mark it "
+                        "@pytest.mark.slow (the fast tier starts none)", pytrace=False)
+        return start(self, *args, **kwargs)
+    return guarded
+
+
+servers.ServiceProcess.start = _slow_only(servers.ServiceProcess.start)  # type: ignore[method-assign]
+servers.SimServerProcess.start = _slow_only(servers.SimServerProcess.start)  # type: ignore[method-assign]

@@ -17,6 +17,8 @@ from orchestrator import Settings
 from orchestrator_sdk import AsyncClient
 from tests.servers import SimServerProcess, running_server
 
+pytestmark = pytest.mark.slow
+
 KEY = "sk-agent"
 BUGGY = "def add(a, b):\n    return a - b\n"
 TEST = "from calc import add\nassert add(2, 3) == 5, f'add(2, 3) = {add(2, 3)}'\nprint('tests passed')\n"

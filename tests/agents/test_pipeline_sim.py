@@ -17,6 +17,8 @@ from orchestrator_sdk import AsyncClient
 from tests.agents.test_agent_sim import _sim_metric
 from tests.servers import SimServerProcess, running_server
 
+pytestmark = pytest.mark.slow
+
 KEY = "sk-pipe"
 CHUNK = ["--chunked-script", "8,6"]  # 6 numbered chunks of 8 tokens: 48 tokens a proposer
 

@@ -24,6 +24,7 @@ def test_ranks_kv_from_server_info(info: dict, expected: bool) -> None:
     assert ranks_kv(info) is expected
 
 
+@pytest.mark.slow
 async def test_the_simulator_server_reports_it_from_its_flags() -> None:
     for args, expected in ((("--radix-eviction-policy", "priority"), True), ((), False),
                            (("--radix-eviction-policy", "priority", "--enable-priority-scheduling"), False)):

@@ -12,7 +12,6 @@ server (LRU eviction) the same sequence evicts both. The backend reports the lev
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from typing import Iterator
 
@@ -21,8 +20,7 @@ import pytest
 from scheduler.backends import GenerateRequest
 from scheduler.backends.sglang import SGLangBackend
 from scheduler.runtime import ProgramRuntime
-from tests.backends.conftest import SGLANG_CPU
-from tests.servers import free_port
+from tests.backends.conftest import sglang_server
 
 pytestmark = pytest.mark.sglang
 FLAGS = ["--radix-eviction-policy", "priority", "--schedule-low-priority-values-first",
@@ -30,14 +28,9 @@ FLAGS = ["--radix-eviction-policy", "priority", "--schedule-low-priority-values-
 
 
 @pytest.fixture(scope="module")
-def ranking_url(sglang_url: str) -> Iterator[str]:  # after the session server: install done
-    port = str(free_port())
-    out = subprocess.run(["bash", str(SGLANG_CPU / "serve.sh"), port, *FLAGS], check=True, timeout=400,
-                         capture_output=True, text=True)
-    try:
-        yield out.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run(["bash", str(SGLANG_CPU / "stop.sh"), port], timeout=60)
+def ranking_url(pytestconfig: pytest.Config) -> Iterator[str]:
+    with sglang_server(pytestconfig, *FLAGS) as url:
+        yield url
 
 
 def ids(rng: random.Random, n: int) -> list[int]:

@@ -17,6 +17,8 @@ import yaml
 from orchestrator.settings import Settings
 from tests.deploy.conftest import CHART, ROOT, job
 
+pytestmark = pytest.mark.slow
+
 KUBE_OLDEST, KUBE_NEWEST = "1.27.0", "1.37.0"  # Chart.yaml kubeVersion >=1.27; newest schemas bundled
 
 BUNDLED = {  # several replicas on the bundled PostgreSQL and Redis, everything optional turned on

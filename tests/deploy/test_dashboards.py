@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.conftest import CHART, GRAFANA_SCHEMA, ROOT, TSC, need
+from tests.deploy.conftest import CHART, GRAFANA_SCHEMA, HOW_NODE, ROOT, TSC, need
 
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 
@@ -74,7 +74,7 @@ def test_uids_are_unique() -> None:
 def _typecheck(tmp_path: Path, dashboards: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
     """Each dashboard as an object literal typed `Dashboard` from @grafana/schema: TypeScript's
     excess-property and type checks reject unknown fields and wrong types at any depth."""
-    tsc = need(TSC, "TypeScript (.node-deploy)")
+    tsc = need(TSC, "TypeScript (.node-deploy)", HOW_NODE)
     files = []
     for i, d in enumerate(dashboards):
         f = tmp_path / f"dashboard{i}.ts"
@@ -87,8 +87,9 @@ def _typecheck(tmp_path: Path, dashboards: list[dict[str, Any]]) -> subprocess.C
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_dashboards_are_valid_for_the_schema_version_they_declare(tmp_path: Path) -> None:
-    need(GRAFANA_SCHEMA, "@grafana/schema (.node-deploy)")
+    need(GRAFANA_SCHEMA, "@grafana/schema (.node-deploy)", HOW_NODE)
     defaults = (GRAFANA_SCHEMA / "dist" / "esm" / "raw" / "dashboard" / "x" / "types.gen.mjs").read_text()
     schema_version = int(re.search(r"schemaVersion: (\d+)", defaults).group(1))  # type: ignore[union-attr]
     dashboards = [load(p) for p in DASHBOARDS]
@@ -97,6 +98,7 @@ def test_dashboards_are_valid_for_the_schema_version_they_declare(tmp_path: Path
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_type_check_rejects_a_bad_dashboard(tmp_path: Path) -> None:
     """Not vacuous: an unknown field and a string where a number belongs are both errors."""
     unknown_field, wrong_type = load(DASHBOARDS[0]), load(DASHBOARDS[0])

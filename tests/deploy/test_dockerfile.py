@@ -11,6 +11,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.deploy.conftest import CHART, HELM_PY, HOW_HELM, ROOT, need
@@ -24,6 +25,7 @@ def stages() -> list[str]:
     return re.split(r"^FROM ", DOCKERFILE, flags=re.M)[1:]
 
 
+@pytest.mark.slow
 def test_hadolint_passes() -> None:
     hadolint = need(HELM_PY.parent / "hadolint", "hadolint (.venv-helm)", HOW_HELM)
     proc = subprocess.run([str(hadolint), "--failure-threshold", "info", str(ROOT / "Dockerfile")],
@@ -31,6 +33,7 @@ def test_hadolint_passes() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_hadolint_catches_a_bad_instruction(tmp_path: Path) -> None:
     hadolint = need(HELM_PY.parent / "hadolint", "hadolint (.venv-helm)", HOW_HELM)
     bad = tmp_path / "Dockerfile"
@@ -63,6 +66,7 @@ def test_image_holds_every_package_and_runs_the_cli() -> None:
     assert (ROOT / "scheduler" / "sim" / "server.py").exists() and (ROOT / "tools" / "sandbox" / "agent.py").exists()
 
 
+@pytest.mark.slow
 def test_the_wheel_the_image_installs_carries_the_migrations(tmp_path: Path) -> None:
     """`pip install .` in the build stage installs this wheel: it must hold the Alembic files,
     or `orchestrator migrate` in the image would find no migrations."""

@@ -24,6 +24,8 @@ from scheduler.sim.server import create_app as create_sim_app
 from tests.deploy.conftest import CHART, ROOT
 from tests.servers import free_port, running_server
 
+pytestmark = pytest.mark.slow
+
 SGLANG_README = ROOT.parent / "shared" / "sglang-cpu" / "README.md"
 SUFFIXES = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
             "summary": ["_sum", "_count", "_created"], "gauge": [""], "unknown": [""], "info": ["_info"]}

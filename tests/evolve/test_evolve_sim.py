@@ -15,6 +15,8 @@ from orchestrator_sdk import AsyncClient
 from tests.evolve.helpers import Q, TRUTH, expected_tiers, sim_metric, sim_model
 from tests.servers import running_server
 
+pytestmark = pytest.mark.slow
+
 KEY = "sk-evolve"
 H = {"Authorization": f"Bearer {KEY}"}
 PRICES = {"strong": (3.0, 15.0), "weak": (0.2, 0.8)}

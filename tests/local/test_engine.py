@@ -10,6 +10,8 @@ import torch
 from scheduler.backends import GenerateRequest
 from scheduler.local import LocalEngine, PrefixKVCache, load_model
 
+pytestmark = pytest.mark.slow
+
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -15,6 +15,8 @@ from scheduler.local import LocalEngine, load_model
 from scheduler.local.server import create_server
 from tests.servers import serve_app
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def loaded():

@@ -17,6 +17,8 @@ from scheduler.local.grammar import tool_call_grammar
 from scheduler.local.tool_calls import ToolCallParser, normalize_messages
 from tests.servers import free_port
 
+pytestmark = pytest.mark.slow
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from scheduler.sim.agentic import AgenticSimulation
 from scheduler.sim.workloads import CODING, STOCHASTIC
 
 
+@pytest.mark.slow
 def test_same_seed_same_figures_and_every_policy_sees_the_same_programs():
     a = AgenticSimulation("program", CODING, 24).run(300)
     b = AgenticSimulation("program", CODING, 24).run(300)
@@ -26,6 +29,7 @@ def test_families_look_like_their_sources():
     assert 10 < stoch[len(stoch) * 99 // 100] < 1000  # heavy tail: p99 tens to hundreds of seconds
 
 
+@pytest.mark.slow
 def test_past_kv_capacity_program_aware_policies_beat_request_centric():
     results = {p: AgenticSimulation(p, CODING, 64).run(900) for p in ("request", "thunderagent", "program")}
     req, ta, ours = results["request"], results["thunderagent"], results["program"]
@@ -35,6 +39,7 @@ def test_past_kv_capacity_program_aware_policies_beat_request_centric():
     assert ta.pauses > 0 and req.pauses == 0
 
 
+@pytest.mark.slow
 def test_ttl_pins_hold_the_kv_in_the_engine():
     r = AgenticSimulation("ttl", CODING, 16).run(600)
     assert r.kv_hit_ratio > 0.9  # under capacity, the pins keep every context

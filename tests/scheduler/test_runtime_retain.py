@@ -93,6 +93,7 @@ async def _drain(stream: AsyncIterator[GenerationChunk]) -> None:
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eviction", ["priority", "lru"])
 async def test_a_kept_program_s_kv_survives_a_flood_through_the_runtime(eviction: str) -> None:
     """End to end on the simulator's SGLang-compatible server in its own process: program a's

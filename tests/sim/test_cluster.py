@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from scheduler.sim.cluster import AgentWorkload, VirtualCluster, percentile
 from scheduler.sim.engine import SimRequest
 
 
+@pytest.mark.slow
 def test_one_hour_eight_replicas_two_hundred_programs() -> None:
     cluster = VirtualCluster(8, "llama-3.1-8b-h100", seed=1)
     t0 = time.perf_counter()

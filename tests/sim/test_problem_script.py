@@ -92,6 +92,7 @@ async def test_prompt_logprobs_over_generate_through_the_sglang_client():
             await backend.close()
 
 
+@pytest.mark.slow
 def test_server_flag_loads_a_problem_script(tmp_path: Path):
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"kind": "problems", "accuracy": 1.0, "problems": [{"question": Q, "answer": "7"}]}))
