@@ -20,7 +20,8 @@ import asyncio
 import collections
 import json
 from types import TracebackType
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -151,7 +152,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _expire(fut: "asyncio.Future[None]") -> None:
+def _expire(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_exception(ReadTimedOut("no response data within the read timeout"))
 
@@ -161,7 +162,7 @@ class Response:
     closes the connection (how a stopped reader tells SGLang to abort the request); read to the
     end, the connection goes back to the pool."""
 
-    def __init__(self, pool: "Http1Pool", conn: _Connection) -> None:
+    def __init__(self, pool: Http1Pool, conn: _Connection) -> None:
         self._pool = pool
         self._conn = conn
         self.status_code = conn.status
@@ -203,7 +204,7 @@ class Response:
 
 
 class _StreamContext:
-    def __init__(self, pool: "Http1Pool", method: str, path: str, body: bytes) -> None:
+    def __init__(self, pool: Http1Pool, method: str, path: str, body: bytes) -> None:
         self._pool, self._method, self._path, self._body = pool, method, path, body
         self._response: Response | None = None
 
@@ -243,7 +244,7 @@ class Http1Pool:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(_Connection, self.host, self.port), self.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ConnectFailed(f"connect to {self.host}:{self.port} timed out") from None
         except OSError as exc:
             raise ConnectFailed(f"connect to {self.host}:{self.port}: {exc}") from None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import abc
 import uuid
-from typing import Any, AsyncIterator, Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -49,7 +50,7 @@ class GenerateRequest(BaseModel):
     extra_body: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _one_input(self) -> "GenerateRequest":
+    def _one_input(self) -> GenerateRequest:
         given = [x is not None for x in (self.messages, self.prompt, self.input_ids)]
         if sum(given) != 1:
             raise ValueError("set exactly one of messages, prompt or input_ids")
@@ -85,7 +86,7 @@ class ToolCallBuffer:
         return [ToolCall(id=c["id"] or f"call_{i}", name=c["name"], arguments=c["arguments"])
                 for i, c in sorted(self._slots.items())]
 
-    def finish_reason(self, finish: "FinishReason | None") -> "FinishReason":
+    def finish_reason(self, finish: FinishReason | None) -> FinishReason:
         """A turn that produced tool calls and stopped normally finished *for* the tool calls."""
         return "tool_calls" if self._slots and finish in (None, "stop") else (finish or "stop")
 
@@ -121,7 +122,7 @@ class Generation(BaseModel):
     prompt_logprobs: list[TokenLogprob] | None = None
 
     @classmethod
-    def from_chunks(cls, rid: str, chunks: list[GenerationChunk]) -> "Generation":
+    def from_chunks(cls, rid: str, chunks: list[GenerationChunk]) -> Generation:
         last = chunks[-1] if chunks else GenerationChunk(rid=rid, finish_reason="error")
         return cls(
             rid=rid,

@@ -8,8 +8,8 @@ from scheduler.backends.base import Backend
 
 
 def make_backend(config: Any) -> Backend:
-    """``config`` has ``name``, ``kind`` (``sglang``, ``openai``, or ``local``: the SmolLM2 engine in this process), ``url``, ``model``,
-    ``api_key`` and ``read_timeout_s`` (``orchestrator.settings.BackendConfig``)."""
+    """``config`` has ``name``, ``kind`` (``sglang``, ``openai``, or ``local``: the SmolLM2 engine in
+    this process), ``url``, ``model``, ``api_key`` and ``read_timeout_s`` (``orchestrator.settings.BackendConfig``)."""
     if config.kind == "sglang":
         from scheduler.backends.sglang import SGLangBackend
 

@@ -9,14 +9,16 @@ notice), and ``capacity`` is whatever the caller declares.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from scheduler.backends.base import (
-    Backend, BackendHTTPError, BackendTimeout, BackendUnavailable, Capacity, FinishReason, GenerateRequest,
-    GenerationChunk, Load, StreamInterrupted, TokenLogprob, ToolCallBuffer, Usage,
+    Backend, BackendError, BackendHTTPError, BackendTimeout, BackendUnavailable, Capacity, FinishReason,
+    GenerateRequest, GenerationChunk, Load, StreamInterrupted, TokenLogprob, ToolCallBuffer, Usage,
 )
 
 
@@ -30,7 +32,8 @@ class ModelPrice:
 
     def cost(self, usage: Usage) -> float:
         fresh = usage.prompt_tokens - usage.cached_tokens
-        return (fresh * self.input + usage.cached_tokens * self.cached_input + usage.completion_tokens * self.output) / 1e6
+        return (fresh * self.input + usage.cached_tokens * self.cached_input
+                + usage.completion_tokens * self.output) / 1e6
 
 
 class OpenAICompatBackend(Backend):
@@ -91,7 +94,7 @@ class OpenAICompatBackend(Backend):
             await queue.put(GenerationChunk(rid=r.rid, finish_reason="abort", usage=Usage()))
             await queue.put(None)
         except openai.APITimeoutError as exc:
-            kind = StreamInterrupted if streamed else BackendTimeout
+            kind: type[BackendError] = StreamInterrupted if streamed else BackendTimeout
             await queue.put(kind(f"{self.name}: {exc}", backend=self.name))
         except openai.APIConnectionError as exc:
             kind = StreamInterrupted if streamed else BackendUnavailable
@@ -104,7 +107,7 @@ class OpenAICompatBackend(Backend):
 
     def _sampling(self, r: GenerateRequest) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": r.model or self.model, "max_tokens": r.max_tokens,
-                              "temperature": r.temperature, "top_p": r.top_p, "stream": True,
+                              "temperature": r.temperature, "top_p": r.top_p,
                               "stream_options": {"include_usage": True}}
         if r.stop:
             kw["stop"] = r.stop
@@ -128,7 +131,9 @@ class OpenAICompatBackend(Backend):
         calls = ToolCallBuffer()
         finish: FinishReason | None = None
         usage: Any = None
-        async with await self._client.chat.completions.create(messages=r.messages, **kw) as stream:
+        # the request's messages are OpenAI's message dicts, checked by the gateway or the workflow
+        messages = cast("list[ChatCompletionMessageParam]", r.messages)
+        async with await self._client.chat.completions.create(messages=messages, stream=True, **kw) as stream:
             async for chunk in stream:
                 for choice in chunk.choices:
                     delta = choice.delta
@@ -137,7 +142,7 @@ class OpenAICompatBackend(Backend):
                         calls.add(tc.index, tc.id, fn.name if fn else None, fn.arguments if fn else None)
                     if choice.finish_reason:
                         finish = choice.finish_reason if choice.finish_reason in (
-                            "stop", "length", "tool_calls") else "stop"  # type: ignore[assignment]
+                            "stop", "length", "tool_calls") else "stop"
                     lps = [TokenLogprob(token=c.token, logprob=c.logprob,
                                         top=[(t.token, t.logprob) for t in c.top_logprobs or []])
                            for c in ((choice.logprobs.content or []) if choice.logprobs else [])]
@@ -154,7 +159,7 @@ class OpenAICompatBackend(Backend):
         prompt: Any = r.prompt if r.prompt is not None else r.input_ids
         finish: FinishReason | None = None
         usage: Any = None
-        async with await self._client.completions.create(prompt=prompt, **kw) as stream:
+        async with await self._client.completions.create(prompt=prompt, stream=True, **kw) as stream:
             async for chunk in stream:
                 for choice in chunk.choices:
                     if choice.finish_reason:
@@ -162,7 +167,9 @@ class OpenAICompatBackend(Backend):
                     lps = []
                     if choice.logprobs and choice.logprobs.tokens:
                         tops = choice.logprobs.top_logprobs or []
-                        for i, (tok, lp) in enumerate(zip(choice.logprobs.tokens, choice.logprobs.token_logprobs or [])):
+                        # no token_logprobs: no logprobs for any token
+                        pairs = zip(choice.logprobs.tokens, choice.logprobs.token_logprobs or [], strict=False)
+                        for i, (tok, lp) in enumerate(pairs):
                             top = sorted((tops[i] or {}).items(), key=lambda kv: -kv[1]) if i < len(tops) else []
                             lps.append(TokenLogprob(token=tok, logprob=lp, top=top))
                     if choice.text or lps:

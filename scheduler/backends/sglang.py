@@ -8,7 +8,8 @@ carries ``rid`` so the scheduler can abort it on the engine.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,14 +21,14 @@ from scheduler.backends.base import (
     ToolCallBuffer, Usage,
 )
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "tool_calls"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "tool_calls"}
 
 
 def _finish(value: Any) -> FinishReason | None:
     if value is None:
         return None
     kind = value.get("type") if isinstance(value, dict) else value
-    return _FINISH.get(kind, "stop")  # type: ignore[return-value]
+    return _FINISH.get(str(kind), "stop")
 
 
 def _generate_logprobs(entries: list[Any] | None, tops: list[Any] | None = None) -> list[TokenLogprob]:
