@@ -18,7 +18,7 @@ class Subscription:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
         self.lagged = False
 
-    async def get(self, timeout: float | None = None) -> dict[str, Any] | None:
+    async def get(self, timeout: float | None = None) -> dict[str, Any] | None:  # noqa: ASYNC109 (None on timeout)
         """The next message, or ``None`` after ``timeout`` seconds."""
         try:
             return await asyncio.wait_for(self.queue.get(), timeout)

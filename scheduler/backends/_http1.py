@@ -123,7 +123,7 @@ class _Connection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 (the read timeout, per wait)
         """Until more of the response arrived (or it ended, or failed)."""
         loop = asyncio.get_running_loop()
         self.waiter = loop.create_future()

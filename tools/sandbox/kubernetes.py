@@ -349,7 +349,8 @@ class KubernetesSandbox(Sandbox):
         self._close_lock = asyncio.Lock()
         self._disk = 0
 
-    async def _call(self, method: str, path: str, *, timeout: float = 30.0, **kw: Any) -> httpx.Response:
+    async def _call(self, method: str, path: str, *, timeout: float = 30.0,  # noqa: ASYNC109 (httpx's)
+                    **kw: Any) -> httpx.Response:
         if self._closed:
             raise SandboxError("the sandbox is closed")
         c = self.factory.config
