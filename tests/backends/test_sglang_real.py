@@ -54,9 +54,12 @@ async def test_generate_stream_deltas_and_prompt_logprobs(backend):
 
 
 async def running_load(backend: SGLangBackend) -> Load:
-    """``/v1/loads`` once it shows a request running. It is a snapshot the scheduler publishes
-    every few decode steps, and a slow (loaded) machine takes seconds to get there: poll it, by
-    count rather than for a fixed time."""
+    """``/v1/loads`` once it shows a request running. SGLang 0.5.23 publishes that snapshot at a
+    prefill, before the new request joins the running batch (``running=0``, its prompt's 7 tokens
+    used), and then only every 15 decode steps (``--load-snapshot-publish-interval``): measured,
+    the first snapshot with ``running=1`` comes with the 16th token. On a loaded 2-core machine 15
+    steps can take longer than the 4 s this test used to poll for, which is why it failed there
+    (it read ``running=0, used_tokens=7``). So poll by count, not for a fixed time."""
     for _ in range(600):
         load = await backend.load()
         if load.running >= 1:
