@@ -108,16 +108,16 @@ async def test_the_session_releases_on_error_and_cancel_and_refuses_another_tena
                 raise RuntimeError("the workflow failed")
         assert runtime.programs("alpha") == [] and "p1" not in runtime.owners
 
+        streaming = asyncio.Event()
+
         async def long_call() -> None:
             async with ProgramSession(runtime, "p2", "alpha") as session:
-                async for _ in session.stream(GenerateRequest(prompt="go on", max_tokens=5000)):
-                    pass
+                async for _ in session.stream(GenerateRequest(prompt="go on", max_tokens=1000)):
+                    streaming.set()
 
         task = asyncio.create_task(long_call())
-        for _ in range(200):
-            if runtime.sched.programs.get("p2") is not None and runtime.sched.programs["p2"].requests:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(streaming.wait(), 30)
+        assert "p2" in runtime.sched.programs
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
