@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -63,9 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sandboxes = make_sandbox_pool(settings)
         services.sandboxes = sandboxes
         sandbox_collector = SandboxCollector(sandboxes)
-        metrics.registry.register(sandbox_collector)  # type: ignore[arg-type]
+        metrics.registry.register(sandbox_collector)
         storage_collector = StorageCollector(engine, bus)
-        metrics.registry.register(storage_collector)  # type: ignore[arg-type]
+        metrics.registry.register(storage_collector)
         runtime = None
         if settings.backends:
             runtime = ProgramRuntime({b.name: make_backend(b) for b in settings.backends},
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      on_prepare_sandbox=_prepare(sandboxes), on_collect_sandbox=sandboxes.release)
             await runtime.start()
             collector = SchedulerCollector(runtime)
-            metrics.registry.register(collector)  # type: ignore[arg-type]
+            metrics.registry.register(collector)
         app.state.runtime = runtime
         services.runtime = runtime
         if worker is not None:
@@ -87,12 +88,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if worker is not None:
                 await worker.stop()
             if runtime is not None:
-                metrics.registry.unregister(collector)  # type: ignore[arg-type]
+                metrics.registry.unregister(collector)
                 await runtime.close()
                 for b in runtime.backends.values():
                     await b.close()
-            metrics.registry.unregister(sandbox_collector)  # type: ignore[arg-type]
-            metrics.registry.unregister(storage_collector)  # type: ignore[arg-type]
+            metrics.registry.unregister(sandbox_collector)
+            metrics.registry.unregister(storage_collector)
             await sandboxes.close()
             await app.state.rate_limiter.close()
             await bus.close()
@@ -172,7 +173,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         cls = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed")}
         type_, code = cls.get(exc.status_code, ("invalid_request_error", "http_error"))
-        headers = {"Allow": _allowed_methods(request)} if exc.status_code == 405 else exc.headers
+        headers = {"Allow": _allowed_methods(request)} if exc.status_code == 405 else \
+            dict(exc.headers) if exc.headers else None
         err = APIError(str(exc.detail), code=code, headers=headers)
         err.type, err.status_code = type_, exc.status_code
         return _error_response(err)
