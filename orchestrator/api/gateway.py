@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -217,7 +217,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
                                                with_logprobs=body.logprobs))
 
 
-async def _stream_events(events: wire.ChunkEvents, stream: AsyncIterator[GenerationChunk],
+async def _stream_events(events: wire.ChunkEvents, stream: AsyncGenerator[GenerationChunk, None],
                          done: Callable[[], None], receive: Receive, send: Send) -> None:
     """SSE chunks (``scheduler.backends.openai_wire``) as the backend streams. The first chunk
     comes before the 200, so a dead backend is a clean error status; a client that goes away
