@@ -40,6 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncGenerator
+from contextlib import AsyncExitStack
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,9 +50,10 @@ import httpx  # noqa: E402
 
 from agents.pipeline_exec import PipelineExecutor  # noqa: E402
 from agents.pipeline_spec import Node, PipelineInput  # noqa: E402
-from scheduler.backends.base import Backend, GenerateRequest  # noqa: E402
+from scheduler.backends.base import Backend, GenerateRequest, GenerationChunk  # noqa: E402
 from scheduler.backends.sglang import SGLangBackend  # noqa: E402
 from scheduler.runtime import ProgramRuntime  # noqa: E402
+from scheduler.session import ProgramSession  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,19 +109,18 @@ class _NoEvents:
 
 
 async def run_once(runtime: ProgramRuntime, spec: PipelineInput, tag: str) -> dict[str, Any]:
-    async def llm(node: Node, request: GenerateRequest):  # type: ignore[no-untyped-def]
-        only = (node.agent.backend,) if node.agent.backend else None
-        async for chunk in runtime.stream(f"{tag}:{node.id}", "bench", request, backends=only):
-            yield chunk
+    """One run as the workflow makes it: a ``ProgramSession`` per agent, released at the end."""
+    sessions = {n.id: ProgramSession(runtime, f"{tag}:{n.id}", "bench",
+                                     backends=(n.agent.backend,) if n.agent.backend else None)
+                for n in spec.nodes()}
 
-    try:
+    def llm(node: Node, request: GenerateRequest) -> AsyncGenerator[GenerationChunk, None]:
+        return sessions[node.id].stream(request)
+
+    async with AsyncExitStack() as programs:
+        for session in sessions.values():
+            await programs.enter_async_context(session)
         return await PipelineExecutor(spec, llm, _NoEvents()).run()
-    finally:
-        for n in spec.nodes():
-            try:
-                runtime.release(f"{tag}:{n.id}", "bench")
-            except Exception:
-                pass
 
 
 async def flush(backends: dict[str, Backend]) -> None:
