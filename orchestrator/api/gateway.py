@@ -38,11 +38,11 @@ TenantDep = Annotated[Tenant, Depends(authenticate)]
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 # What ``_check_messages`` enforces, for the OpenAPI document; not the one thing JSON Schema
 # cannot say: a tool message answers a call of an earlier assistant message.
-TOOL_CALL_SCHEMA = {"type": "object", "required": ["id", "function"], "properties": {
+TOOL_CALL_SCHEMA: dict[str, Any] = {"type": "object", "required": ["id", "function"], "properties": {
     "id": {"type": "string"}, "type": {"const": "function"},
     "function": {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
-MESSAGE_RULES = {"allOf": [
+MESSAGE_RULES: dict[str, Any] = {"allOf": [
     {"if": {"properties": {"role": {"const": "tool"}}},
      "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}},
     {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
@@ -53,7 +53,7 @@ DEFAULT_MAX_TOKENS = 512
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", json_schema_extra=MESSAGE_RULES)
-    role: str = Field(json_schema_extra={"enum": sorted(ROLES)})
+    role: str = Field(json_schema_extra={"enum": [*sorted(ROLES)]})
     content: Any = None
     tool_calls: list[dict[str, Any]] | None = Field(default=None, json_schema_extra={"items": TOOL_CALL_SCHEMA})
     tool_call_id: str | None = None
@@ -118,7 +118,7 @@ def _check_messages(body: ChatCompletionRequest) -> None:
             raise ValidationFailed(f"messages[{i}].role must be one of {sorted(ROLES)}.", code="invalid_message",
                                    param=f"messages[{i}].role")
         for j, tc in enumerate(m.tool_calls or []):
-            fn = tc.get("function") if isinstance(tc, dict) else None
+            fn = tc.get("function")  # tool_calls are dicts: the body was validated strictly
             if m.role != "assistant" or not isinstance(tc.get("id"), str) or not isinstance(fn, dict) \
                     or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
                 raise ValidationFailed(
