@@ -30,6 +30,7 @@ from orchestrator.runs.context import RunContext, RunFailed, StepError
 from orchestrator.runs.records import RunRecord
 from orchestrator.runs.states import RunStatus
 from orchestrator.runs.store import CONTROL_CHANNEL, Lease, LeaseLost, RunStore
+from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.workflows.registry import WorkflowRegistry
 
@@ -74,7 +75,7 @@ class _Execution:
 
 class Worker:
     def __init__(self, store: RunStore, registry: WorkflowRegistry, settings: Settings, metrics: Metrics,
-                 services: Any = None) -> None:
+                 services: Services | None = None) -> None:
         self.store = store
         self.services = services
         self.registry = registry
