@@ -92,7 +92,10 @@ class LocalEngine(Backend):
         if not ids or len(ids) + request.max_tokens > limit:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {request.max_tokens} exceeds the "
                              f"context of {limit} tokens")
-        constraint = self.grammars.constraint(request.tool_choice, request.tools) if parse_calls else None
+        # compiling a grammar (and, the first time, the tokenizer's view of it, ~2 s) runs on the
+        # engine's thread, not the event loop's
+        constraint = await self._run(self.grammars.constraint, request.tool_choice, request.tools) \
+            if parse_calls else None
         active = _Active(request.rid, len(ids))
         self._active[request.rid] = active
         try:
