@@ -6,6 +6,7 @@ event loop with the server it measures. Every measurement gets a fresh store and
 a fresh service process, so one test's rows or queued runs cannot slow the next.
 
     .venv/bin/python bench/control_plane.py --quick --json
+    .venv/bin/python bench/control_plane.py --vs-dbos --quick --json   # against DBOS (bench/vs_dbos.py)
 
 The machine is usually small and shared, so absolute numbers move between runs;
 the ``ratios`` (postgres / sqlite) are the figures meant to be compared.
@@ -412,6 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small run, under a minute")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+    parser.add_argument("--vs-dbos", action="store_true",
+                        help="instead: PostgreSQL + Redis side by side with DBOS Transact (bench/vs_dbos.py)")
     parser.add_argument("--backends", default=",".join(BACKENDS),
                         help="comma-separated subset of: sqlite,postgres (default both)")
     args = parser.parse_args(argv)
@@ -424,6 +427,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.vs_dbos:
+        from bench import vs_dbos  # here: it imports this module's helpers
+
+        vs_dbos.main(args.quick, args.json)
+        return
     started = time.monotonic()
     report = run(args.backends, QUICK if args.quick else FULL, args.quick)
     report["elapsed_s"] = round(time.monotonic() - started, 1)

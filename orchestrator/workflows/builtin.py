@@ -1,4 +1,6 @@
-"""Small built-in workflows: ``echo``, ``demo`` (checkpointed steps) and ``sleep`` (durable wait)."""
+"""Small built-in workflows: ``echo``, ``demo`` (checkpointed steps), ``sleep`` (durable wait), and
+``steps`` / ``events``, which do nothing but checkpoint or emit, so that a benchmark
+(bench/vs_dbos.py) times the durable machinery alone."""
 
 from __future__ import annotations
 
@@ -26,6 +28,16 @@ class DemoInput(BaseModel):
 class SleepInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seconds: float = Field(ge=0, le=86_400, description="How long the run waits (durably).")
+
+
+class StepsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(ge=1, le=100_000, description="How many checkpointed no-op steps to run.")
+
+
+class EventsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: int = Field(ge=1, le=100_000, description="How many progress events to append to the run's stream.")
 
 
 async def echo(ctx: RunContext, inp: EchoInput) -> Any:
@@ -60,7 +72,23 @@ async def sleep(ctx: RunContext, inp: SleepInput) -> dict[str, float]:
     return {"slept": inp.seconds}
 
 
+async def steps(ctx: RunContext, inp: StepsInput) -> dict[str, int]:
+    """N checkpointed steps that do no work: the cost of a step is the store's alone."""
+    for i in range(inp.steps):
+        await ctx.step(f"s{i}", _identity, i)
+    return {"steps": inp.steps}
+
+
+async def events(ctx: RunContext, inp: EventsInput) -> dict[str, int]:
+    """N ``run.progress`` events and nothing else: the cost of an append to the run's stream."""
+    for i in range(inp.events):
+        await ctx.emit("run.progress", {"done": i + 1, "of": inp.events})
+    return {"events": inp.events}
+
+
 def register(registry: WorkflowRegistry) -> None:
     registry.workflow("echo", EchoInput)(echo)
     registry.workflow("demo", DemoInput)(demo)
     registry.workflow("sleep", SleepInput)(sleep)
+    registry.workflow("steps", StepsInput)(steps)
+    registry.workflow("events", EventsInput)(events)
