@@ -193,8 +193,11 @@ async def measure_events(target: Target, p: VsProfile) -> dict[str, Any]:
         start = time.perf_counter()
         ids = await asyncio.gather(*(submit(http, target, "events", {"events": p.events})
                                      for _ in range(p.event_runs)))
-        await asyncio.gather(*(wait_done(http, target, i, 600) for i in ids))
+        done = await asyncio.gather(*(wait_done(http, target, i, 600) for i in ids))
         wall = time.perf_counter() - start
+    for run in done:  # every event in the log once the run is reported done (ours shows its log's length)
+        if run["output"] != {"events": p.events} or run.get("last_event_seq", p.events) < p.events:
+            raise RuntimeError(f"events run {run['id']} finished without its {p.events} events: {run}")
     return {"events_per_s": round(p.events * p.event_runs / wall, 1)}
 
 
