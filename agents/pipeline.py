@@ -39,7 +39,7 @@ class RunEvents:
 
     async def _emit(self, type_: str, data: dict[str, Any]) -> None:
         key = f"pipeline:{self.ctx.attempt}:{next(self._n)}"
-        await self.ctx.store.emit(self.ctx.lease, type_, data, op_key=key)
+        await self.ctx.emit(type_, data, key=key)
 
     async def delta(self, round: int, text: str) -> None:
         await self._emit("pipeline.delta", {"round": round, "attempt": self.ctx.attempt, "text": text})

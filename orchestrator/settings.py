@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # Worker / durability.
     worker_enabled: bool = True
     worker_concurrency: int = Field(default=16, ge=1)
+    # PostgreSQL connections kept open: the worker writes at most one checkpoint per executing
+    # run at a time, plus its claim and heartbeat, and the API a burst of requests beside them.
+    db_pool_size: int = Field(default=32, ge=1, le=500)
     worker_poll_seconds: float = Field(default=1.0, gt=0)
     lease_seconds: float = Field(default=15.0, gt=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)

@@ -13,7 +13,7 @@ from orchestrator.events import InProcessBus
 from orchestrator.metrics import Metrics
 from orchestrator.runs.context import RunContext
 from orchestrator.runs.states import RunStatus, can_transition
-from orchestrator.runs.store import CONTROL_CHANNEL, LeaseLost, NewRun, RunStore, run_channel
+from orchestrator.runs.store import CONTROL_CHANNEL, Batch, LeaseLost, NewRun, RunStore, StepWrite, run_channel
 from orchestrator.runs.worker import Worker
 from orchestrator.workflows.registry import WorkflowRegistry
 
@@ -47,7 +47,7 @@ async def test_stale_owner_is_fenced_out(store):
     with pytest.raises(LeaseLost):
         await store.emit(lease1, "x", {})
     with pytest.raises(LeaseLost):
-        await store.start_step(lease1, 0, "s", 1)
+        await store.write(lease1, Batch([], [StepWrite(0, "s", "running", 1, 0.0)]))
     with pytest.raises(LeaseLost):
         await store.finish(lease1, RunStatus.SUCCEEDED, output=1)
     lost, _ = await store.heartbeat("w1", [lease1], 30)

@@ -100,3 +100,7 @@ class Worker(Base):
     started_at: Mapped[float] = mapped_column(Float)
     heartbeat_at: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16))
+    # Holds ``pg_advisory_lock(LIVENESS_LOCK_SPACE, hashtext(id))`` while it lives (PostgreSQL):
+    # once the lock is free its session is gone, and its runs are recovered without waiting
+    # for their leases to expire.
+    liveness_lock: Mapped[bool] = mapped_column(Boolean, default=False)

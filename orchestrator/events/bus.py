@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 QUEUE_SIZE = 1024
@@ -79,6 +80,11 @@ class EventBus:
 
     async def publish(self, channel: str, message: dict[str, Any]) -> None:
         raise NotImplementedError
+
+    async def publish_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Publish several messages in order; a remote bus sends them in one round trip."""
+        for channel, message in messages:
+            await self.publish(channel, message)
 
     async def ping(self) -> bool:
         return True

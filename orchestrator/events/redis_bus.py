@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as redis
@@ -45,6 +46,17 @@ class RedisBus(EventBus):
 
     async def publish(self, channel: str, message: dict[str, Any]) -> None:
         await self.redis.publish(PREFIX + channel, json.dumps(message, separators=(",", ":")))
+
+    async def publish_many(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        if not messages:
+            return
+        if len(messages) == 1:
+            await self.publish(*messages[0])
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel, message in messages:
+                pipe.publish(PREFIX + channel, json.dumps(message, separators=(",", ":")))
+            await pipe.execute()
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

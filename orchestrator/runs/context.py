@@ -14,8 +14,9 @@ import time
 from typing import TYPE_CHECKING, Any, TypeVar
 from collections.abc import Awaitable, Callable, Iterable
 
+from orchestrator.runs.journal import Journal
 from orchestrator.runs.records import RunRecord, StepRecord
-from orchestrator.runs.store import Lease, LeaseLost, RunStore
+from orchestrator.runs.store import Lease, LeaseLost, RunStore, StepWrite
 from orchestrator.services import Services
 
 if TYPE_CHECKING:
@@ -53,9 +54,15 @@ class RunContext:
         on_step: Callable[[str], None] | None = None,
         services: Services | None = None,
         lease_valid: Callable[[], bool] | None = None,
+        journal: Journal | None = None,
+        logged_keys: set[str] | None = None,
     ) -> None:
         self.store = store
         self.lease = lease
+        # Writes go through the journal: a step's start, end and the events around it share
+        # transactions (see ``journal``). ``logged_keys``: op_keys an earlier attempt wrote.
+        self.journal = journal if journal is not None else Journal(store, lease)
+        self._logged_keys = logged_keys or set()
         self.run_id = run.id
         self.tenant = run.tenant
         self.workflow = run.workflow
@@ -94,8 +101,10 @@ class RunContext:
             self._on_step("replayed")
             return done.output
         self._check_lease()
-        await self.store.start_step(self.lease, step_id, name, self.attempt)
-        self._check_lease()  # the write may have taken long, or this process may have been paused
+        started = time.time()
+        self.journal.event("step.started", {"step_id": step_id, "name": name, "attempt": self.attempt})
+        self.journal.step(StepWrite(step_id, name, "running", self.attempt, started))
+        self.journal.flush_soon()
         try:
             output = await fn(*args, **kwargs)
             json.dumps(output)
@@ -103,12 +112,24 @@ class RunContext:
             raise
         except Exception as exc:
             error = {"code": "step_error", "type": type(exc).__name__, "message": str(exc)}
-            await self.store.end_step(self.lease, step_id, name, error=error)
+            self._end_step(step_id, name, started, error=error)
+            await self.journal.flush()
             self._on_step("failed")
             raise StepError(name, error) from exc
-        await self.store.end_step(self.lease, step_id, name, output=output)
+        self._end_step(step_id, name, started, output=output)
+        await self.journal.flush()  # the checkpoint is durable before the workflow goes on
         self._on_step("completed")
         return output
+
+    def _end_step(self, step_id: int, name: str, started: float, *, output: Any = None,
+                  error: dict[str, Any] | None = None) -> None:
+        status = "failed" if error else "completed"
+        data: dict[str, Any] = {"step_id": step_id, "name": name}
+        if error:
+            data["error"] = error
+        self.journal.event(f"step.{status}", data)
+        self.journal.step(StepWrite(step_id, name, status, self.attempt, started, output=output, error=error,
+                                    finished_at=time.time()))
 
     def _check_lease(self) -> None:
         """Refuse to start a step on a lease that may have expired: fencing would keep a stale
@@ -116,11 +137,21 @@ class RunContext:
         if not self._lease_valid():
             raise LeaseLost(self.run_id)
 
-    async def emit(self, type_: str, data: dict[str, Any]) -> None:
-        """Append an event to the run's stream; a replay does not write it twice."""
-        key = f"emit:{self._next_emit}"
-        self._next_emit += 1
-        await self.store.emit(self.lease, type_, data, op_key=key)
+    async def emit(self, type_: str, data: dict[str, Any], *, key: str | None = None) -> None:
+        """Append an event to the run's stream; a replay does not write it twice.
+
+        The event is written in the background, batched with others, and at the latest with the
+        next step's checkpoint or the run's outcome; its place in the stream is the order of the
+        calls. Without ``key`` the n-th emit of a replay is the n-th of the first execution and
+        is skipped when that one was logged; a caller that keys its events itself (a key unique
+        within the run) decides what a replay repeats.
+        """
+        if key is None:
+            key = f"emit:{self._next_emit}"
+            self._next_emit += 1
+        if key in self._logged_keys:
+            return
+        await self.journal.emit(type_, data, op_key=key)
 
     async def sleep(self, seconds: float) -> None:
         """Wait in state ``waiting``; the wake-up time is a checkpoint, so a restart waits only the rest."""
@@ -128,8 +159,10 @@ class RunContext:
         remaining = wake_at - time.time()
         if remaining <= 0:
             return
+        await self.journal.flush()  # events before the wait come before ``run.waiting``
         await self.store.set_waiting(self.lease, True, {"until": wake_at})
         await asyncio.sleep(remaining)
+        await self.journal.flush()
         await self.store.set_waiting(self.lease, False, {})
 
 

@@ -8,6 +8,7 @@ an error in the store's own tests, not in a caller.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -48,7 +49,11 @@ class RunRecord:
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> RunRecord:
-        m = row._mapping
+        return cls.from_mapping(row._mapping)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[Any, Any]) -> RunRecord:
+        """From anything keyed by column name: a SQLAlchemy row's mapping, an asyncpg record."""
         return cls(
             id=m["id"], tenant=m["tenant"], workflow=m["workflow"], status=RunStatus(m["status"]),
             input=m["input"], metadata=m["metadata"] or {}, priority=m["priority"], output=m["output"],

@@ -14,13 +14,18 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, text, update
+import asyncpg
+from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from orchestrator.runs import pg
+from orchestrator.db.engine import driver_closed
 
 from orchestrator.db.models import Run, RunEvent, RunStep, Worker
 from orchestrator.errors import Conflict, NotFound, RateLimited
@@ -28,6 +33,10 @@ from orchestrator.events.bus import EventBus
 from orchestrator.ids import new_id
 from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
+
+_ACTIVE_VALUES = [s.value for s in ACTIVE]
+# asyncpg's errors for a connection that is gone: the statement may or may not have run.
+_CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError)
 
 # Core tables, not ORM classes: the store writes with statements (fenced UPDATEs, RETURNING).
 # ``__table__`` is typed as any FromClause; for a declarative class it is always a Table.
@@ -58,6 +67,48 @@ class Lease:
     owner: str
 
 
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An event an execution has produced and not yet written; it gets its ``seq`` when written."""
+
+    type: str
+    data: dict[str, Any]
+    op_key: str | None = None
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepWrite:
+    """A step's row as it should be after the write (upserted by ``(run_id, step_id)``)."""
+
+    step_id: int
+    name: str
+    status: str  # running | completed | failed
+    attempt: int
+    started_at: float
+    output: Any = None
+    error: dict[str, Any] | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a run ended; written with its final event and the lease cleared."""
+
+    status: RunStatus
+    output: Any = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class Batch:
+    """Writes of one execution that go to the database together, in one fenced transaction."""
+
+    events: list[PendingEvent]
+    steps: list[StepWrite]
+    outcome: Outcome | None = None
+
+
 @dataclass
 class NewRun:
     tenant: str
@@ -68,6 +119,29 @@ class NewRun:
     timeout_seconds: float | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+
+
+class LivenessLock:
+    """A worker's liveness lock and the connection that holds it (see ``pg.LIVENESS_LOCK``)."""
+
+    def __init__(self, conn: AsyncConnection, driver: asyncpg.Connection) -> None:
+        self._conn = conn
+        self._driver = driver
+
+    @property
+    def lost(self) -> bool:
+        return driver_closed(self._driver)
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` as soon as the driver sees the session end."""
+        self._driver.add_termination_listener(lambda _conn: callback())
+
+    async def close(self) -> None:
+        """End the session, and with it the lock."""
+        try:
+            await self._conn.invalidate()
+        finally:
+            await self._conn.close()
 
 
 class RunStore:
@@ -133,54 +207,52 @@ class RunStore:
         )
         return EventRecord(run_id=run_id, seq=seq, type=type_, data=data, created_at=now)
 
+    @contextlib.asynccontextmanager
+    async def _raw(self) -> AsyncIterator[asyncpg.Connection]:
+        """The asyncpg connection under one of the pool's (PostgreSQL only), for the hot path.
+
+        A statement sent here bypasses SQLAlchemy, which never learns that the connection
+        broke: one that fails with a connection error is invalidated, so the pool opens a
+        new one instead of handing the broken one out again.
+        """
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = cast(asyncpg.Connection, raw.driver_connection)
+            try:
+                yield driver
+            except BaseException as exc:
+                # a cancelled statement may still be running on the server: not for the next user
+                if isinstance(exc, (*_CONNECTION_ERRORS, asyncio.CancelledError)) or driver_closed(driver):
+                    await conn.invalidate()
+                raise
+
     async def _publish(self, events: Sequence[EventRecord | None]) -> None:
-        for ev in events:
-            if ev is not None:
-                await self.bus.publish(run_channel(ev.run_id), ev.message())
+        """Tell live readers (SSE, long polls) about committed events, in one bus round trip."""
+        await self.bus.publish_many([(run_channel(ev.run_id), ev.message()) for ev in events if ev is not None])
 
     # ---- API side ------------------------------------------------------------------
 
     async def create(self, new: NewRun, *, max_active: int | None) -> tuple[RunRecord, bool]:
         """Insert a queued run. Returns ``(run, created)``; ``created`` is False for an idempotent replay.
 
-        A created run is returned as it was committed, ``queued``: it is read back inside the
-        inserting transaction, and the wake-up for the workers is published only after that.
+        A created run is returned as it was committed, ``queued``: the row comes back from the
+        inserting statement, and the wake-up for the workers is published only after the commit.
         A response built from a read after the commit could already say ``running`` (or even
         ``succeeded``), since any worker may claim the run as soon as it is committed. A replay
         returns the original run as it is now.
+
+        With ``max_active``, the tenant's active runs are counted under its advisory lock (on
+        PostgreSQL), held from BEGIN to COMMIT across one statement: submissions of one tenant
+        queue only for that one round trip, those of different tenants not at all.
         """
         now = time.time()
         run_id = new_id("run")
         try:
-            async with self._write() as conn:
-                if self.dialect == "postgresql":
-                    await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": new.tenant})
-                await conn.execute(
-                    insert(runs_t).values(
-                        id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED.value,
-                        input=new.input, metadata=new.metadata, priority=new.priority,
-                        idempotency_key=new.idempotency_key, request_hash=new.request_hash,
-                        timeout_seconds=new.timeout_seconds, created_at=now, updated_at=now,
-                        attempt=0, epoch=0, cancel_requested=False, last_seq=0,
-                    )
-                )
-                if max_active is not None:
-                    active = (await conn.execute(
-                        select(func.count()).select_from(runs_t).where(
-                            runs_t.c.tenant == new.tenant, runs_t.c.status.in_([s.value for s in ACTIVE])
-                        )
-                    )).scalar_one()
-                    if active > max_active:
-                        raise RateLimited(
-                            f"Tenant has {active - 1} active runs; the limit is {max_active}.",
-                            retry_after=1.0, code="too_many_concurrent_runs",
-                        )
-                ev = await self._append(conn, run_id, "run.queued", {"status": "queued", "workflow": new.workflow},
-                                        now=now)
-                # read back in the same transaction: once it commits a worker may claim the run
-                # at once (its poll, or the wake-up below), and the 201 must say what was created
-                run = RunRecord.from_row((await conn.execute(select(runs_t).where(runs_t.c.id == run_id))).one())
-        except IntegrityError:
+            if self.dialect == "postgresql":
+                run = await self._create_pg(new, run_id, now, max_active)
+            else:
+                run = await self._create_generic(new, run_id, now, max_active)
+        except (IntegrityError, asyncpg.UniqueViolationError):
             if new.idempotency_key is None:
                 raise
             existing = await self._by_idempotency_key(new.tenant, new.idempotency_key)
@@ -192,9 +264,58 @@ class RunStore:
                     code="idempotency_key_reused", param="Idempotency-Key",
                 ) from None
             return existing, False
-        await self._publish([ev])
-        await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
+        queued = EventRecord(run_id=run_id, seq=1, type="run.queued",
+                             data={"status": "queued", "workflow": new.workflow}, created_at=now)
+        await self.bus.publish_many([(run_channel(run_id), queued.message()),
+                                     (CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})])
         return run, True
+
+    @staticmethod
+    def _too_many(active: int, max_active: int) -> RateLimited:
+        return RateLimited(f"Tenant has {active} active runs; the limit is {max_active}.",
+                           retry_after=1.0, code="too_many_concurrent_runs")
+
+    async def _create_pg(self, new: NewRun, run_id: str, now: float, max_active: int | None) -> RunRecord:
+        args = (run_id, new.tenant, new.workflow, _json(new.input), _json(new.metadata), new.priority,
+                new.idempotency_key, new.request_hash, new.timeout_seconds, now, _ACTIVE_VALUES)
+        async with self._raw() as db:
+            if max_active is None:
+                row = await db.fetchrow(pg.CREATE, *args)
+                return RunRecord.from_mapping(row)
+            await db.execute(pg.tenant_lock_sql(new.tenant))
+            try:
+                row = await db.fetchrow(pg.CREATE, *args)
+                if row["active"] >= max_active:
+                    raise self._too_many(row["active"], max_active)
+            except BaseException:
+                if not db.is_closed():
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+            return RunRecord.from_mapping(row)
+
+    async def _create_generic(self, new: NewRun, run_id: str, now: float, max_active: int | None) -> RunRecord:
+        async with self._write() as conn:
+            if max_active is not None:
+                active = (await conn.execute(
+                    select(func.count()).select_from(runs_t).where(
+                        runs_t.c.tenant == new.tenant, runs_t.c.status.in_(_ACTIVE_VALUES))
+                )).scalar_one()
+                if active >= max_active:
+                    raise self._too_many(active, max_active)
+            row = (await conn.execute(
+                insert(runs_t).values(
+                    id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED.value,
+                    input=new.input, metadata=new.metadata, priority=new.priority,
+                    idempotency_key=new.idempotency_key, request_hash=new.request_hash,
+                    timeout_seconds=new.timeout_seconds, created_at=now, updated_at=now,
+                    attempt=0, epoch=0, cancel_requested=False, last_seq=1,
+                ).returning(*runs_t.c)
+            )).one()
+            await conn.execute(insert(events_t).values(
+                run_id=run_id, seq=1, type="run.queued", data={"status": "queued", "workflow": new.workflow},
+                created_at=now))
+            return RunRecord.from_row(row)
 
     async def _by_idempotency_key(self, tenant: str, key: str) -> RunRecord | None:
         async with self.engine.connect() as conn:
@@ -204,6 +325,15 @@ class RunStore:
         return RunRecord.from_row(row) if row else None
 
     async def get(self, tenant: str | None, run_id: str) -> RunRecord:
+        if self.dialect == "postgresql":
+            async with self._raw() as db:
+                if tenant is None:
+                    found = await db.fetchrow(pg.GET, run_id)
+                else:
+                    found = await db.fetchrow(pg.GET_FOR_TENANT, run_id, tenant)
+            if found is None:
+                raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
+            return RunRecord.from_mapping(found)
         cond = [runs_t.c.id == run_id]
         if tenant is not None:
             cond.append(runs_t.c.tenant == tenant)
@@ -288,6 +418,15 @@ class RunStore:
     async def claim_queued(self, owner: str, limit: int, lease_seconds: float) -> list[tuple[Lease, RunRecord]]:
         """Claim up to ``limit`` queued runs, highest priority then oldest first."""
         now = time.time()
+        if self.dialect == "postgresql":
+            async with self._raw() as db:
+                rows = await db.fetch(pg.CLAIM, limit, owner, now, lease_seconds)
+            claimed_pg = [(Lease(r["id"], r["epoch"], owner), RunRecord.from_mapping(r)) for r in rows]
+            await self._publish([EventRecord(
+                run_id=run.id, seq=run.last_seq, type="run.started",
+                data={"status": "running", "attempt": run.attempt, "worker": owner}, created_at=now,
+            ) for _, run in claimed_pg])
+            return claimed_pg
         stmt = (
             select(runs_t.c.id, runs_t.c.epoch)
             .where(runs_t.c.status == RunStatus.QUEUED.value)
@@ -333,7 +472,8 @@ class RunStore:
         """
         now = time.time()
         stmt = (
-            select(runs_t.c.id, runs_t.c.epoch, runs_t.c.attempt, runs_t.c.status, runs_t.c.lease_owner)
+            select(runs_t.c.id, runs_t.c.epoch, runs_t.c.attempt, runs_t.c.status, runs_t.c.lease_owner,
+                   runs_t.c.lease_expires_at)
             .where(runs_t.c.status.in_([s.value for s in LEASED]), runs_t.c.lease_expires_at < now,
                    runs_t.c.id.not_in(list(exclude)))
             .order_by(runs_t.c.priority.desc(), runs_t.c.id)
@@ -345,7 +485,7 @@ class RunStore:
         events: list[EventRecord | None] = []
         expired = 0
         async with self._write() as conn:
-            for run_id, epoch, attempt, status, old_owner in (await conn.execute(stmt)).all():
+            for run_id, epoch, attempt, status, old_owner, expired_at in (await conn.execute(stmt)).all():
                 res = await conn.execute(
                     update(runs_t)
                     .where(runs_t.c.id == run_id, runs_t.c.epoch == epoch, runs_t.c.lease_expires_at < now)
@@ -368,7 +508,8 @@ class RunStore:
                         attempt=attempt + 1, status=RunStatus.RUNNING.value).returning(*runs_t.c))).one()
                     events.append(await self._append(conn, run_id, "run.recovered", {
                         "status": "running", "attempt": attempt + 1, "worker": owner,
-                        "reason": "released" if old_owner is None else "lease_expired",
+                        "reason": "released" if old_owner is None else
+                                  "worker_gone" if expired_at == 0 else "lease_expired",
                     }, epoch=lease.epoch, now=now))
                     claimed.append((lease, RunRecord.from_row(row)))
         await self._publish(events)
@@ -379,6 +520,13 @@ class RunStore:
         now = time.time()
         lost: set[str] = set()
         cancel: set[str] = set()
+        if self.dialect == "postgresql":
+            async with self._raw() as db:
+                rows = await db.fetch(pg.HEARTBEAT, owner, now, lease_seconds,
+                                      [lease.run_id for lease in leases], [lease.epoch for lease in leases])
+            renewed = {r["id"]: r["cancel_requested"] for r in rows}
+            return ({lease.run_id for lease in leases} - renewed.keys(),
+                    {run_id for run_id, cancel in renewed.items() if cancel})
         async with self._write() as conn:
             await conn.execute(update(workers_t).where(workers_t.c.id == owner).values(heartbeat_at=now))
             for lease in leases:
@@ -396,57 +544,104 @@ class RunStore:
                 cancel = {r.id for r in rows}
         return lost, cancel
 
+    async def write(self, lease: Lease, batch: Batch) -> list[EventRecord]:
+        """Write an execution's batch in one fenced transaction, then publish its events.
+
+        Events whose ``op_key`` is already in the log are left out (a replay, or a concurrent
+        writer of the same key); the others are numbered on from ``last_seq`` without gaps. With
+        an ``outcome`` its final event goes last and the run's lease is cleared. Raises
+        ``LeaseLost`` (writing nothing) when another worker has claimed the run since.
+        """
+        now = time.time()
+        events = list(batch.events)
+        if batch.outcome is not None:
+            out = batch.outcome
+            data: dict[str, Any] = {"status": out.status.value}
+            if out.error is not None:
+                data["error"] = out.error
+            events.append(PendingEvent(FINAL_EVENT[out.status], data, None, now))
+        events = [e if e.created_at else PendingEvent(e.type, e.data, e.op_key, now) for e in events]
+        if self.dialect == "postgresql":
+            written = await self._write_pg(lease, batch, events, now)
+        else:
+            written = await self._write_generic(lease, batch, events, now)
+        await self._publish(written)
+        return written
+
+    async def _write_pg(self, lease: Lease, batch: Batch, events: list[PendingEvent],
+                        now: float) -> list[EventRecord]:
+        out = batch.outcome
+        steps = batch.steps
+        async with self._raw() as db:
+            row = await db.fetchrow(
+                pg.WRITE, lease.run_id, lease.epoch,
+                [e.type for e in events], [_json(e.data) for e in events], [e.created_at for e in events],
+                [e.op_key for e in events], now,
+                None if out is None else out.status.value,
+                None if out is None else _json(out.output), None if out is None else _json(out.error),
+                [w.step_id for w in steps], [w.name for w in steps], [w.status for w in steps],
+                [_json(w.output) for w in steps], [_json(w.error) for w in steps], [w.attempt for w in steps],
+                [w.started_at for w in steps], [w.finished_at for w in steps],
+            )
+        if row is None:
+            raise LeaseLost(lease.run_id)
+        first = row["last_seq"] - row["k"] + 1
+        return [EventRecord(run_id=lease.run_id, seq=first + n, type=events[pos - 1].type,
+                            data=events[pos - 1].data, created_at=events[pos - 1].created_at)
+                for n, pos in enumerate(row["written"])]
+
+    async def _write_generic(self, lease: Lease, batch: Batch, events: list[PendingEvent],
+                             now: float) -> list[EventRecord]:
+        keys = [e.op_key for e in events if e.op_key is not None]
+        async with self._write() as conn:
+            if keys:
+                logged = set((await conn.execute(select(events_t.c.op_key).where(
+                    events_t.c.run_id == lease.run_id, events_t.c.op_key.in_(keys)))).scalars())
+                events = [e for e in events if e.op_key is None or e.op_key not in logged]
+            values: dict[str, Any] = {"last_seq": runs_t.c.last_seq + len(events), "updated_at": now}
+            if batch.outcome is not None:
+                values.update(status=batch.outcome.status.value, output=batch.outcome.output,
+                              error=batch.outcome.error, finished_at=now, lease_owner=None, lease_expires_at=None)
+            last = (await conn.execute(
+                update(runs_t).where(runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch)
+                .values(**values).returning(runs_t.c.last_seq)
+            )).scalar_one_or_none()
+            if last is None:
+                raise LeaseLost(lease.run_id)
+            first = last - len(events) + 1
+            records = [EventRecord(run_id=lease.run_id, seq=first + n, type=e.type, data=e.data,
+                                   created_at=e.created_at) for n, e in enumerate(events)]
+            if records:
+                await conn.execute(insert(events_t), [
+                    {"run_id": r.run_id, "seq": r.seq, "type": r.type, "data": r.data, "created_at": r.created_at,
+                     "op_key": e.op_key} for r, e in zip(records, events, strict=True)])
+            for w in batch.steps:
+                stmt = sqlite_insert(steps_t).values(
+                    run_id=lease.run_id, step_id=w.step_id, name=w.name, status=w.status, output=w.output,
+                    error=w.error, attempt=w.attempt, started_at=w.started_at, finished_at=w.finished_at)
+                await conn.execute(stmt.on_conflict_do_update(
+                    index_elements=[steps_t.c.run_id, steps_t.c.step_id],
+                    set_={c: stmt.excluded[c] for c in
+                          ("name", "status", "output", "error", "attempt", "started_at", "finished_at")}))
+        return records
+
     async def emit(self, lease: Lease, type_: str, data: dict[str, Any], op_key: str | None = None) -> None:
+        """Write one event now (a workflow's events go through its ``Journal`` instead)."""
         try:
-            async with self._write() as conn:
-                ev = await self._append(conn, lease.run_id, type_, data, epoch=lease.epoch, op_key=op_key)
-        except IntegrityError:
+            await self.write(lease, Batch([PendingEvent(type_, data, op_key)], []))
+        except (IntegrityError, asyncpg.UniqueViolationError):
             if op_key is None:
                 raise
             return  # a concurrent emit wrote the same op_key first
-        await self._publish([ev])
 
-    async def completed_steps(self, run_id: str) -> dict[int, StepRecord]:
-        stmt = select(steps_t).where(steps_t.c.run_id == run_id, steps_t.c.status == "completed")
+    async def replay_state(self, run_id: str) -> tuple[dict[int, StepRecord], set[str]]:
+        """What an earlier attempt left: its completed steps, and the op_keys of its events."""
         async with self.engine.connect() as conn:
-            return {r.step_id: StepRecord.from_row(r) for r in await conn.execute(stmt)}
-
-    async def start_step(self, lease: Lease, step_id: int, name: str, attempt: int) -> None:
-        now = time.time()
-        async with self._write() as conn:
-            ev = await self._append(conn, lease.run_id, "step.started",
-                                    {"step_id": step_id, "name": name, "attempt": attempt},
-                                    epoch=lease.epoch, now=now)
-            existing = await conn.scalar(select(steps_t.c.step_id).where(
-                steps_t.c.run_id == lease.run_id, steps_t.c.step_id == step_id))
-            if existing is None:
-                await conn.execute(insert(steps_t).values(
-                    run_id=lease.run_id, step_id=step_id, name=name, status="running",
-                    attempt=attempt, started_at=now))
-            else:
-                await conn.execute(update(steps_t).where(
-                    steps_t.c.run_id == lease.run_id, steps_t.c.step_id == step_id
-                ).values(name=name, status="running", attempt=attempt, started_at=now, error=None, finished_at=None))
-        await self._publish([ev])
-
-    async def end_step(
-        self, lease: Lease, step_id: int, name: str, *, output: Any = None, error: dict[str, Any] | None = None,
-        summary: dict[str, Any] | None = None,
-    ) -> None:
-        """Checkpoint a step's result and its event in one fenced transaction."""
-        now = time.time()
-        status = "failed" if error else "completed"
-        data: dict[str, Any] = {"step_id": step_id, "name": name}
-        if error:
-            data["error"] = error
-        if summary:
-            data.update(summary)
-        async with self._write() as conn:
-            ev = await self._append(conn, lease.run_id, f"step.{status}", data, epoch=lease.epoch, now=now)
-            await conn.execute(update(steps_t).where(
-                steps_t.c.run_id == lease.run_id, steps_t.c.step_id == step_id
-            ).values(status=status, output=output, error=error, finished_at=now))
-        await self._publish([ev])
+            steps = {r.step_id: StepRecord.from_row(r) for r in await conn.execute(
+                select(steps_t).where(steps_t.c.run_id == run_id, steps_t.c.status == "completed"))}
+            keys = set((await conn.execute(select(events_t.c.op_key).where(
+                events_t.c.run_id == run_id, events_t.c.op_key.is_not(None)))).scalars())
+        return steps, keys
 
     async def set_waiting(self, lease: Lease, waiting: bool, data: dict[str, Any]) -> None:
         """``running <-> waiting``; a run being cancelled stays ``cancelling``."""
@@ -476,15 +671,40 @@ class RunStore:
 
     async def finish(self, lease: Lease, status: RunStatus, *, output: Any = None,
                      error: dict[str, Any] | None = None) -> None:
-        async with self._write() as conn:
-            ev = await self._finish(conn, lease, status, now=time.time(), output=output, error=error)
-        await self._publish([ev])
+        await self.write(lease, Batch([], [], Outcome(status, output, error)))
 
-    async def register_worker(self, owner: str, hostname: str, pid: int) -> None:
+    async def hold_liveness(self, owner: str) -> LivenessLock | None:
+        """Take ``owner``'s liveness lock on a connection kept for it (PostgreSQL; ``None`` elsewhere).
+
+        Taken before the worker's row is written, so no other worker can see the row without the lock.
+        """
+        if self.dialect != "postgresql":
+            return None
+        conn = await self.engine.connect()
+        try:
+            raw = await conn.get_raw_connection()
+            driver = cast(asyncpg.Connection, raw.driver_connection)
+            await driver.execute(pg.LIVENESS_LOCK, owner)
+        except BaseException:
+            await conn.invalidate()
+            await conn.close()
+            raise
+        return LivenessLock(conn, driver)
+
+    async def expire_dead_owners(self, owner: str) -> int:
+        """End the leases of runs whose worker's session is gone; returns how many runs."""
+        if self.dialect != "postgresql":
+            return 0
+        async with self._raw() as db:
+            rows = await db.fetch(pg.EXPIRE_DEAD_OWNERS, owner, [s.value for s in LEASED])
+        return len(rows)
+
+    async def register_worker(self, owner: str, hostname: str, pid: int, *, liveness_lock: bool = False) -> None:
         now = time.time()
         async with self._write() as conn:
             await conn.execute(insert(workers_t).values(
-                id=owner, hostname=hostname, pid=pid, started_at=now, heartbeat_at=now, status="active"))
+                id=owner, hostname=hostname, pid=pid, started_at=now, heartbeat_at=now, status="active",
+                liveness_lock=liveness_lock))
 
     async def retire_worker(self, owner: str) -> None:
         async with self._write() as conn:
@@ -498,3 +718,8 @@ class RunStore:
                 await conn.execute(update(runs_t).where(
                     runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch
                 ).values(lease_expires_at=0.0, lease_owner=None))
+
+
+def _json(value: Any) -> str | None:
+    """JSON text for a ``json`` parameter of a raw statement; ``None`` stays SQL NULL."""
+    return None if value is None else json.dumps(value, separators=(",", ":"))

@@ -29,7 +29,8 @@ from orchestrator.metrics import Metrics
 from orchestrator.runs.context import RunContext, RunFailed, StepError
 from orchestrator.runs.records import RunRecord
 from orchestrator.runs.states import RunStatus
-from orchestrator.runs.store import CONTROL_CHANNEL, Lease, LeaseLost, RunStore
+from orchestrator.runs.journal import Journal
+from orchestrator.runs.store import CONTROL_CHANNEL, Lease, LeaseLost, Outcome, RunStore
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.workflows.registry import WorkflowRegistry
@@ -242,28 +243,34 @@ class Worker:
 
     async def _execute(self, ex: _Execution, run: RunRecord) -> None:
         lease = ex.lease
+        journal = Journal(self.store, lease, on_lost=lambda: self._stop(lease.run_id, "lost"))
         try:
-            status, output, error = await self._run_workflow(ex, run)
-        except LeaseLost:
-            ex.stop_reason = ex.stop_reason or "lost"
-            return
-        if ex.stop_reason in ("lost", "shutdown"):
-            return
-        if not ex.clock.valid():  # the outcome would be written on a lease that may be gone
-            ex.stop_reason = "lost"
-            return
-        ex.finishing = True
-        try:
-            await self.store.finish(lease, status, output=output, error=error)
-        except LeaseLost:
-            ex.stop_reason = "lost"
-            return
+            try:
+                status, output, error = await self._run_workflow(ex, run, journal)
+            except LeaseLost:
+                ex.stop_reason = ex.stop_reason or "lost"
+                return
+            if ex.stop_reason in ("lost", "shutdown"):
+                return
+            if not ex.clock.valid():  # the outcome would be written on a lease that may be gone
+                ex.stop_reason = "lost"
+                return
+            ex.finishing = True
+            try:
+                # what the journal still holds goes in the same transaction as the outcome
+                await journal.flush(Outcome(status, output, error))
+            except LeaseLost:
+                ex.stop_reason = "lost"
+                return
+        finally:
+            await journal.close()
         self.metrics.runs_finished.labels(run.workflow, status.value).inc()
         started = run.started_at or time.time()
         self.metrics.run_duration.labels(run.workflow).observe(max(0.0, time.time() - started))
         log.info("run finished", extra={"run_id": lease.run_id, "status": status.value})
 
-    async def _run_workflow(self, ex: _Execution, run: RunRecord) -> tuple[RunStatus, Any, dict[str, Any] | None]:
+    async def _run_workflow(self, ex: _Execution, run: RunRecord,
+                            journal: Journal) -> tuple[RunStatus, Any, dict[str, Any] | None]:
         lease = ex.lease
         defn = self.registry.get(run.workflow)
         if defn is None:
@@ -275,9 +282,10 @@ class Worker:
             inp = defn.input_model.model_validate(run.input)
         except ValidationError as exc:
             return RunStatus.FAILED, None, {"code": "invalid_input", "message": str(exc)}
-        completed = await self.store.completed_steps(lease.run_id)
+        # a first attempt has nothing to replay: no query for it
+        completed, logged = await self.store.replay_state(lease.run_id) if run.attempt > 1 else ({}, set())
         ctx = RunContext(self.store, lease, run, completed, on_step=lambda st: self.metrics.steps.labels(st).inc(),
-                         services=self.services, lease_valid=ex.clock.valid)
+                         services=self.services, lease_valid=ex.clock.valid, journal=journal, logged_keys=logged)
         deadline = run.deadline_at
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         try:

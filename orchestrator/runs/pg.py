@@ -1,0 +1,143 @@
+"""The store's hot path on PostgreSQL: one statement, one round trip, per operation.
+
+Each statement below does in one data-modifying CTE what would otherwise be a transaction of
+four to eight statements (BEGIN, a fenced UPDATE of the run, the event INSERTs, a step
+upsert, a re-read, COMMIT), each a round trip from Python and a turn of SQLAlchemy's
+machinery. A single statement is atomic on its own, so no transaction is opened around it.
+They run on the asyncpg connection under SQLAlchemy's pooled one (``RunStore._raw``), whose
+JSON codec SQLAlchemy registered: ``json`` parameters go in as JSON text, results come out
+decoded.
+
+Fencing is the same as everywhere in the store: the run's row is updated only where its
+``epoch`` is the caller's, and every other part of the statement reads the rows that
+UPDATE returned, so a stale owner's statement writes nothing and returns no row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# One run inserted with its first event, ``run.queued``. ``active`` counts the tenant's active
+# runs other than this one (a statement does not see its own inserts); the caller holds the
+# tenant's advisory lock when it checks that count against a limit.
+CREATE = """
+WITH r AS (
+    INSERT INTO runs (id, tenant, workflow, status, input, metadata, priority, idempotency_key,
+                      request_hash, timeout_seconds, created_at, updated_at, attempt, epoch,
+                      cancel_requested, last_seq)
+    VALUES ($1, $2, $3, 'queued', $4::json, $5::json, $6, $7, $8, $9, $10, $10, 0, 0, false, 1)
+    RETURNING *
+), e AS (
+    INSERT INTO run_events (run_id, seq, type, data, created_at)
+    SELECT id, 1, 'run.queued', json_build_object('status', 'queued', 'workflow', workflow), $10 FROM r
+)
+SELECT r.*, (SELECT count(*) FROM runs WHERE tenant = $2 AND status = ANY($11::text[])) AS active FROM r
+"""
+
+# Claim up to $1 queued runs: highest priority, then oldest; rows another claimer holds are skipped.
+CLAIM = """
+WITH c AS (
+    SELECT id FROM runs WHERE status = 'queued' ORDER BY priority DESC, id LIMIT $1 FOR UPDATE SKIP LOCKED
+), u AS (
+    UPDATE runs r SET status = 'running', epoch = r.epoch + 1, lease_owner = $2,
+        lease_expires_at = $3::float8 + $4::float8,
+        attempt = r.attempt + 1, started_at = coalesce(r.started_at, $3), updated_at = $3,
+        deadline_at = coalesce(r.deadline_at, r.timeout_seconds + $3), last_seq = r.last_seq + 1
+    FROM c WHERE r.id = c.id
+    RETURNING r.*
+), e AS (
+    INSERT INTO run_events (run_id, seq, type, data, created_at)
+    SELECT id, last_seq, 'run.started',
+           json_build_object('status', 'running', 'attempt', attempt, 'worker', $2::text), $3
+    FROM u
+)
+SELECT * FROM u ORDER BY priority DESC, id
+"""
+
+# Renew many leases at once: those whose epoch moved on come back missing (lost).
+HEARTBEAT = """
+WITH w AS (
+    UPDATE workers SET heartbeat_at = $2::float8 WHERE id = $1
+)
+UPDATE runs SET lease_expires_at = $2::float8 + $3::float8
+FROM unnest($4::text[], $5::int[]) AS v(id, epoch)
+WHERE runs.id = v.id AND runs.epoch = v.epoch
+RETURNING runs.id, runs.cancel_requested
+"""
+
+# A batch of an execution's writes: events (those whose op_key is already in the log are
+# dropped, so the sequence stays gap-free), step checkpoints (upserted) and, with a status in
+# $8, the run's outcome. Returns the new ``last_seq``, how many events were written and which
+# of the given ones (1-based positions), or no row when the lease is lost.
+WRITE = """
+WITH v AS (
+    SELECT * FROM unnest($3::text[], $4::text[], $5::float8[], $6::text[])
+        WITH ORDINALITY AS v(type, data, created_at, op_key, ord)
+    WHERE v.op_key IS NULL
+       OR NOT EXISTS (SELECT 1 FROM run_events x WHERE x.run_id = $1 AND x.op_key = v.op_key)
+), n AS (
+    SELECT count(*)::int AS k, coalesce(array_agg(ord::int ORDER BY ord), '{}') AS written FROM v
+), r AS (
+    UPDATE runs SET last_seq = last_seq + (SELECT k FROM n), updated_at = $7,
+        status = coalesce($8::text, status),
+        output = CASE WHEN $8::text IS NULL THEN output ELSE $9::json END,
+        error = CASE WHEN $8::text IS NULL THEN error ELSE $10::json END,
+        finished_at = CASE WHEN $8::text IS NULL THEN finished_at ELSE $7 END,
+        lease_owner = CASE WHEN $8::text IS NULL THEN lease_owner END,
+        lease_expires_at = CASE WHEN $8::text IS NULL THEN lease_expires_at END
+    WHERE id = $1 AND epoch = $2
+    RETURNING last_seq
+), e AS (
+    INSERT INTO run_events (run_id, seq, type, data, created_at, op_key)
+    SELECT $1, r.last_seq - n.k + (row_number() OVER (ORDER BY v.ord))::int, v.type, v.data::json,
+           v.created_at, v.op_key
+    FROM r, n, v
+), s AS (
+    INSERT INTO run_steps (run_id, step_id, name, status, output, error, attempt, started_at, finished_at)
+    SELECT $1, w.step_id, w.name, w.status, w.output::json, w.error::json, w.attempt, w.started_at, w.finished_at
+    FROM r, unnest($11::int[], $12::text[], $13::text[], $14::text[], $15::text[], $16::int[],
+                   $17::float8[], $18::float8[])
+        AS w(step_id, name, status, output, error, attempt, started_at, finished_at)
+    ON CONFLICT (run_id, step_id) DO UPDATE SET
+        name = excluded.name, status = excluded.status, output = excluded.output, error = excluded.error,
+        attempt = excluded.attempt, started_at = excluded.started_at, finished_at = excluded.finished_at
+)
+SELECT r.last_seq, n.k, n.written FROM r, n
+"""
+
+# Liveness: a worker holds this session lock on a connection of its own while it lives. The
+# server drops it the moment that session ends (the process died, its host went away and the
+# socket was reset, an admin terminated it), which is how other workers learn the owner of a
+# run is gone long before its lease would expire.
+LIVENESS_LOCK_SPACE = 0x6F726368  # "orch"
+LIVENESS_LOCK = f"SELECT pg_advisory_lock({LIVENESS_LOCK_SPACE}, hashtext($1))"
+
+# Workers registered as holding the lock whose lock is free are marked dead, and the leases of
+# their runs end now, so that the next recovery pass takes the runs over.
+EXPIRE_DEAD_OWNERS = f"""
+WITH dead AS (
+    UPDATE workers w SET status = 'dead'
+    WHERE w.status = 'active' AND w.liveness_lock AND w.id <> $1
+      AND NOT EXISTS (
+          SELECT 1 FROM pg_locks l
+          WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {LIVENESS_LOCK_SPACE}
+            AND l.objid = hashtext(w.id)::oid AND l.objsubid = 2
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+    RETURNING w.id
+)
+UPDATE runs SET lease_expires_at = 0
+FROM dead WHERE runs.lease_owner = dead.id AND runs.status = ANY($2::text[])
+RETURNING runs.id
+"""
+
+GET = "SELECT * FROM runs WHERE id = $1"
+GET_FOR_TENANT = "SELECT * FROM runs WHERE id = $1 AND tenant = $2"
+
+
+def tenant_lock_sql(tenant: str) -> str:
+    """BEGIN and take the tenant's advisory lock, in one simple-protocol round trip.
+
+    The key is a 64-bit hash computed here, so the statement carries only an integer literal.
+    """
+    key = int.from_bytes(hashlib.sha256(b"orch-tenant:" + tenant.encode()).digest()[:8], "big", signed=True)
+    return f"BEGIN; SELECT pg_advisory_xact_lock({key})"
