@@ -157,3 +157,89 @@ def test_clean_shutdown_hands_runs_over_at_once(tmp_path):
         first.stop()
         if second is not None:
             second.stop()
+
+
+
+@pytest.mark.postgres
+def test_sigkill_runs_move_to_a_live_worker_before_the_lease_expires(request, tmp_path):
+    # A 120 s lease: the run is taken over long before it could expire, because the live worker
+    # sees that the dead one's PostgreSQL session (and with it its liveness lock) is gone.
+    env = {**ENV, "ORCH_DATABASE_URL": request.getfixturevalue("pg_database"),
+           "ORCH_REDIS_URL": request.getfixturevalue("redis_url"),
+           "ORCH_LEASE_SECONDS": "120", "ORCH_HEARTBEAT_SECONDS": "5", "ORCH_WORKER_POLL_SECONDS": "0.5"}
+    journal = tmp_path / "journal.txt"
+    first = ServiceProcess({**env, "ORCH_WORKER_CONCURRENCY": "1"}, tmp_path / "first.log").start()
+    second = None
+    try:
+        run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json={
+            "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 0.5}}).json()["id"]
+        deadline = time.monotonic() + 15
+        while not journal.exists() or "end 0" not in journal_lines(journal):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        second = ServiceProcess(env, tmp_path / "second.log").start()
+        first.kill()
+        t0 = time.monotonic()
+        run = httpx.get(f"{second.url}/v1/runs/{run_id}", params={"wait": 60}, headers=A, timeout=70).json()
+        took = time.monotonic() - t0
+        assert run["status"] == "succeeded" and run["attempt"] == 2, run
+        assert took < 60, f"taken over after {took:.1f} s: waited for the 120 s lease?"
+        events = httpx.get(f"{second.url}/v1/runs/{run_id}/events", headers=A).json()["data"]
+        recovered = [e for e in events if e["type"] == "run.recovered"]
+        assert len(recovered) == 1 and recovered[0]["data"]["reason"] == "worker_gone", recovered
+        lines = journal_lines(journal)
+        assert lines.count("end 0") == 1 and all(lines.count(f"end {i}") == 1 for i in range(4)), lines
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.postgres
+def test_worker_whose_session_is_terminated_stops_its_runs_and_comes_back(request, tmp_path):
+    """pg_terminate_backend on a live worker's liveness session: it must stop executing at once
+    (another worker may take the run over now), and it rejoins under a new id."""
+    import asyncio
+
+    import asyncpg
+
+    env = {**ENV, "ORCH_DATABASE_URL": request.getfixturevalue("pg_database"),
+           "ORCH_REDIS_URL": request.getfixturevalue("redis_url"),
+           "ORCH_LEASE_SECONDS": "120", "ORCH_HEARTBEAT_SECONDS": "5", "ORCH_WORKER_POLL_SECONDS": "0.5"}
+    dsn = request.getfixturevalue("pg_database").replace("postgresql+asyncpg://", "postgresql://")
+    journal = tmp_path / "journal.txt"
+    first = ServiceProcess(env, tmp_path / "first.log").start()
+    try:
+        run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json={
+            "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 0.5}}).json()["id"]
+        deadline = time.monotonic() + 15
+        while not journal.exists() or "end 0" not in journal_lines(journal):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+        async def terminate() -> int:
+            conn = await asyncpg.connect(dsn)
+            try:
+                return await conn.fetchval(
+                    "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l WHERE l.locktype = 'advisory'"
+                    " AND l.classid = $1 AND l.objsubid = 2 AND l.granted"
+                    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    0x6F726368)
+            finally:
+                await conn.close()
+
+        assert asyncio.run(terminate()) == 1
+        # the same process finishes the run: it stopped it, rejoined, and recovered it
+        run = httpx.get(f"{first.url}/v1/runs/{run_id}", params={"wait": 60}, headers=A, timeout=70).json()
+        assert run["status"] == "succeeded" and run["attempt"] == 2, run
+        lines = [line.split()[0:2] for line in journal.read_text().splitlines()]
+        workers = {line.split("worker=")[1].split()[0] for line in journal.read_text().splitlines()}
+        assert len(workers) == 2, workers  # a new worker id after the session was lost
+        # no step of the first execution ran on after the second began: it was stopped first
+        text = journal.read_text().splitlines()
+        first_id = text[0].split("worker=")[1].split()[0]
+        second_start = min(float(t.split("mono=")[1].split()[0]) for t in text if first_id not in t)
+        assert all(float(t.split("mono=")[1].split()[0]) <= second_start for t in text if first_id in t), text
+        assert lines.count(["end", "3"]) == 1
+    finally:
+        first.stop()

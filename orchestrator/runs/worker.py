@@ -30,7 +30,7 @@ from orchestrator.runs.context import RunContext, RunFailed, StepError
 from orchestrator.runs.records import RunRecord
 from orchestrator.runs.states import RunStatus
 from orchestrator.runs.journal import Journal
-from orchestrator.runs.store import CONTROL_CHANNEL, Lease, LeaseLost, Outcome, RunStore
+from orchestrator.runs.store import CONTROL_CHANNEL, Lease, LeaseLost, LivenessLock, Outcome, RunStore
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from orchestrator.workflows.registry import WorkflowRegistry
@@ -87,6 +87,9 @@ class Worker:
         self._loops: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._last_recovery = 0.0
+        self._last_dead_check = 0.0
+        self._liveness: LivenessLock | None = None
+        self._stopping = False
         self._lease_valid_for = settings.lease_seconds * (1 - LEASE_SAFETY_FRACTION)
 
     @property
@@ -94,7 +97,7 @@ class Worker:
         return len(self._running)
 
     async def start(self) -> None:
-        await self.store.register_worker(self.id, socket.gethostname(), os.getpid())
+        await self._register()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="worker-claim"),
             asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat"),
@@ -103,8 +106,50 @@ class Worker:
         ]
         log.info("worker started", extra={"worker": self.id})
 
+    async def _register(self) -> None:
+        """Take this worker's liveness lock (PostgreSQL), then write its row."""
+        self._liveness = await self.store.hold_liveness(self.id)
+        if self._liveness is not None:
+            self._liveness.on_lost(self._liveness_lost)
+        await self.store.register_worker(self.id, socket.gethostname(), os.getpid(),
+                                         liveness_lock=self._liveness is not None)
+
+    def _liveness_lost(self) -> None:
+        """The session holding our liveness lock ended: other workers may take our runs over now.
+
+        Stop every execution at once, claim nothing until a new session holds a new lock, and
+        come back under a new id (the old one may be marked dead by then).
+        """
+        if self._stopping:
+            return
+        log.error("liveness session lost; stopping %d executions", len(self._running), extra={"worker": self.id})
+        for run_id in list(self._running):
+            self._stop(run_id, "lost")
+
+    async def _restore_liveness(self) -> bool:
+        """Whether this worker holds its liveness lock, after trying to take a new one if not."""
+        if self._liveness is None or not self._liveness.lost:
+            return True
+        self._liveness_lost()  # in case the listener did not fire
+        old = self._liveness
+        self._liveness = None
+        try:
+            await old.close()
+        except Exception:
+            log.debug("closing the lost liveness connection failed", exc_info=True)
+        self.id = new_id("wrk")
+        try:
+            await self._register()
+        except Exception:
+            log.exception("could not take a new liveness lock")
+            self._liveness = old  # still lost: try again on the next pass
+            return False
+        log.warning("liveness restored under a new worker id", extra={"worker": self.id})
+        return True
+
     async def stop(self) -> None:
         """Stop claiming, interrupt running executions and hand their runs back at once."""
+        self._stopping = True
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -118,6 +163,11 @@ class Worker:
             await self.store.retire_worker(self.id)
         except Exception:  # the database may already be gone; leases then expire by themselves
             log.exception("could not release leases on shutdown")
+        if self._liveness is not None:
+            try:
+                await self._liveness.close()
+            except Exception:
+                log.debug("closing the liveness connection failed", exc_info=True)
 
     # ---- loops -------------------------------------------------------------------
 
@@ -137,8 +187,15 @@ class Worker:
 
     async def _claim_once(self) -> None:
         s = self.settings
-        free = s.worker_concurrency - len(self._running)
+        if not await self._restore_liveness():
+            return
         now = time.time()
+        if now - self._last_dead_check >= s.worker_poll_seconds:
+            # runs of a worker whose session is gone are taken over now, not at lease expiry
+            self._last_dead_check = now
+            if await self.store.expire_dead_owners(self.id):
+                self._last_recovery = 0.0
+        free = s.worker_concurrency - len(self._running)
         if free > 0 and now - self._last_recovery >= min(s.lease_seconds / 2, s.heartbeat_seconds):
             self._last_recovery = now
             sent = time.monotonic()
@@ -171,6 +228,9 @@ class Worker:
         write lock), and the watchdog stops the executions of a heartbeat that hangs.
         """
         self._stop_stale()
+        if self._liveness is not None and self._liveness.lost:
+            self._liveness_lost()  # renew nothing: others may already be taking these runs over
+            return
         execs = [ex for ex in self._running.values() if ex.stop_reason != "lost"]
         sent = time.monotonic()
         try:
