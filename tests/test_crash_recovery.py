@@ -168,31 +168,31 @@ def test_sigkill_runs_move_to_a_live_worker_before_the_lease_expires(request, tm
            "ORCH_REDIS_URL": request.getfixturevalue("redis_url"),
            "ORCH_LEASE_SECONDS": "120", "ORCH_HEARTBEAT_SECONDS": "5", "ORCH_WORKER_POLL_SECONDS": "0.5"}
     journal = tmp_path / "journal.txt"
-    first = ServiceProcess({**env, "ORCH_WORKER_CONCURRENCY": "1"}, tmp_path / "first.log").start()
-    second = None
+    procs = [ServiceProcess(env, tmp_path / f"p{i}.log").start() for i in range(2)]
     try:
-        run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json={
-            "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 0.5}}).json()["id"]
+        run_id = httpx.post(f"{procs[0].url}/v1/runs", headers=A, json={
+            "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 1.0}}).json()["id"]
         deadline = time.monotonic() + 15
-        while not journal.exists() or "end 0" not in journal_lines(journal):
+        while not journal.exists() or "start 1" not in journal_lines(journal):  # step 0 is checkpointed
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        second = ServiceProcess(env, tmp_path / "second.log").start()
-        first.kill()
+        pid = int(journal.read_text().split("pid=")[1].split()[0])
+        [owner] = [p for p in procs if p.proc is not None and p.proc.pid == pid]
+        [live] = [p for p in procs if p is not owner]
+        owner.kill()
         t0 = time.monotonic()
-        run = httpx.get(f"{second.url}/v1/runs/{run_id}", params={"wait": 60}, headers=A, timeout=70).json()
+        run = httpx.get(f"{live.url}/v1/runs/{run_id}", params={"wait": 60}, headers=A, timeout=70).json()
         took = time.monotonic() - t0
         assert run["status"] == "succeeded" and run["attempt"] == 2, run
         assert took < 60, f"taken over after {took:.1f} s: waited for the 120 s lease?"
-        events = httpx.get(f"{second.url}/v1/runs/{run_id}/events", headers=A).json()["data"]
+        events = httpx.get(f"{live.url}/v1/runs/{run_id}/events", headers=A).json()["data"]
         recovered = [e for e in events if e["type"] == "run.recovered"]
         assert len(recovered) == 1 and recovered[0]["data"]["reason"] == "worker_gone", recovered
         lines = journal_lines(journal)
-        assert lines.count("end 0") == 1 and all(lines.count(f"end {i}") == 1 for i in range(4)), lines
+        assert lines.count("start 0") == 1 and all(lines.count(f"end {i}") == 1 for i in range(4)), lines
     finally:
-        first.stop()
-        if second is not None:
-            second.stop()
+        for p in procs:
+            p.stop()
 
 
 @pytest.mark.postgres
