@@ -108,6 +108,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        run = client.runs.resume(args.run_id)
+    print(f"{run.id} {run.status} attempt={run.attempt}")
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        run = client.runs.fork(args.run_id, from_step=args.from_step)
+    print(f"{run.id} {run.status} forked_from={run.forked_from} from_step={run.forked_from_step}")
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     with _client(args) as client:
         events = client.runs.stream(args.run_id) if args.follow else client.runs.events(
@@ -148,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = runs.add_parser("cancel", help="cancel a run")
     cancel.add_argument("run_id")
     cancel.set_defaults(fn=cmd_cancel)
+    resume = runs.add_parser("resume", help="queue a failed, cancelled or timed-out run again from its checkpoints")
+    resume.add_argument("run_id")
+    resume.set_defaults(fn=cmd_resume)
+    fork = runs.add_parser("fork", help="start a new run from another run's checkpoints")
+    fork.add_argument("run_id")
+    fork.add_argument("--from-step", type=int, required=True,
+                      help="the first step the new run executes; earlier ones come from the original")
+    fork.set_defaults(fn=cmd_fork)
     events = runs.add_parser("events", help="print a run's events")
     events.add_argument("run_id")
     events.add_argument("--follow", action="store_true", help="stream until the run finishes")

@@ -16,6 +16,7 @@ from orchestrator.api.schemas import (
     Page,
     RunCreate,
     RunError,
+    RunFork,
     RunEventObject,
     RunObject,
     StepObject,
@@ -24,7 +25,7 @@ from orchestrator.api.schemas import (
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.auth import Tenant, authenticate
 from orchestrator.db.models import INT32_MAX
-from orchestrator.errors import InvalidRequest, NotFound, RateLimited, ValidationFailed
+from orchestrator.errors import Conflict, InvalidRequest, NotFound, RateLimited, ValidationFailed
 from orchestrator.ids import id_pattern, is_valid_id
 from orchestrator.metrics import Metrics
 from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
@@ -156,6 +157,61 @@ async def cancel_run(run_id: RunId, request: Request, tenant: TenantDep) -> RunO
     return _run_object(await _store(request).request_cancel(tenant.name, run_id))
 
 
+@router.post("/runs/{run_id}/resume", response_model=RunObject,
+             summary="Resume a failed, cancelled or timed-out run from its checkpoints")
+async def resume_run(run_id: RunId, request: Request, tenant: TenantDep) -> RunObject:
+    """Queue the run again under the same id: its completed steps are replayed from their
+    checkpoints, the others run. Its timeout starts over. ``409 run_not_resumable`` for a run
+    that succeeded or is still active."""
+    _check_id(run_id)
+    try:
+        run = await _store(request).resume(tenant.name, run_id, max_active=tenant.limits.max_concurrent_runs)
+    except RateLimited:
+        request.app.state.metrics.rate_limited.labels("concurrent_runs").inc()
+        raise
+    return _run_object(run)
+
+
+@router.post("/runs/{run_id}/fork", status_code=201, response_model=RunObject,
+             summary="Start a new run from another run's checkpoints",
+             responses={201: {"description": "The new run, queued", "links": RUN_LINKS}})
+async def fork_run(
+    run_id: RunId,
+    body: RunFork,
+    request: Request,
+    response: Response,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> RunObject:
+    """A new run of the same workflow, input and metadata whose steps before ``from_step`` return
+    the original's checkpointed outputs, and which executes from ``from_step`` on: replay an agent
+    from a given turn, branch a trajectory, or retry after a fix. The original is not touched.
+    ``409 step_not_completed`` when a step before ``from_step`` has no completed checkpoint."""
+    _check_id(run_id)
+    store = _store(request)
+    original = await store.get(tenant.name, run_id)
+    if request.app.state.registry.get(original.workflow) is None:
+        raise Conflict(f"Workflow {original.workflow!r} of this run is not in this service.",
+                       code="unknown_workflow", param="run_id")
+    new = NewRun(
+        tenant=tenant.name, workflow=original.workflow, input=original.input, metadata=original.metadata,
+        priority=original.priority, timeout_seconds=original.timeout_seconds, idempotency_key=idempotency_key,
+        request_hash=request_hash({"fork": run_id, **body.model_dump(mode="json")}),
+        forked_from=run_id, forked_from_step=body.from_step,
+    )
+    try:
+        run, created = await store.create(new, max_active=tenant.limits.max_concurrent_runs)
+    except RateLimited:
+        request.app.state.metrics.rate_limited.labels("concurrent_runs").inc()
+        raise
+    response.headers["Location"] = f"/v1/runs/{run.id}"
+    if created:
+        request.app.state.metrics.runs_submitted.labels(run.workflow).inc()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return _run_object(run)
+
+
 @router.get("/runs/{run_id}/steps", response_model=Page[StepObject], summary="Checkpointed steps of a run")
 async def list_steps(run_id: RunId, request: Request, tenant: TenantDep) -> Page[StepObject]:
     _check_id(run_id)
@@ -172,6 +228,7 @@ def _run_object(run: RunRecord) -> RunObject:
         error=None if run.error is None else RunError.model_validate(run.error), attempt=run.attempt,
         timeout_seconds=run.timeout_seconds, created_at=run.created_at,
         started_at=run.started_at, finished_at=run.finished_at, last_event_seq=run.last_seq,
+        forked_from=run.forked_from, forked_from_step=run.forked_from_step,
     )
 
 

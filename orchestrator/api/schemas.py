@@ -22,6 +22,14 @@ class RunCreate(BaseModel):
                                           description="Wall-clock limit from first start; then `timed_out`.")
 
 
+class RunFork(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    from_step: int = Field(ge=0, le=1_000_000, description=(
+        "The first step the new run executes; the steps before it are copied from the original's "
+        "completed checkpoints (0: run everything again, with the same input)."))
+
+
 class RunError(BaseModel):
     code: str
     message: str
@@ -44,6 +52,8 @@ class RunObject(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     last_event_seq: int = 0
+    forked_from: str | None = Field(default=None, description="The run this one was forked from.")
+    forked_from_step: int | None = Field(default=None, description="Steps before this one came from `forked_from`.")
 
 
 class Page(BaseModel, Generic[T]):

@@ -49,6 +49,9 @@ class Run(Base):
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # A fork starts from the original's checkpoints of the steps before ``forked_from_step``.
+    forked_from: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    forked_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_runs_tenant_idempotency_key"),

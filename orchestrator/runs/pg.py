@@ -134,10 +134,14 @@ GET = "SELECT * FROM runs WHERE id = $1"
 GET_FOR_TENANT = "SELECT * FROM runs WHERE id = $1 AND tenant = $2"
 
 
+def tenant_lock_key(tenant: str) -> int:
+    """The tenant's advisory lock key: 64 bits of a hash, stable across processes and versions."""
+    return int.from_bytes(hashlib.sha256(b"orch-tenant:" + tenant.encode()).digest()[:8], "big", signed=True)
+
+
 def tenant_lock_sql(tenant: str) -> str:
     """BEGIN and take the tenant's advisory lock, in one simple-protocol round trip.
 
-    The key is a 64-bit hash computed here, so the statement carries only an integer literal.
+    The key is computed here, so the statement carries only an integer literal.
     """
-    key = int.from_bytes(hashlib.sha256(b"orch-tenant:" + tenant.encode()).digest()[:8], "big", signed=True)
-    return f"BEGIN; SELECT pg_advisory_xact_lock({key})"
+    return f"BEGIN; SELECT pg_advisory_xact_lock({tenant_lock_key(tenant)})"

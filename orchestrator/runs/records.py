@@ -46,6 +46,8 @@ class RunRecord:
     lease_expires_at: float | None
     cancel_requested: bool
     last_seq: int
+    forked_from: str | None = None
+    forked_from_step: int | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> RunRecord:
@@ -62,7 +64,7 @@ class RunRecord:
             updated_at=m["updated_at"], started_at=m["started_at"], finished_at=m["finished_at"],
             attempt=m["attempt"], epoch=m["epoch"], lease_owner=m["lease_owner"],
             lease_expires_at=m["lease_expires_at"], cancel_requested=bool(m["cancel_requested"]),
-            last_seq=m["last_seq"],
+            last_seq=m["last_seq"], forked_from=m["forked_from"], forked_from_step=m["forked_from_step"],
         )
 
 

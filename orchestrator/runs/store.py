@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -35,6 +35,7 @@ from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
 
 _ACTIVE_VALUES = [s.value for s in ACTIVE]
+RESUMABLE = frozenset({RunStatus.FAILED.value, RunStatus.CANCELLED.value, RunStatus.TIMED_OUT.value})
 # asyncpg's errors for a connection that is gone: the statement may or may not have run.
 _CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError)
 
@@ -119,6 +120,9 @@ class NewRun:
     timeout_seconds: float | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    # A fork: the new run starts with the completed checkpoints of this run's steps before the step
+    forked_from: str | None = None
+    forked_from_step: int | None = None
 
 
 class LivenessLock:
@@ -247,11 +251,14 @@ class RunStore:
         """
         now = time.time()
         run_id = new_id("run")
+        data: dict[str, Any] = {"status": "queued", "workflow": new.workflow}
+        if new.forked_from is not None:
+            data.update(forked_from=new.forked_from, from_step=new.forked_from_step)
         try:
-            if self.dialect == "postgresql":
+            if self.dialect == "postgresql" and new.forked_from is None:
                 run = await self._create_pg(new, run_id, now, max_active)
             else:
-                run = await self._create_generic(new, run_id, now, max_active)
+                run = await self._create_generic(new, run_id, now, max_active, data)
         except (IntegrityError, asyncpg.UniqueViolationError):
             if new.idempotency_key is None:
                 raise
@@ -264,8 +271,7 @@ class RunStore:
                     code="idempotency_key_reused", param="Idempotency-Key",
                 ) from None
             return existing, False
-        queued = EventRecord(run_id=run_id, seq=1, type="run.queued",
-                             data={"status": "queued", "workflow": new.workflow}, created_at=now)
+        queued = EventRecord(run_id=run_id, seq=1, type="run.queued", data=data, created_at=now)
         await self.bus.publish_many([(run_channel(run_id), queued.message()),
                                      (CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})])
         return run, True
@@ -294,15 +300,27 @@ class RunStore:
             await db.execute("COMMIT")
             return RunRecord.from_mapping(row)
 
-    async def _create_generic(self, new: NewRun, run_id: str, now: float, max_active: int | None) -> RunRecord:
+    async def _lock_tenant(self, conn: AsyncConnection, tenant: str) -> None:
+        """Serialise the tenant's admissions until this transaction ends (SQLite: its write lock does)."""
+        if self.dialect == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": pg.tenant_lock_key(tenant)})
+
+    async def _check_active(self, conn: AsyncConnection, tenant: str, max_active: int | None) -> None:
+        if max_active is None:
+            return
+        await self._lock_tenant(conn, tenant)
+        active = (await conn.execute(
+            select(func.count()).select_from(runs_t).where(runs_t.c.tenant == tenant,
+                                                           runs_t.c.status.in_(_ACTIVE_VALUES))
+        )).scalar_one()
+        if active >= max_active:
+            raise self._too_many(active, max_active)
+
+    async def _create_generic(self, new: NewRun, run_id: str, now: float, max_active: int | None,
+                              data: dict[str, Any]) -> RunRecord:
         async with self._write() as conn:
-            if max_active is not None:
-                active = (await conn.execute(
-                    select(func.count()).select_from(runs_t).where(
-                        runs_t.c.tenant == new.tenant, runs_t.c.status.in_(_ACTIVE_VALUES))
-                )).scalar_one()
-                if active >= max_active:
-                    raise self._too_many(active, max_active)
+            await self._check_active(conn, new.tenant, max_active)
+            copied = await self._fork_steps(conn, new) if new.forked_from is not None else []
             row = (await conn.execute(
                 insert(runs_t).values(
                     id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED.value,
@@ -310,12 +328,55 @@ class RunStore:
                     idempotency_key=new.idempotency_key, request_hash=new.request_hash,
                     timeout_seconds=new.timeout_seconds, created_at=now, updated_at=now,
                     attempt=0, epoch=0, cancel_requested=False, last_seq=1,
+                    forked_from=new.forked_from, forked_from_step=new.forked_from_step,
                 ).returning(*runs_t.c)
             )).one()
+            if copied:
+                await conn.execute(insert(steps_t), [{**step, "run_id": run_id} for step in copied])
             await conn.execute(insert(events_t).values(
-                run_id=run_id, seq=1, type="run.queued", data={"status": "queued", "workflow": new.workflow},
-                created_at=now))
+                run_id=run_id, seq=1, type="run.queued", data=data, created_at=now))
             return RunRecord.from_row(row)
+
+    async def _fork_steps(self, conn: AsyncConnection, new: NewRun) -> list[dict[str, Any]]:
+        """The checkpoints a fork starts from: every step before ``forked_from_step``, all completed."""
+        upto = new.forked_from_step or 0
+        rows = (await conn.execute(select(steps_t).where(
+            steps_t.c.run_id == new.forked_from, steps_t.c.step_id < upto, steps_t.c.status == "completed"
+        ).order_by(steps_t.c.step_id))).all()
+        done = [r.step_id for r in rows]
+        if done != list(range(upto)):
+            missing = min(set(range(upto)) - set(done))
+            raise Conflict(f"Step {missing} of run {new.forked_from!r} has no completed checkpoint to fork from; "
+                           f"from_step may be at most {missing}.", code="step_not_completed", param="from_step")
+        return [{k: v for k, v in r._mapping.items() if k != "run_id"} for r in rows]
+
+    async def resume(self, tenant: str, run_id: str, *, max_active: int | None) -> RunRecord:
+        """Queue a failed, cancelled or timed-out run again; it replays its completed steps.
+
+        Its timeout starts over; its attempts go on counting. A run in any other state is a
+        ``409 run_not_resumable``: a finished success has nothing left to do, an active run is
+        already on its way.
+        """
+        now = time.time()
+        async with self._write() as conn:
+            await self._check_active(conn, tenant, max_active)
+            stmt = select(runs_t.c.status).where(runs_t.c.id == run_id, runs_t.c.tenant == tenant)
+            if self.dialect == "postgresql":
+                stmt = stmt.with_for_update()
+            status = (await conn.execute(stmt)).scalar_one_or_none()
+            if status is None:
+                raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
+            if status not in RESUMABLE:
+                raise Conflict(f"Run {run_id!r} is {status}; only a failed, cancelled or timed-out run can be "
+                               f"resumed.", code="run_not_resumable", param="run_id")
+            ev = await self._append(conn, run_id, "run.resumed", {"status": "queued", "from_status": status},
+                                    now=now, values={
+                                        "status": RunStatus.QUEUED.value, "output": None, "error": None,
+                                        "finished_at": None, "cancel_requested": False, "deadline_at": None,
+                                        "lease_owner": None, "lease_expires_at": None})
+        await self._publish([ev])
+        await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
+        return await self.get(tenant, run_id)
 
     async def _by_idempotency_key(self, tenant: str, key: str) -> RunRecord | None:
         async with self.engine.connect() as conn:

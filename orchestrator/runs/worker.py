@@ -342,8 +342,9 @@ class Worker:
             inp = defn.input_model.model_validate(run.input)
         except ValidationError as exc:
             return RunStatus.FAILED, None, {"code": "invalid_input", "message": str(exc)}
-        # a first attempt has nothing to replay: no query for it
-        completed, logged = await self.store.replay_state(lease.run_id) if run.attempt > 1 else ({}, set())
+        # a first attempt has nothing to replay (a fork has its copied checkpoints): no query for it
+        replay = run.attempt > 1 or run.forked_from is not None
+        completed, logged = await self.store.replay_state(lease.run_id) if replay else ({}, set())
         ctx = RunContext(self.store, lease, run, completed, on_step=lambda st: self.metrics.steps.labels(st).inc(),
                          services=self.services, lease_valid=ex.clock.valid, journal=journal, logged_keys=logged)
         deadline = run.deadline_at

@@ -109,6 +109,17 @@ class AsyncRuns:
     async def cancel(self, run_id: str) -> Run:
         return Run.model_validate(await self._c.request("POST", f"/v1/runs/{run_id}/cancel"))
 
+    async def resume(self, run_id: str) -> Run:
+        """Queue a failed, cancelled or timed-out run again; its completed steps are replayed."""
+        return Run.model_validate(await self._c.request("POST", f"/v1/runs/{run_id}/resume"))
+
+    async def fork(self, run_id: str, *, from_step: int, idempotency_key: str | None = None) -> Run:
+        """A new run from ``run_id``'s checkpoints of the steps before ``from_step`` (retried safely:
+        one idempotency key serves every retry)."""
+        headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
+        return Run.model_validate(await self._c.request("POST", f"/v1/runs/{run_id}/fork",
+                                                      json={"from_step": from_step}, headers=headers))
+
     async def wait(self, run_id: str, *, timeout: float | None = None,  # noqa: ASYNC109 (the sync API's)
                    poll: float = 30.0) -> Run:
         deadline = None if timeout is None else time.monotonic() + timeout

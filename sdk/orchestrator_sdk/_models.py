@@ -31,6 +31,8 @@ class Run(_Model):
     started_at: float | None = None
     finished_at: float | None = None
     last_event_seq: int = 0
+    forked_from: str | None = None
+    forked_from_step: int | None = None
 
     @property
     def finished(self) -> bool:

@@ -108,6 +108,17 @@ class Runs:
     def cancel(self, run_id: str) -> Run:
         return Run.model_validate(self._c.request("POST", f"/v1/runs/{run_id}/cancel"))
 
+    def resume(self, run_id: str) -> Run:
+        """Queue a failed, cancelled or timed-out run again; its completed steps are replayed."""
+        return Run.model_validate(self._c.request("POST", f"/v1/runs/{run_id}/resume"))
+
+    def fork(self, run_id: str, *, from_step: int, idempotency_key: str | None = None) -> Run:
+        """A new run from ``run_id``'s checkpoints of the steps before ``from_step`` (retried safely:
+        one idempotency key serves every retry)."""
+        headers = {"Idempotency-Key": idempotency_key or new_idempotency_key()}
+        return Run.model_validate(self._c.request("POST", f"/v1/runs/{run_id}/fork",
+                                                      json={"from_step": from_step}, headers=headers))
+
     def wait(self, run_id: str, *, timeout: float | None = None, poll: float = 30.0) -> Run:
         """Long-poll until the run finishes (or ``timeout`` seconds pass: the run as it is then)."""
         deadline = None if timeout is None else time.monotonic() + timeout
