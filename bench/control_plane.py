@@ -129,6 +129,14 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path, timeout:
 @contextmanager
 def service(store: dict[str, str], workdir: Path, **settings: str) -> Iterator[str]:
     """Run the service as a separate process on a free port; yield its base URL, stop it after."""
+    with service_process(store, workdir, **settings) as (url, _proc):
+        yield url
+
+
+@contextmanager
+def service_process(store: dict[str, str], workdir: Path,
+                    **settings: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``service``, yielding the process too (its CPU time is measured)."""
     port = free_port()
     log_path = workdir / f"service-{port}.log"
     env = service_env(store, port, {f"ORCH_{k.upper()}": v for k, v in settings.items()})
@@ -138,7 +146,7 @@ def service(store: dict[str, str], workdir: Path, **settings: str) -> Iterator[s
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, url, log_path)
-        yield url
+        yield url, proc
     finally:
         stop_process(proc)
 

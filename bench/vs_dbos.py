@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from bench.control_plane import (
-    API_KEY, ROOT, log, machine, ms, percentile, postgres_store, service, stop_process, wait_ready,
+    API_KEY, ROOT, log, machine, ms, percentile, postgres_store, service_process, stop_process, wait_ready,
 )
 from bench.pgwire_counter import WireCounts, pgwire_proxy
 from tests.servers import free_port
@@ -45,8 +45,8 @@ SYSTEMS = ("ours", "dbos_direct", "dbos_queue")
 DBOS_FORMS = ("dbos_direct", "dbos_queue")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 # Figures where more is better; all others (latencies, round trips) are better lower.
-HIGHER_IS_BETTER = ("runs_per_s", "steps_per_s", "events_per_s", "submit_per_s")
-LOWER_IS_BETTER = ("submit_p50_ms", "submit_p99_ms", "round_trips_per_run")
+HIGHER_IS_BETTER = ("runs_per_s", "steps_per_s", "events_per_s", "submit_per_s", "drain_per_s")
+LOWER_IS_BETTER = ("submit_p50_ms", "submit_p99_ms", "cpu_ms_per_run", "db_cpu_ms_per_run", "round_trips_per_run")
 FIGURES = HIGHER_IS_BETTER + LOWER_IS_BETTER
 
 
@@ -77,6 +77,7 @@ class Target:
     url: str
     runs_path: str  # "/v1/runs" (ours) or "/runs" (DBOS app)
     headers: dict[str, str]
+    pid: int  # the service process, whose CPU time is measured
 
     def client(self, connections: int) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=httpx.Timeout(120),
@@ -100,8 +101,8 @@ def ours(dsn: str, redis_url: str, workdir: Path, proxy_port: int | None = None)
     """The orchestrator on a fresh database, as ``control_plane.py`` runs it (worker on, defaults)."""
     with postgres_store(dsn, redis_url) as store:
         store = {**store, "ORCH_DATABASE_URL": via(store["ORCH_DATABASE_URL"], proxy_port)}
-        with service(store, workdir) as url:
-            yield Target(url, "/v1/runs", {"Authorization": f"Bearer {API_KEY}"})
+        with service_process(store, workdir) as (url, proc):
+            yield Target(url, "/v1/runs", {"Authorization": f"Bearer {API_KEY}"}, proc.pid)
 
 
 @contextmanager
@@ -122,7 +123,7 @@ def dbos(form: str, dsn: str, workdir: Path, proxy_port: int | None = None) -> I
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(proc, url, log_path)
-            yield Target(url, "/runs", {})
+            yield Target(url, "/runs", {}, proc.pid)
         finally:
             stop_process(proc)
     finally:
@@ -169,11 +170,35 @@ async def run_loop(target: Target, runs: int, clients: int, workflow: str, inp: 
 # ---- the figures ----------------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of every PostgreSQL process on this host (the server both services share)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    total += cpu_seconds(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+    return total
+
+
 async def measure_runs(target: Target, p: VsProfile) -> dict[str, Any]:
-    """runs_per_s: 3-step runs, ``clients`` clients each looping submit -> wait for the result."""
+    """runs_per_s: 3-step runs, ``clients`` clients each looping submit -> wait for the result; with
+    the CPU time the service process and PostgreSQL spent per run meanwhile (``cpu_ms_per_run``,
+    ``db_cpu_ms_per_run``): on a small machine shared by both, the figures a throughput hides."""
     await run_loop(target, p.clients, p.clients, "steps", {"steps": 3})  # warm pools and code paths
+    cpu0, db0 = cpu_seconds(target.pid), postgres_cpu_seconds()
     wall = await run_loop(target, p.runs, p.clients, "steps", {"steps": 3})
-    return {"runs_per_s": round(p.runs / wall, 1)}
+    cpu1, db1 = cpu_seconds(target.pid), postgres_cpu_seconds()
+    return {"runs_per_s": round(p.runs / wall, 1), "cpu_ms_per_run": round((cpu1 - cpu0) * 1000 / p.runs, 2),
+            "db_cpu_ms_per_run": round((db1 - db0) * 1000 / p.runs, 2)}
 
 
 async def measure_steps(target: Target, p: VsProfile) -> dict[str, Any]:
@@ -203,24 +228,38 @@ async def measure_events(target: Target, p: VsProfile) -> dict[str, Any]:
 
 async def measure_submit(target: Target, p: VsProfile) -> dict[str, Any]:
     """submit_*: ``clients`` clients POSTing 1-step runs back to back, not waiting for them. The
-    service executes the runs meanwhile (its worker or DBOS's executor is on), as it would in use."""
+    service executes the runs meanwhile (its worker or DBOS's executor is on), as it would in use.
+
+    A service may also leave the runs queued and execute them after the submissions (a queue
+    polled less often than runs arrive does): ``drain_per_s`` is the submitted runs over the time
+    from the first submission until the last of them is seen finished, the rate at which a burst
+    of work gets done rather than accepted."""
     async with target.client(p.clients + 4) as http:
         for _ in range(p.clients):  # warm connections, not counted
-            await submit(http, target, "steps", {"steps": 1})
+            await wait_done(http, target, await submit(http, target, "steps", {"steps": 1}))
         latencies: list[float] = []
+        ids: list[str] = []
         jobs = iter(range(p.submits))
 
         async def submitter() -> None:
             for _ in jobs:
                 start = time.perf_counter()
-                await submit(http, target, "steps", {"steps": 1})
+                ids.append(await submit(http, target, "steps", {"steps": 1}))
                 latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()
         await asyncio.gather(*(submitter() for _ in range(p.clients)))
         wall = time.perf_counter() - start
+        waiting = iter(ids)
+
+        async def waiter() -> None:
+            for run_id in waiting:
+                await wait_done(http, target, run_id)
+
+        await asyncio.gather(*(waiter() for _ in range(p.clients)))
+        drained = time.perf_counter() - start
     return {"submit_per_s": round(p.submits / wall, 1), "submit_p50_ms": ms(percentile(latencies, 0.50)),
-            "submit_p99_ms": ms(percentile(latencies, 0.99))}
+            "submit_p99_ms": ms(percentile(latencies, 0.99)), "drain_per_s": round(p.submits / drained, 1)}
 
 
 async def measure_round_trips(target: Target, p: VsProfile, counts: WireCounts) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class RedisBus(EventBus):
                     if msg.get("type") != "pmessage":
                         continue
                     channel = msg["channel"][len(PREFIX):]
+                    if channel not in self._subs:
+                        continue  # nobody here reads this run: not worth decoding
                     try:
                         payload = json.loads(msg["data"])
                     except ValueError:
