@@ -15,6 +15,7 @@ Configured only by environment, as the harness starts it as its own uvicorn proc
 - ``DBOS_BENCH_FORM``: ``direct`` (``DBOS.start_workflow_async``: the workflow starts in this
   process at once, and the waiter awaits its task) or ``queue`` (a durable DBOS ``Queue`` with
   ``worker_concurrency`` like the orchestrator's worker; the waiter polls the system database).
+- ``DBOS_BENCH_EXECUTE`` (1): 0 makes the queue form accept runs without dequeuing any.
 - ``DBOS_BENCH_CONCURRENCY`` (16), ``DBOS_BENCH_QUEUE_POLL_S`` (0.01: how often the queue
   thread looks for work; DBOS's default is 1 s, which would make it look far slower than it is),
   ``DBOS_BENCH_RESULT_POLL_S`` (0.01: how often a queued run's waiter re-reads its status; DBOS's
@@ -40,6 +41,7 @@ FORM = os.environ.get("DBOS_BENCH_FORM", "direct")
 CONCURRENCY = int(os.environ.get("DBOS_BENCH_CONCURRENCY", "16"))
 QUEUE_POLL_S = float(os.environ.get("DBOS_BENCH_QUEUE_POLL_S", "0.01"))
 RESULT_POLL_S = float(os.environ.get("DBOS_BENCH_RESULT_POLL_S", "0.01"))
+EXECUTE = os.environ.get("DBOS_BENCH_EXECUTE", "1") != "0"  # queue form: dequeue and run, or only accept
 QUEUE_NAME = "bench"
 STREAM_KEY = "events"
 # DBOS status -> the orchestrator's status word
@@ -88,6 +90,8 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     config: DBOSConfig = {"name": "bench", "system_database_url": os.environ["DBOS_BENCH_DB_URL"],
                           "log_level": "WARNING"}
     DBOS(config=config)
+    if not EXECUTE:  # accept runs into the queue, execute none (the accept-only figures)
+        DBOS.listen_queues(["no-such-queue"])
     await asyncio.to_thread(DBOS.launch)
     if FORM == "queue":  # queues live in the system database, so after launch
         await DBOS.register_queue_async(QUEUE_NAME, worker_concurrency=CONCURRENCY,

@@ -45,8 +45,12 @@ SYSTEMS = ("ours", "dbos_direct", "dbos_queue")
 DBOS_FORMS = ("dbos_direct", "dbos_queue")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 # Figures where more is better; all others (latencies, round trips) are better lower.
-HIGHER_IS_BETTER = ("runs_per_s", "steps_per_s", "events_per_s", "submit_per_s", "drain_per_s")
-LOWER_IS_BETTER = ("submit_p50_ms", "submit_p99_ms", "cpu_ms_per_run", "db_cpu_ms_per_run", "round_trips_per_run")
+HIGHER_IS_BETTER = ("runs_per_s", "steps_per_s", "events_per_s", "submit_per_s", "drain_per_s", "accept_per_s")
+LOWER_IS_BETTER = ("submit_p50_ms", "submit_p99_ms", "accept_p50_ms", "accept_p99_ms", "accept_cpu_ms",
+                   "cpu_ms_per_run", "db_cpu_ms_per_run", "round_trips_per_run")
+# Services that can accept runs without executing them: ours with its worker off (an API-only
+# replica), DBOS's queue form listening to no queue. DBOS's direct form starts what it accepts.
+ACCEPT_ONLY = ("ours", "dbos_queue")
 FIGURES = HIGHER_IS_BETTER + LOWER_IS_BETTER
 
 
@@ -97,16 +101,20 @@ def via(url: str, port: int | None) -> str:
 
 
 @contextmanager
-def ours(dsn: str, redis_url: str, workdir: Path, proxy_port: int | None = None) -> Iterator[Target]:
-    """The orchestrator on a fresh database, as ``control_plane.py`` runs it (worker on, defaults)."""
+def ours(dsn: str, redis_url: str, workdir: Path, proxy_port: int | None = None,
+         execute: bool = True) -> Iterator[Target]:
+    """The orchestrator on a fresh database, as ``control_plane.py`` runs it (worker on, defaults;
+    ``execute=False``: an API-only replica)."""
     with postgres_store(dsn, redis_url) as store:
         store = {**store, "ORCH_DATABASE_URL": via(store["ORCH_DATABASE_URL"], proxy_port)}
-        with service_process(store, workdir) as (url, proc):
+        settings = {} if execute else {"worker_enabled": "false"}
+        with service_process(store, workdir, **settings) as (url, proc):
             yield Target(url, "/v1/runs", {"Authorization": f"Bearer {API_KEY}"}, proc.pid)
 
 
 @contextmanager
-def dbos(form: str, dsn: str, workdir: Path, proxy_port: int | None = None) -> Iterator[Target]:
+def dbos(form: str, dsn: str, workdir: Path, proxy_port: int | None = None,
+         execute: bool = True) -> Iterator[Target]:
     """bench/dbos_app.py under uvicorn on a fresh database (dropped afterwards), in ``form``."""
     name = asyncio.run(create_database(dsn))
     try:
@@ -115,7 +123,7 @@ def dbos(form: str, dsn: str, workdir: Path, proxy_port: int | None = None) -> I
         port = free_port()
         log_path = workdir / f"dbos-{port}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DBOS_BENCH_DB_URL": db_url,
-               "DBOS_BENCH_FORM": form.removeprefix("dbos_")}
+               "DBOS_BENCH_FORM": form.removeprefix("dbos_"), "DBOS_BENCH_EXECUTE": "1" if execute else "0"}
         cmd = [sys.executable, "-m", "uvicorn", "bench.dbos_app:app", "--host", "127.0.0.1", "--port", str(port),
                "--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "10"]
         with open(log_path, "ab") as out:
@@ -262,6 +270,29 @@ async def measure_submit(target: Target, p: VsProfile) -> dict[str, Any]:
             "submit_p99_ms": ms(percentile(latencies, 0.99)), "drain_per_s": round(p.submits / drained, 1)}
 
 
+async def measure_accept(target: Target, p: VsProfile) -> dict[str, Any]:
+    """accept_*: the submissions of ``measure_submit`` to a service that executes none of them
+    (``ACCEPT_ONLY``), with its CPU time per submission: what taking a run in costs, alone."""
+    async with target.client(p.clients + 4) as http:
+        for _ in range(p.clients):  # warm connections, not counted
+            await submit(http, target, "steps", {"steps": 1})
+        latencies: list[float] = []
+        jobs = iter(range(p.submits))
+
+        async def submitter() -> None:
+            for _ in jobs:
+                start = time.perf_counter()
+                await submit(http, target, "steps", {"steps": 1})
+                latencies.append(time.perf_counter() - start)
+
+        cpu0, start = cpu_seconds(target.pid), time.perf_counter()
+        await asyncio.gather(*(submitter() for _ in range(p.clients)))
+        wall, cpu1 = time.perf_counter() - start, cpu_seconds(target.pid)
+    return {"accept_per_s": round(p.submits / wall, 1), "accept_p50_ms": ms(percentile(latencies, 0.50)),
+            "accept_p99_ms": ms(percentile(latencies, 0.99)),
+            "accept_cpu_ms": round((cpu1 - cpu0) * 1000 / p.submits, 2)}
+
+
 async def measure_round_trips(target: Target, p: VsProfile, counts: WireCounts) -> dict[str, Any]:
     """round_trips_per_run: wire round trips while ``proxy_runs`` 3-step runs go through, divided by
     runs. Everything the service sends meanwhile counts (polling included); the idle rate, measured
@@ -295,9 +326,9 @@ async def measure_all(target: Target, p: VsProfile) -> dict[str, Any]:
 
 
 def best_dbos(medians: dict[str, dict[str, float]], figure: str) -> tuple[str, float]:
-    """The DBOS form that did better on ``figure``, and its median."""
+    """The DBOS form that did better on ``figure`` (of those that have it), and its median."""
     pick = max if figure in HIGHER_IS_BETTER else min
-    form = pick(DBOS_FORMS, key=lambda f: medians[f][figure])
+    form = pick((f for f in DBOS_FORMS if figure in medians[f]), key=lambda f: medians[f][figure])
     return form, medians[form][figure]
 
 
@@ -332,7 +363,7 @@ def table(report: dict[str, Any]) -> str:
     cols = [*SYSTEMS, "win>=1"]
     lines = [f"{'figure (median)':<22}" + "".join(f"{c:>14}" for c in cols)]
     for figure in FIGURES:
-        cells = [med[s][figure] for s in SYSTEMS] + [report["ratios"]["we_win_if_ge_1"][figure]]
+        cells = [med[s].get(figure, "-") for s in SYSTEMS] + [report["ratios"]["we_win_if_ge_1"][figure]]
         lines.append(f"{figure:<22}" + "".join(f"{c!s:>14}" for c in cells))
     return "\n".join(lines)
 
@@ -347,16 +378,20 @@ def run(p: VsProfile, quick: bool) -> dict[str, Any]:
             dsn = stack.enter_context(postgres_server())
             redis_url = stack.enter_context(redis_server())
             pg = urlsplit(dsn)
-            services: dict[str, Callable[[int | None], AbstractContextManager[Target]]] = {
-                "ours": lambda port: ours(dsn, redis_url, workdir, port),
+            services: dict[str, Callable[..., AbstractContextManager[Target]]] = {
+                "ours": lambda port, execute=True: ours(dsn, redis_url, workdir, port, execute),
                 "dbos_direct": lambda port: dbos("dbos_direct", dsn, workdir, port),
-                "dbos_queue": lambda port: dbos("dbos_queue", dsn, workdir, port),
+                "dbos_queue": lambda port, execute=True: dbos("dbos_queue", dsn, workdir, port, execute),
             }
             for rep in range(p.repetitions):
                 for name in SYSTEMS:
                     log(f"rep {rep + 1}/{p.repetitions} {name}: runs, steps, events, submissions")
                     with services[name](None) as target:
                         figures = asyncio.run(measure_all(target, p))
+                    if name in ACCEPT_ONLY:
+                        log(f"rep {rep + 1}/{p.repetitions} {name}: accepting only")
+                        with services[name](None, execute=False) as target:
+                            figures.update(asyncio.run(measure_accept(target, p)))
                     report["repetitions"][name].append(figures)
                     log(f"{name}: {json.dumps(figures)}")
             report["round_trips"] = {}

@@ -271,9 +271,9 @@ class RunStore:
                     code="idempotency_key_reused", param="Idempotency-Key",
                 ) from None
             return existing, False
-        queued = EventRecord(run_id=run_id, seq=1, type="run.queued", data=data, created_at=now)
-        await self.bus.publish_many([(run_channel(run_id), queued.message()),
-                                     (CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})])
+        # Only the workers' wake-up: nobody can be reading the new run's channel yet (its id is
+        # in no one's hands before this returns), and a reader starts from the log.
+        await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
         return run, True
 
     @staticmethod
@@ -286,19 +286,25 @@ class RunStore:
                 new.idempotency_key, new.request_hash, new.timeout_seconds, now, _ACTIVE_VALUES)
         async with self._raw() as db:
             if max_active is None:
-                row = await db.fetchrow(pg.CREATE, *args)
-                return RunRecord.from_mapping(row)
-            await db.execute(pg.tenant_lock_sql(new.tenant))
-            try:
-                row = await db.fetchrow(pg.CREATE, *args)
-                if row["active"] >= max_active:
-                    raise self._too_many(row["active"], max_active)
-            except BaseException:
-                if not db.is_closed():
-                    await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
-            return RunRecord.from_mapping(row)
+                await db.fetchval(pg.CREATE, *args)
+            else:
+                await db.execute(pg.tenant_lock_sql(new.tenant))
+                try:
+                    active = await db.fetchval(pg.CREATE, *args)
+                    if active >= max_active:
+                        raise self._too_many(active, max_active)
+                except BaseException:
+                    if not db.is_closed():
+                        await db.execute("ROLLBACK")
+                    raise
+                await db.execute("COMMIT")
+        return RunRecord(  # the row as inserted (pg.CREATE)
+            id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED, input=new.input,
+            metadata=new.metadata, priority=new.priority, output=None, error=None,
+            idempotency_key=new.idempotency_key, request_hash=new.request_hash,
+            timeout_seconds=new.timeout_seconds, deadline_at=None, created_at=now, updated_at=now,
+            started_at=None, finished_at=None, attempt=0, epoch=0, lease_owner=None, lease_expires_at=None,
+            cancel_requested=False, last_seq=1)
 
     async def _lock_tenant(self, conn: AsyncConnection, tenant: str) -> None:
         """Serialise the tenant's admissions until this transaction ends (SQLite: its write lock does)."""
