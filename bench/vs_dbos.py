@@ -185,13 +185,21 @@ def cpu_seconds(pid: int) -> float:
 
 
 def postgres_cpu_seconds() -> float:
-    """CPU time of every PostgreSQL process on this host (the server both services share)."""
+    """CPU time of PostgreSQL on this host (the server both services share): every live
+    ``postgres`` process, plus what the postmaster's children that have exited used (its
+    ``cutime``/``cstime``), so that a service that opens and closes connections is charged for
+    the backends it left behind."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    total += cpu_seconds(int(entry.name))
+                if (entry / "comm").read_text().strip() != "postgres":
+                    continue
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                parent = Path(f"/proc/{fields[1]}/comm")
+                if not parent.exists() or parent.read_text().strip() != "postgres":  # the postmaster
+                    total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile, or not ours to read
     return total
