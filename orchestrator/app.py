@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     # innermost first: the fast routes run inside the request context (id, access log, metrics)
-    app.add_middleware(FastRoutes, routes=gateway.FAST_ROUTES)
+    app.add_middleware(FastRoutes, routes=[*gateway.FAST_ROUTES, runs.CREATE_RUN_ROUTE])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_read_timeout_s)
     _install_error_handlers(app)

@@ -29,7 +29,9 @@ class FastRoute:
     path: str
     method: str
     handler: Handler
-    openapi: dict[str, Any]  # the operation object for the OpenAPI document
+    # The operation object for the OpenAPI document; ``None``: a FastAPI route of the same path
+    # and method documents it (and the path's other methods go on to FastAPI's router).
+    openapi: dict[str, Any] | None
 
 
 class MethodNotAllowed(APIError):
@@ -59,16 +61,19 @@ class FastRoutes:
 
     def __init__(self, app: ASGIApp, routes: list[FastRoute]) -> None:
         self.app = app
-        self.routes = {r.path: r for r in routes}
+        self.routes: dict[str, dict[str, FastRoute]] = {}
+        for r in routes:
+            self.routes.setdefault(r.path, {})[r.method] = r
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # with or without a trailing slash (FastAPI would redirect one; an SDK base URL ending in
         # "/" can produce it)
-        route = self.routes.get(scope["path"].rstrip("/") or "/") if scope["type"] == "http" else None
-        if route is None:
+        methods = self.routes.get(scope["path"].rstrip("/") or "/") if scope["type"] == "http" else None
+        route = None if methods is None else methods.get(scope["method"])
+        shared = methods is not None and any(r.openapi is None for r in methods.values())
+        if methods is None or (route is None and shared):  # FastAPI serves the path's other methods
             await self.app(scope, receive, send)
             return
-        scope["route"] = route  # the HTTP metrics label it by its path
         started = False
 
         async def tracking_send(message: Any) -> None:
@@ -76,9 +81,10 @@ class FastRoutes:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        scope["route"] = route or next(iter(methods.values()))  # the HTTP metrics label it by its path
         try:
-            if scope["method"] != route.method:
-                raise MethodNotAllowed("Method Not Allowed", headers={"allow": route.method})
+            if route is None:
+                raise MethodNotAllowed("Method Not Allowed", headers={"allow": ", ".join(sorted(methods))})
             await route.handler(scope, receive, tracking_send)
         except APIError as err:
             if started:
@@ -89,4 +95,5 @@ class FastRoutes:
 def document(schema: dict[str, Any], routes: list[FastRoute]) -> None:
     """Add the fast routes' operations to an OpenAPI document."""
     for r in routes:
-        schema.setdefault("paths", {}).setdefault(r.path, {})[r.method.lower()] = r.openapi
+        if r.openapi is not None:
+            schema.setdefault("paths", {}).setdefault(r.path, {})[r.method.lower()] = r.openapi
