@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await migrate(engine)
         bus = create_bus(settings.redis_url)
         await bus.start()
-        store = RunStore(engine, bus)
+        store = RunStore(engine, bus, settings.queues)
         app.state.store = store
         app.state.bus = bus
         app.state.rate_limiter = create_rate_limiter(settings.redis_url)
@@ -118,7 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_read_timeout_s)
     _install_error_handlers(app)
-    openapi.install(app, app.state.registry, gateway.FAST_ROUTES, gateway.FAST_SCHEMAS, settings.max_tokens_ceiling)
+    openapi.install(app, app.state.registry, gateway.FAST_ROUTES, gateway.FAST_SCHEMAS, settings.max_tokens_ceiling,
+                    list(settings.queues))
     docs.install(app)
     return app
 

@@ -8,6 +8,7 @@ PostgreSQL and ``ORCH_REDIS_URL`` turns on the multi-replica profile.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -29,6 +30,18 @@ class SandboxCeilings(BaseModel):
     memory_mb: int | None = Field(default=4096, ge=16)
     output_kb: int | None = Field(default=1024, ge=1)
     workspace_mb: int | None = Field(default=4096, ge=1)
+
+
+class QueueLimits(BaseModel):
+    """How many runs of a named queue execute at once, over every replica (``None``: no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    concurrency: int | None = Field(default=None, ge=1, description="runs of the queue executing at once")
+    tenant_concurrency: int | None = Field(default=None, ge=1,
+                                           description="runs of one tenant in the queue executing at once")
+
+
+QUEUE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 
 
 class TenantLimits(BaseModel):
@@ -73,6 +86,9 @@ class Settings(BaseSettings):
     # Per-tenant overrides as JSON: {"tenant": {"max_concurrent_runs": 5, ...}}.
     tenant_limits: Annotated[dict[str, TenantLimits], NoDecode] = Field(default_factory=dict)
     default_limits: TenantLimits = Field(default_factory=TenantLimits)
+    # Named queues a run may ask for (``queue`` on submit), as JSON:
+    # {"rollouts": {"concurrency": 64, "tenant_concurrency": 8}}. ``default`` always exists.
+    queues: Annotated[dict[str, QueueLimits], NoDecode] = Field(default_factory=dict)
 
     max_body_bytes: int = 1_048_576
     # -- Bad input (issue 16). uvicorn bounds neither how long a request body may take nor the
@@ -142,6 +158,15 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_limits(cls, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _parse_queues(cls, value: Any) -> Any:
+        value = json.loads(value) if isinstance(value, str) else value
+        bad = [name for name in value or {} if not re.match(QUEUE_NAME_PATTERN, name)]
+        if bad:
+            raise ValueError(f"queue names must match {QUEUE_NAME_PATTERN}: {bad}")
+        return value
 
     @field_validator("backends", mode="before")
     @classmethod

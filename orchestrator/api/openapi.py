@@ -24,7 +24,7 @@ SECURITY_SCHEMES = {
 
 
 def install(app: FastAPI, registry: WorkflowRegistry, fast_routes: list[FastRoute], fast_models: list[Any],
-            max_tokens: int) -> None:
+            max_tokens: int, queues: list[str]) -> None:
     """Replace ``app.openapi`` by FastAPI's document completed as the module says (built once)."""
     base: Callable[[], dict[str, Any]] = app.openapi
 
@@ -35,7 +35,9 @@ def install(app: FastAPI, registry: WorkflowRegistry, fast_routes: list[FastRout
             names = {defn.name: add_component(components, defn.input_model, f"{defn.name}-input")
                      for defn in registry}
             schema["x-workflow-inputs"] = names
-            components["RunCreate"] = _run_create_per_workflow(components["RunCreate"], names)
+            run_create = components["RunCreate"]
+            run_create["properties"]["queue"]["enum"] = ["default", *queues]  # another name: 422 unknown_queue
+            components["RunCreate"] = _run_create_per_workflow(run_create, names)
             for model in fast_models:
                 add_component(components, model, model.__name__)
             _cap_max_tokens(components["ChatCompletionRequest"], max_tokens)

@@ -136,11 +136,17 @@ async def _submit(state: Any, tenant: Tenant, body: RunCreate,
         raise ValidationFailed(f"Invalid input for workflow {body.workflow!r}: {first['msg']} at {loc}.",
                                code="invalid_input", param=loc) from None
     defn.check_input(parsed, tenant.limits)
+    if body.queue != "default" and body.queue not in state.settings.queues:
+        raise ValidationFailed(
+            f"Unknown queue {body.queue!r}; known: {', '.join(['default', *state.settings.queues])}.",
+            code="unknown_queue", param="queue")
     payload = body.model_dump(mode="json")
+    if body.queue == "default":
+        del payload["queue"]  # the hash of a request from before queues existed stays the same
     new = NewRun(
         tenant=tenant.name, workflow=body.workflow, input=body.input, metadata=body.metadata,
         priority=body.priority, timeout_seconds=body.timeout_seconds, idempotency_key=idempotency_key,
-        request_hash=request_hash(payload),
+        request_hash=request_hash(payload), queue=body.queue,
     )
     try:
         run, created = await state.store.create(new, max_active=tenant.limits.max_concurrent_runs)
@@ -248,7 +254,7 @@ async def fork_run(
         tenant=tenant.name, workflow=original.workflow, input=original.input, metadata=original.metadata,
         priority=original.priority, timeout_seconds=original.timeout_seconds, idempotency_key=idempotency_key,
         request_hash=request_hash({"fork": run_id, **body.model_dump(mode="json")}),
-        forked_from=run_id, forked_from_step=body.from_step,
+        forked_from=run_id, forked_from_step=body.from_step, queue=original.queue,
     )
     try:
         run, created = await store.create(new, max_active=tenant.limits.max_concurrent_runs)
@@ -287,7 +293,7 @@ def _run_object(run: RunRecord) -> RunObject:
         error=None if run.error is None else RunError.model_validate(run.error), attempt=run.attempt,
         timeout_seconds=run.timeout_seconds, created_at=run.created_at,
         started_at=run.started_at, finished_at=run.finished_at, last_event_seq=run.last_seq,
-        forked_from=run.forked_from, forked_from_step=run.forked_from_step,
+        forked_from=run.forked_from, forked_from_step=run.forked_from_step, queue=run.queue,
     )
 
 

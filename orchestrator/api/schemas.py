@@ -7,6 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.runs.states import RunStatus
+from orchestrator.settings import QUEUE_NAME_PATTERN
 
 T = TypeVar("T")
 
@@ -20,6 +21,9 @@ class RunCreate(BaseModel):
     priority: int = Field(default=0, ge=-1000, le=1000, description="Higher runs are claimed first.")
     timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 86_400,
                                           description="Wall-clock limit from first start; then `timed_out`.")
+    queue: str = Field(default="default", max_length=64, pattern=QUEUE_NAME_PATTERN, description=(
+        "The named queue the run waits in: `default`, or one of the service's `ORCH_QUEUES`, whose "
+        "limits say how many of its runs (and of one tenant's) execute at once."))
 
 
 class RunFork(BaseModel):
@@ -54,6 +58,7 @@ class RunObject(BaseModel):
     last_event_seq: int = 0
     forked_from: str | None = Field(default=None, description="The run this one was forked from.")
     forked_from_step: int | None = Field(default=None, description="Steps before this one came from `forked_from`.")
+    queue: str = "default"
 
 
 class Page(BaseModel, Generic[T]):

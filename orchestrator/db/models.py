@@ -52,12 +52,14 @@ class Run(Base):
     # A fork starts from the original's checkpoints of the steps before ``forked_from_step``.
     forked_from: Mapped[str | None] = mapped_column(String(40), nullable=True)
     forked_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    queue: Mapped[str] = mapped_column(String(64), default="default", server_default="default")
 
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_runs_tenant_idempotency_key"),
         Index("ix_runs_tenant_id", "tenant", "id"),
         Index("ix_runs_status_priority", "status", "priority", "created_at"),
         Index("ix_runs_lease", "status", "lease_expires_at"),
+        Index("ix_runs_queue_status", "queue", "status", "tenant"),
     )
 
 

@@ -26,8 +26,8 @@ CREATE = """
 WITH r AS (
     INSERT INTO runs (id, tenant, workflow, status, input, metadata, priority, idempotency_key,
                       request_hash, timeout_seconds, created_at, updated_at, attempt, epoch,
-                      cancel_requested, last_seq)
-    VALUES ($1, $2, $3, 'queued', $4::json, $5::json, $6, $7, $8, $9, $10, $10, 0, 0, false, 1)
+                      cancel_requested, last_seq, queue)
+    VALUES ($1, $2, $3, 'queued', $4::json, $5::json, $6, $7, $8, $9, $10, $10, 0, 0, false, 1, $12)
     RETURNING id, workflow
 ), e AS (
     INSERT INTO run_events (run_id, seq, type, data, created_at)
@@ -36,16 +36,14 @@ WITH r AS (
 SELECT (SELECT count(*) FROM runs WHERE tenant = $2 AND status = ANY($11::text[])) AS active FROM r
 """
 
-# Claim up to $1 queued runs: highest priority, then oldest; rows another claimer holds are skipped.
-CLAIM = """
-WITH c AS (
-    SELECT id FROM runs WHERE status = 'queued' ORDER BY priority DESC, id LIMIT $1 FOR UPDATE SKIP LOCKED
-), u AS (
+# Claim up to $1 queued runs: highest priority, then oldest; rows another claimer holds are
+# skipped. Runs of the queues in $5 (those with limits) are left to CLAIM_LIMITED.
+_CLAIMED = """
     UPDATE runs r SET status = 'running', epoch = r.epoch + 1, lease_owner = $2,
         lease_expires_at = $3::float8 + $4::float8,
         attempt = r.attempt + 1, started_at = coalesce(r.started_at, $3), updated_at = $3,
         deadline_at = coalesce(r.deadline_at, r.timeout_seconds + $3), last_seq = r.last_seq + 1
-    FROM c WHERE r.id = c.id
+    FROM c WHERE r.id = c.id AND r.status = 'queued'
     RETURNING r.*
 ), e AS (
     INSERT INTO run_events (run_id, seq, type, data, created_at)
@@ -55,6 +53,43 @@ WITH c AS (
 )
 SELECT * FROM u ORDER BY priority DESC, id
 """
+
+CLAIM = """
+WITH c AS (
+    SELECT id FROM runs WHERE status = 'queued' AND queue <> ALL($5::text[])
+    ORDER BY priority DESC, id LIMIT $1 FOR UPDATE SKIP LOCKED
+), u AS (""" + _CLAIMED
+
+# Claim from the queues with limits ($5 names, $6 each one's concurrency, $7 its per-tenant
+# concurrency; NULL: none), counting the runs of each queue and tenant that execute now
+# ($8: the leased states). Within a queue, by priority, then round robin over tenants (a
+# tenant's n-th queued run after every other tenant's (n-1)-th), then age: one tenant's burst
+# does not hold the others back. The caller holds QUEUE_CLAIM_LOCK, so no other claimer counts
+# the same free slots.
+CLAIM_LIMITED = """
+WITH lim AS (
+    SELECT * FROM unnest($5::text[], $6::int[], $7::int[]) AS l(queue, conc, tconc)
+), running AS (
+    SELECT queue, tenant, count(*) AS n FROM runs
+    WHERE status = ANY($8::text[]) AND queue = ANY($5::text[]) GROUP BY queue, tenant
+), qrun AS (
+    SELECT queue, sum(n) AS n FROM running GROUP BY queue
+), cand AS (
+    SELECT id, queue, tenant, priority,
+           row_number() OVER (PARTITION BY queue, tenant ORDER BY priority DESC, id) AS tn
+    FROM runs WHERE status = 'queued' AND queue = ANY($5::text[])
+), fit AS (
+    SELECT c.*, row_number() OVER (PARTITION BY c.queue ORDER BY c.priority DESC, c.tn, c.id) AS qn
+    FROM cand c JOIN lim l ON l.queue = c.queue
+    LEFT JOIN running x ON x.queue = c.queue AND x.tenant = c.tenant
+    WHERE l.tconc IS NULL OR coalesce(x.n, 0) + c.tn <= l.tconc
+), c AS (
+    SELECT f.id FROM fit f JOIN lim l ON l.queue = f.queue LEFT JOIN qrun q ON q.queue = f.queue
+    WHERE l.conc IS NULL OR coalesce(q.n, 0) + f.qn <= l.conc
+    ORDER BY f.priority DESC, f.tn, f.id LIMIT $1
+), u AS (""" + _CLAIMED
+
+QUEUE_CLAIM_LOCK = 0x6F72636871  # "orchq": one claimer of the limited queues at a time
 
 # Renew many leases at once: those whose epoch moved on come back missing (lost).
 HEARTBEAT = """

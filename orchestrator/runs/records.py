@@ -48,6 +48,7 @@ class RunRecord:
     last_seq: int
     forked_from: str | None = None
     forked_from_step: int | None = None
+    queue: str = "default"
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> RunRecord:
@@ -65,6 +66,7 @@ class RunRecord:
             attempt=m["attempt"], epoch=m["epoch"], lease_owner=m["lease_owner"],
             lease_expires_at=m["lease_expires_at"], cancel_requested=bool(m["cancel_requested"]),
             last_seq=m["last_seq"], forked_from=m["forked_from"], forked_from_step=m["forked_from_step"],
+            queue=m["queue"],
         )
 
 

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -33,6 +33,7 @@ from orchestrator.events.bus import EventBus
 from orchestrator.ids import new_id
 from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
+from orchestrator.settings import QueueLimits
 
 _ACTIVE_VALUES = [s.value for s in ACTIVE]
 RESUMABLE = frozenset({RunStatus.FAILED.value, RunStatus.CANCELLED.value, RunStatus.TIMED_OUT.value})
@@ -123,6 +124,7 @@ class NewRun:
     # A fork: the new run starts with the completed checkpoints of this run's steps before the step
     forked_from: str | None = None
     forked_from_step: int | None = None
+    queue: str = "default"
 
 
 class LivenessLock:
@@ -151,10 +153,13 @@ class LivenessLock:
 class RunStore:
     """Run persistence plus bus notifications after each commit."""
 
-    def __init__(self, engine: AsyncEngine, bus: EventBus) -> None:
+    def __init__(self, engine: AsyncEngine, bus: EventBus, queues: Mapping[str, QueueLimits] | None = None) -> None:
         self.engine = engine
         self.bus = bus
         self.dialect = engine.dialect.name
+        # The named queues with a limit: their runs are claimed under it (``_claim_limited``)
+        self.limited = {name: q for name, q in (queues or {}).items()
+                        if q.concurrency is not None or q.tenant_concurrency is not None}
         # SQLite allows one writer at a time and makes the others retry with sleeps (seconds
         # at the tail under load), and it has no SKIP LOCKED for claims. One process owns a
         # SQLite file, so queueing its write transactions on a lock is both faster and fair.
@@ -283,7 +288,7 @@ class RunStore:
 
     async def _create_pg(self, new: NewRun, run_id: str, now: float, max_active: int | None) -> RunRecord:
         args = (run_id, new.tenant, new.workflow, _json(new.input), _json(new.metadata), new.priority,
-                new.idempotency_key, new.request_hash, new.timeout_seconds, now, _ACTIVE_VALUES)
+                new.idempotency_key, new.request_hash, new.timeout_seconds, now, _ACTIVE_VALUES, new.queue)
         async with self._raw() as db:
             if max_active is None:
                 await db.fetchval(pg.CREATE, *args)
@@ -304,7 +309,7 @@ class RunStore:
             idempotency_key=new.idempotency_key, request_hash=new.request_hash,
             timeout_seconds=new.timeout_seconds, deadline_at=None, created_at=now, updated_at=now,
             started_at=None, finished_at=None, attempt=0, epoch=0, lease_owner=None, lease_expires_at=None,
-            cancel_requested=False, last_seq=1)
+            cancel_requested=False, last_seq=1, queue=new.queue)
 
     async def _lock_tenant(self, conn: AsyncConnection, tenant: str) -> None:
         """Serialise the tenant's admissions until this transaction ends (SQLite: its write lock does)."""
@@ -334,7 +339,7 @@ class RunStore:
                     idempotency_key=new.idempotency_key, request_hash=new.request_hash,
                     timeout_seconds=new.timeout_seconds, created_at=now, updated_at=now,
                     attempt=0, epoch=0, cancel_requested=False, last_seq=1,
-                    forked_from=new.forked_from, forked_from_step=new.forked_from_step,
+                    forked_from=new.forked_from, forked_from_step=new.forked_from_step, queue=new.queue,
                 ).returning(*runs_t.c)
             )).one()
             if copied:
@@ -483,47 +488,105 @@ class RunStore:
     # ---- worker side ---------------------------------------------------------------
 
     async def claim_queued(self, owner: str, limit: int, lease_seconds: float) -> list[tuple[Lease, RunRecord]]:
-        """Claim up to ``limit`` queued runs, highest priority then oldest first."""
+        """Claim up to ``limit`` queued runs, highest priority then oldest first; those of queues
+        with limits first, within them (``_claim_limited``)."""
         now = time.time()
+        claimed = await self._claim_limited(owner, limit, lease_seconds, now) if self.limited else []
+        if len(claimed) < limit:
+            claimed += await self._claim_unlimited(owner, limit - len(claimed), lease_seconds, now)
+        return claimed
+
+    async def _claim_unlimited(self, owner: str, limit: int, lease_seconds: float,
+                               now: float) -> list[tuple[Lease, RunRecord]]:
+        limited = list(self.limited)
         if self.dialect == "postgresql":
             async with self._raw() as db:
-                rows = await db.fetch(pg.CLAIM, limit, owner, now, lease_seconds)
-            claimed_pg = [(Lease(r["id"], r["epoch"], owner), RunRecord.from_mapping(r)) for r in rows]
-            await self._publish([EventRecord(
-                run_id=run.id, seq=run.last_seq, type="run.started",
-                data={"status": "running", "attempt": run.attempt, "worker": owner}, created_at=now,
-            ) for _, run in claimed_pg])
-            return claimed_pg
+                rows = await db.fetch(pg.CLAIM, limit, owner, now, lease_seconds, limited)
+            return await self._claimed_pg(rows, owner, now)
         stmt = (
             select(runs_t.c.id, runs_t.c.epoch)
-            .where(runs_t.c.status == RunStatus.QUEUED.value)
+            .where(runs_t.c.status == RunStatus.QUEUED.value, runs_t.c.queue.not_in(limited))
             .order_by(runs_t.c.priority.desc(), runs_t.c.id)
             .limit(limit)
         )
-        if self.dialect == "postgresql":
-            stmt = stmt.with_for_update(skip_locked=True)
+        async with self._write() as conn:
+            ids = [(run_id, epoch) for run_id, epoch in (await conn.execute(stmt)).all()]
+            return await self._claim_ids(conn, ids, owner, now, lease_seconds)
+
+    async def _claimed_pg(self, rows: Sequence[Any], owner: str, now: float) -> list[tuple[Lease, RunRecord]]:
+        claimed = [(Lease(r["id"], r["epoch"], owner), RunRecord.from_mapping(r)) for r in rows]
+        await self._publish([EventRecord(
+            run_id=run.id, seq=run.last_seq, type="run.started",
+            data={"status": "running", "attempt": run.attempt, "worker": owner}, created_at=now,
+        ) for _, run in claimed])
+        return claimed
+
+    async def _claim_ids(self, conn: AsyncConnection, ids: Sequence[tuple[str, int]], owner: str, now: float,
+                         lease_seconds: float) -> list[tuple[Lease, RunRecord]]:
+        """Claim these queued runs (SQLite: inside the caller's write transaction)."""
         claimed: list[tuple[Lease, RunRecord]] = []
         events: list[EventRecord | None] = []
-        async with self._write() as conn:
-            for run_id, epoch in (await conn.execute(stmt)).all():
-                row = (await conn.execute(
-                    update(runs_t)
-                    .where(runs_t.c.id == run_id, runs_t.c.status == RunStatus.QUEUED.value, runs_t.c.epoch == epoch)
-                    .values(status=RunStatus.RUNNING.value, epoch=epoch + 1, lease_owner=owner,
-                            lease_expires_at=now + lease_seconds, attempt=runs_t.c.attempt + 1,
-                            started_at=func.coalesce(runs_t.c.started_at, now), updated_at=now,
-                            deadline_at=func.coalesce(runs_t.c.deadline_at, runs_t.c.timeout_seconds + now))
-                    .returning(*runs_t.c)
-                )).first()
-                if row is None:
-                    continue
-                run = RunRecord.from_row(row)
-                lease = Lease(run_id, epoch + 1, owner)
-                events.append(await self._append(conn, run_id, "run.started", {
-                    "status": "running", "attempt": run.attempt, "worker": owner}, epoch=lease.epoch, now=now))
-                claimed.append((lease, run))
+        for run_id, epoch in ids:
+            row = (await conn.execute(
+                update(runs_t)
+                .where(runs_t.c.id == run_id, runs_t.c.status == RunStatus.QUEUED.value, runs_t.c.epoch == epoch)
+                .values(status=RunStatus.RUNNING.value, epoch=epoch + 1, lease_owner=owner,
+                        lease_expires_at=now + lease_seconds, attempt=runs_t.c.attempt + 1,
+                        started_at=func.coalesce(runs_t.c.started_at, now), updated_at=now,
+                        deadline_at=func.coalesce(runs_t.c.deadline_at, runs_t.c.timeout_seconds + now))
+                .returning(*runs_t.c)
+            )).first()
+            if row is None:
+                continue
+            run = RunRecord.from_row(row)
+            lease = Lease(run_id, epoch + 1, owner)
+            events.append(await self._append(conn, run_id, "run.started", {
+                "status": "running", "attempt": run.attempt, "worker": owner}, epoch=lease.epoch, now=now))
+            claimed.append((lease, run))
         await self._publish(events)
         return claimed
+
+    async def _claim_limited(self, owner: str, limit: int, lease_seconds: float,
+                             now: float) -> list[tuple[Lease, RunRecord]]:
+        """Claim from the queues with limits, within them, tenants taking turns (``pg.CLAIM_LIMITED``).
+
+        One claimer at a time counts the free slots (on PostgreSQL, whoever holds
+        ``QUEUE_CLAIM_LOCK``; a replica that finds it taken claims from the other queues and tries
+        again on its next pass).
+        """
+        names = list(self.limited)
+        conc = [self.limited[n].concurrency for n in names]
+        tconc = [self.limited[n].tenant_concurrency for n in names]
+        leased = [s.value for s in LEASED]
+        if self.dialect == "postgresql":
+            async with self._raw() as db:
+                await db.execute("BEGIN")
+                try:
+                    rows = []
+                    if await db.fetchval("SELECT pg_try_advisory_xact_lock($1)", pg.QUEUE_CLAIM_LOCK):
+                        rows = await db.fetch(pg.CLAIM_LIMITED, limit, owner, now, lease_seconds, names, conc, tconc,
+                                              leased)
+                except BaseException:
+                    if not db.is_closed():
+                        await db.execute("ROLLBACK")
+                    raise
+                await db.execute("COMMIT")
+            return await self._claimed_pg(rows, owner, now)
+        async with self._write() as conn:
+            running: dict[tuple[str, str], int] = {}
+            for queue, tenant, n in await conn.execute(
+                select(runs_t.c.queue, runs_t.c.tenant, func.count()).where(
+                    runs_t.c.status.in_(leased), runs_t.c.queue.in_(names)
+                ).group_by(runs_t.c.queue, runs_t.c.tenant)
+            ):
+                running[(queue, tenant)] = n
+            queued = (await conn.execute(
+                select(runs_t.c.id, runs_t.c.epoch, runs_t.c.queue, runs_t.c.tenant, runs_t.c.priority)
+                .where(runs_t.c.status == RunStatus.QUEUED.value, runs_t.c.queue.in_(names))
+                .order_by(runs_t.c.priority.desc(), runs_t.c.id)
+            )).all()
+            picked = pick_fair(queued, running, self.limited, limit)
+            return await self._claim_ids(conn, picked, owner, now, lease_seconds)
 
     async def reclaim_expired(
         self, owner: str, limit: int, lease_seconds: float, max_attempts: int, *, exclude: Collection[str] = ()
@@ -785,6 +848,34 @@ class RunStore:
                 await conn.execute(update(runs_t).where(
                     runs_t.c.id == lease.run_id, runs_t.c.epoch == lease.epoch
                 ).values(lease_expires_at=0.0, lease_owner=None))
+
+
+def pick_fair(queued: Sequence[Any], running: Mapping[tuple[str, str], int], limits: Mapping[str, QueueLimits],
+              limit: int) -> list[tuple[str, int]]:
+    """What ``pg.CLAIM_LIMITED`` picks, for SQLite: ``queued`` rows ``(id, epoch, queue, tenant,
+    priority)`` by priority then age; by priority, then tenants taking turns, then age, as many
+    as each queue's and each tenant's free slots allow, ``limit`` at most."""
+    turn: dict[tuple[str, str], int] = {}
+    ranked = []
+    for run_id, epoch, queue, tenant, priority in queued:
+        turn[(queue, tenant)] = tn = turn.get((queue, tenant), 0) + 1
+        tconc = limits[queue].tenant_concurrency
+        if tconc is None or running.get((queue, tenant), 0) + tn <= tconc:
+            ranked.append((-priority, tn, run_id, epoch, queue))
+    ranked.sort()
+    in_queue: dict[str, int] = {}
+    for (queue, _tenant), n in running.items():
+        in_queue[queue] = in_queue.get(queue, 0) + n
+    picked: list[tuple[str, int]] = []
+    for _prio, _tn, run_id, epoch, queue in ranked:
+        conc = limits[queue].concurrency
+        if conc is not None and in_queue.get(queue, 0) >= conc:
+            continue
+        in_queue[queue] = in_queue.get(queue, 0) + 1
+        picked.append((run_id, epoch))
+        if len(picked) >= limit:
+            break
+    return picked
 
 
 def _json(value: Any) -> str | None:

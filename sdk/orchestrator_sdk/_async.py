@@ -78,9 +78,9 @@ class AsyncRuns:
 
     async def create(self, workflow: str, input: Any = None, *, metadata: dict[str, Any] | None = None,
                      priority: int = 0, timeout_seconds: float | None = None,
-                     idempotency_key: str | None = None) -> Run:
+                     idempotency_key: str | None = None, queue: str | None = None) -> Run:
         key = idempotency_key or new_idempotency_key()
-        body = run_create_body(workflow, input, metadata, priority, timeout_seconds)
+        body = run_create_body(workflow, input, metadata, priority, timeout_seconds, queue)
         return Run.model_validate(await self._c.request("POST", "/v1/runs", json=body,
                                                         headers={"Idempotency-Key": key}))
 

@@ -64,11 +64,14 @@ def retry_delay(attempt: int, response: httpx.Response | None) -> float:
 
 
 def run_create_body(
-    workflow: str, input: Any, metadata: dict[str, Any] | None, priority: int, timeout_seconds: float | None
+    workflow: str, input: Any, metadata: dict[str, Any] | None, priority: int, timeout_seconds: float | None,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"workflow": workflow, "input": input, "metadata": metadata or {}, "priority": priority}
     if timeout_seconds is not None:
         body["timeout_seconds"] = timeout_seconds
+    if queue is not None:
+        body["queue"] = queue
     return body
 
 

@@ -33,6 +33,7 @@ class Run(_Model):
     last_event_seq: int = 0
     forked_from: str | None = None
     forked_from_step: int | None = None
+    queue: str = "default"
 
     @property
     def finished(self) -> bool:

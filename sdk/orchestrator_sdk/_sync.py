@@ -78,10 +78,11 @@ class Runs:
         self._c = client
 
     def create(self, workflow: str, input: Any = None, *, metadata: dict[str, Any] | None = None,
-               priority: int = 0, timeout_seconds: float | None = None, idempotency_key: str | None = None) -> Run:
+               priority: int = 0, timeout_seconds: float | None = None, idempotency_key: str | None = None,
+               queue: str | None = None) -> Run:
         """Submit a run. One idempotency key serves every retry, so a retry never makes a second run."""
         key = idempotency_key or new_idempotency_key()
-        body = run_create_body(workflow, input, metadata, priority, timeout_seconds)
+        body = run_create_body(workflow, input, metadata, priority, timeout_seconds, queue)
         return Run.model_validate(self._c.request("POST", "/v1/runs", json=body, headers={"Idempotency-Key": key}))
 
     def get(self, run_id: str, *, wait: float | None = None) -> Run:
