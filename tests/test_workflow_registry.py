@@ -21,7 +21,7 @@ def test_the_built_in_workflows_come_from_entry_points_and_modules_are_added_aft
     names = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
     assert names["agent"] == "agents.workflow:register" and names["evolve"] == "evolve.workflow:register"
     registry = default_registry(["tests.journal_workflow"])
-    assert registry.names() == ["agent", "demo", "echo", "evolve", "journal", "pipeline", "sleep"]
+    assert registry.names() == ["agent", "demo", "echo", "events", "evolve", "journal", "pipeline", "sleep", "steps"]
     with pytest.raises(ValueError, match="already registered"):  # a module cannot shadow an entry point's
         default_registry(["agents.workflow"])
 

@@ -32,12 +32,12 @@ class SleepInput(BaseModel):
 
 class StepsInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    steps: int = Field(ge=1, le=100_000, description="How many checkpointed no-op steps to run.")
+    steps: int = Field(ge=1, le=10_000, description="How many checkpointed no-op steps to run.")
 
 
 class EventsInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    events: int = Field(ge=1, le=100_000, description="How many progress events to append to the run's stream.")
+    events: int = Field(ge=1, le=10_000, description="How many progress events to append to the run's stream.")
 
 
 async def echo(ctx: RunContext, inp: EchoInput) -> Any:
