@@ -242,9 +242,27 @@ async def measure_events(target: Target, p: VsProfile) -> dict[str, Any]:
     return {"events_per_s": round(p.events * p.event_runs / wall, 1)}
 
 
+async def submit_burst(http: httpx.AsyncClient, target: Target, p: VsProfile) -> tuple[list[str], list[float], float]:
+    """``clients`` clients POSTing ``submits`` 1-step runs back to back; returns the run ids, each
+    submission's latency and when the burst began (``time.perf_counter()``)."""
+    latencies: list[float] = []
+    ids: list[str] = []
+    jobs = iter(range(p.submits))
+
+    async def submitter() -> None:
+        for _ in jobs:
+            start = time.perf_counter()
+            ids.append(await submit(http, target, "steps", {"steps": 1}))
+            latencies.append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(submitter() for _ in range(p.clients)))
+    return ids, latencies, began
+
+
 async def measure_submit(target: Target, p: VsProfile) -> dict[str, Any]:
-    """submit_*: ``clients`` clients POSTing 1-step runs back to back, not waiting for them. The
-    service executes the runs meanwhile (its worker or DBOS's executor is on), as it would in use.
+    """submit_*: ``submit_burst`` while the service executes the runs (its worker or DBOS's
+    executor is on), as it would in use.
 
     A service may also leave the runs queued and execute them after the submissions (a queue
     polled less often than runs arrive does): ``drain_per_s`` is the submitted runs over the time
@@ -253,19 +271,8 @@ async def measure_submit(target: Target, p: VsProfile) -> dict[str, Any]:
     async with target.client(p.clients + 4) as http:
         for _ in range(p.clients):  # warm connections, not counted
             await wait_done(http, target, await submit(http, target, "steps", {"steps": 1}))
-        latencies: list[float] = []
-        ids: list[str] = []
-        jobs = iter(range(p.submits))
-
-        async def submitter() -> None:
-            for _ in jobs:
-                start = time.perf_counter()
-                ids.append(await submit(http, target, "steps", {"steps": 1}))
-                latencies.append(time.perf_counter() - start)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(submitter() for _ in range(p.clients)))
-        wall = time.perf_counter() - start
+        ids, latencies, began = await submit_burst(http, target, p)
+        wall = time.perf_counter() - began
         waiting = iter(ids)
 
         async def waiter() -> None:
@@ -273,29 +280,20 @@ async def measure_submit(target: Target, p: VsProfile) -> dict[str, Any]:
                 await wait_done(http, target, run_id)
 
         await asyncio.gather(*(waiter() for _ in range(p.clients)))
-        drained = time.perf_counter() - start
+        drained = time.perf_counter() - began
     return {"submit_per_s": round(p.submits / wall, 1), "submit_p50_ms": ms(percentile(latencies, 0.50)),
             "submit_p99_ms": ms(percentile(latencies, 0.99)), "drain_per_s": round(p.submits / drained, 1)}
 
 
 async def measure_accept(target: Target, p: VsProfile) -> dict[str, Any]:
-    """accept_*: the submissions of ``measure_submit`` to a service that executes none of them
-    (``ACCEPT_ONLY``), with its CPU time per submission: what taking a run in costs, alone."""
+    """accept_*: ``submit_burst`` to a service that executes none of the runs (``ACCEPT_ONLY``),
+    with its CPU time per submission: what taking a run in costs, alone."""
     async with target.client(p.clients + 4) as http:
         for _ in range(p.clients):  # warm connections, not counted
             await submit(http, target, "steps", {"steps": 1})
-        latencies: list[float] = []
-        jobs = iter(range(p.submits))
-
-        async def submitter() -> None:
-            for _ in jobs:
-                start = time.perf_counter()
-                await submit(http, target, "steps", {"steps": 1})
-                latencies.append(time.perf_counter() - start)
-
-        cpu0, start = cpu_seconds(target.pid), time.perf_counter()
-        await asyncio.gather(*(submitter() for _ in range(p.clients)))
-        wall, cpu1 = time.perf_counter() - start, cpu_seconds(target.pid)
+        cpu0 = cpu_seconds(target.pid)
+        _ids, latencies, began = await submit_burst(http, target, p)
+        wall, cpu1 = time.perf_counter() - began, cpu_seconds(target.pid)
     return {"accept_per_s": round(p.submits / wall, 1), "accept_p50_ms": ms(percentile(latencies, 0.50)),
             "accept_p99_ms": ms(percentile(latencies, 0.99)),
             "accept_cpu_ms": round((cpu1 - cpu0) * 1000 / p.submits, 2)}

@@ -161,14 +161,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(p) for p in first.get("loc", ())]
-        if loc and loc[0] in ("body", "query", "path", "header"):
-            loc = loc[1:]
-        param = ".".join(loc) or None
-        return _error_response(ValidationFailed(f"{first.get('msg', 'invalid')}" + (f" at {param}" if param else ""),
-                                                param=param))
+        return _error_response(ValidationFailed.first_of(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -38,6 +39,17 @@ class InvalidRequest(APIError):
 class ValidationFailed(InvalidRequest):
     status_code = 422
     code = "validation_error"
+
+    @classmethod
+    def first_of(cls, errors: Sequence[Any]) -> ValidationFailed:
+        """The API's 422 for pydantic's (or FastAPI's) errors: the first one, its location as
+        ``param`` (without FastAPI's ``body``/``query``/``path``/``header`` prefix)."""
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(p) for p in first.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]
+        param = ".".join(loc) or None
+        return cls(f"{first.get('msg', 'invalid')}" + (f" at {param}" if param else ""), param=param)
 
 
 class AuthenticationFailed(APIError):

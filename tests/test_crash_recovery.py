@@ -41,6 +41,18 @@ def journal_lines(path: Path) -> list[str]:
     return [line.split(" pid=")[0] for line in path.read_text().splitlines()]
 
 
+# A lease too long to wait for: a run taken over sooner was taken over because its worker was gone.
+LONG_LEASE = {"ORCH_LEASE_SECONDS": "120", "ORCH_HEARTBEAT_SECONDS": "5", "ORCH_WORKER_POLL_SECONDS": "0.5"}
+
+
+def wait_for_line(journal: Path, line: str, timeout: float) -> None:
+    """Until a step has written ``line`` (``"end 0"``) to the journal; fails after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not journal.exists() or line not in journal_lines(journal):
+        assert time.monotonic() < deadline, f"no {line!r} in the journal after {timeout} s"
+        time.sleep(0.02)
+
+
 def db_env(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     if backend == "postgres":
         return {"ORCH_DATABASE_URL": request.getfixturevalue("pg_database"),
@@ -140,10 +152,7 @@ def test_clean_shutdown_hands_runs_over_at_once(tmp_path):
     try:
         run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json={
             "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 0.3}}).json()["id"]
-        deadline = time.monotonic() + 10
-        while not journal.exists() or "end 0" not in journal_lines(journal):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_line(journal, "end 0", 10)
         first.stop()  # SIGTERM
         t0 = time.monotonic()
         second = ServiceProcess(env, tmp_path / "second.log").start()
@@ -164,18 +173,13 @@ def test_clean_shutdown_hands_runs_over_at_once(tmp_path):
 def test_sigkill_runs_move_to_a_live_worker_before_the_lease_expires(request, tmp_path):
     # A 120 s lease: the run is taken over long before it could expire, because the live worker
     # sees that the dead one's PostgreSQL session (and with it its liveness lock) is gone.
-    env = {**ENV, "ORCH_DATABASE_URL": request.getfixturevalue("pg_database"),
-           "ORCH_REDIS_URL": request.getfixturevalue("redis_url"),
-           "ORCH_LEASE_SECONDS": "120", "ORCH_HEARTBEAT_SECONDS": "5", "ORCH_WORKER_POLL_SECONDS": "0.5"}
+    env = {**ENV, **db_env("postgres", request, tmp_path), **LONG_LEASE}
     journal = tmp_path / "journal.txt"
     procs = [ServiceProcess(env, tmp_path / f"p{i}.log").start() for i in range(2)]
     try:
         run_id = httpx.post(f"{procs[0].url}/v1/runs", headers=A, json={
             "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 1.0}}).json()["id"]
-        deadline = time.monotonic() + 15
-        while not journal.exists() or "start 1" not in journal_lines(journal):  # step 0 is checkpointed
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_line(journal, "start 1", 15)  # step 0 is checkpointed
         pid = int(journal.read_text().split("pid=")[1].split()[0])
         [owner] = [p for p in procs if p.proc is not None and p.proc.pid == pid]
         [live] = [p for p in procs if p is not owner]
@@ -203,19 +207,14 @@ def test_worker_whose_session_is_terminated_stops_its_runs_and_comes_back(reques
 
     import asyncpg
 
-    env = {**ENV, "ORCH_DATABASE_URL": request.getfixturevalue("pg_database"),
-           "ORCH_REDIS_URL": request.getfixturevalue("redis_url"),
-           "ORCH_LEASE_SECONDS": "120", "ORCH_HEARTBEAT_SECONDS": "5", "ORCH_WORKER_POLL_SECONDS": "0.5"}
-    dsn = request.getfixturevalue("pg_database").replace("postgresql+asyncpg://", "postgresql://")
+    env = {**ENV, **db_env("postgres", request, tmp_path), **LONG_LEASE}
+    dsn = env["ORCH_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://")
     journal = tmp_path / "journal.txt"
     first = ServiceProcess(env, tmp_path / "first.log").start()
     try:
         run_id = httpx.post(f"{first.url}/v1/runs", headers=A, json={
             "workflow": "journal", "input": {"journal": str(journal), "steps": 4, "step_seconds": 0.5}}).json()["id"]
-        deadline = time.monotonic() + 15
-        while not journal.exists() or "end 0" not in journal_lines(journal):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_line(journal, "end 0", 15)
 
         async def terminate() -> int:
             conn = await asyncpg.connect(dsn)

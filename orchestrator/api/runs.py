@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import pydantic_core
@@ -101,9 +102,7 @@ async def create_run_fast(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         body = RunCreate.model_validate(value)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise ValidationFailed(first["msg"] + (f" at {param}" if param else ""), param=param) from None
+        raise ValidationFailed.first_of(exc.errors()) from None
     response = _created(*await _submit(request.app.state, tenant, body, key))
     await response(scope, receive, send)
 
@@ -148,14 +147,26 @@ async def _submit(state: Any, tenant: Tenant, body: RunCreate,
         priority=body.priority, timeout_seconds=body.timeout_seconds, idempotency_key=idempotency_key,
         request_hash=request_hash(payload), queue=body.queue,
     )
-    try:
+    return await _create(state, tenant, new)
+
+
+async def _create(state: Any, tenant: Tenant, new: NewRun) -> tuple[RunRecord, bool]:
+    """Insert the run (a submission or a fork) under the tenant's concurrent-runs quota, counted."""
+    with _quota_refusals(state):
         run, created = await state.store.create(new, max_active=tenant.limits.max_concurrent_runs)
+    if created:
+        state.metrics.runs_submitted.labels(new.workflow).inc()
+    return run, created
+
+
+@contextlib.contextmanager
+def _quota_refusals(state: Any) -> Iterator[None]:
+    """Count a refusal by the tenant's concurrent-runs quota (submit, fork, resume)."""
+    try:
+        yield
     except RateLimited:
         state.metrics.rate_limited.labels("concurrent_runs").inc()
         raise
-    if created:
-        state.metrics.runs_submitted.labels(body.workflow).inc()
-    return run, created
 
 
 def _created(run: RunRecord, created: bool) -> Response:
@@ -221,11 +232,8 @@ async def resume_run(run_id: RunId, request: Request, tenant: TenantDep) -> RunO
     checkpoints, the others run. Its timeout starts over. ``409 run_not_resumable`` for a run
     that succeeded or is still active."""
     _check_id(run_id)
-    try:
+    with _quota_refusals(request.app.state):
         run = await _store(request).resume(tenant.name, run_id, max_active=tenant.limits.max_concurrent_runs)
-    except RateLimited:
-        request.app.state.metrics.rate_limited.labels("concurrent_runs").inc()
-        raise
     return _run_object(run)
 
 
@@ -236,10 +244,9 @@ async def fork_run(
     run_id: RunId,
     body: RunFork,
     request: Request,
-    response: Response,
     tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-) -> RunObject:
+) -> Response:
     """A new run of the same workflow, input and metadata whose steps before ``from_step`` return
     the original's checkpointed outputs, and which executes from ``from_step`` on: replay an agent
     from a given turn, branch a trajectory, or retry after a fix. The original is not touched.
@@ -256,17 +263,7 @@ async def fork_run(
         request_hash=request_hash({"fork": run_id, **body.model_dump(mode="json")}),
         forked_from=run_id, forked_from_step=body.from_step, queue=original.queue,
     )
-    try:
-        run, created = await store.create(new, max_active=tenant.limits.max_concurrent_runs)
-    except RateLimited:
-        request.app.state.metrics.rate_limited.labels("concurrent_runs").inc()
-        raise
-    response.headers["Location"] = f"/v1/runs/{run.id}"
-    if created:
-        request.app.state.metrics.runs_submitted.labels(run.workflow).inc()
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
-    return _run_object(run)
+    return _created(*await _create(request.app.state, tenant, new))
 
 
 @router.get("/runs/{run_id}/steps", response_model=Page[StepObject], summary="Checkpointed steps of a run")

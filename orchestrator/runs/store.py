@@ -36,6 +36,7 @@ from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
 from orchestrator.settings import QueueLimits
 
 _ACTIVE_VALUES = [s.value for s in ACTIVE]
+_LEASED_VALUES = [s.value for s in LEASED]
 RESUMABLE = frozenset({RunStatus.FAILED.value, RunStatus.CANCELLED.value, RunStatus.TIMED_OUT.value})
 # asyncpg's errors for a connection that is gone: the statement may or may not have run.
 _CONNECTION_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError)
@@ -181,22 +182,15 @@ class RunStore:
         data: dict[str, Any],
         *,
         epoch: int | None = None,
-        op_key: str | None = None,
         now: float | None = None,
         values: dict[str, Any] | None = None,
-    ) -> EventRecord | None:
+    ) -> EventRecord:
         """Append one event (and apply ``values`` to the run row) in the caller's transaction.
 
-        With ``epoch`` the write is fenced. With ``op_key`` an event already written
-        by an earlier attempt is not written again (returns ``None``).
+        With ``epoch`` the write is fenced. (A workflow's events, keyed for replay, go through
+        ``write``.)
         """
         now = time.time() if now is None else now
-        if op_key is not None:
-            exists = await conn.scalar(
-                select(events_t.c.seq).where(events_t.c.run_id == run_id, events_t.c.op_key == op_key)
-            )
-            if exists is not None:
-                return None
         cond = [runs_t.c.id == run_id]
         if epoch is not None:
             cond.append(runs_t.c.epoch == epoch)
@@ -212,7 +206,7 @@ class RunStore:
                 raise LeaseLost(run_id)
             raise NotFound(f"No run with id {run_id!r}.", code="run_not_found", param="run_id")
         await conn.execute(
-            insert(events_t).values(run_id=run_id, seq=seq, type=type_, data=data, created_at=now, op_key=op_key)
+            insert(events_t).values(run_id=run_id, seq=seq, type=type_, data=data, created_at=now)
         )
         return EventRecord(run_id=run_id, seq=seq, type=type_, data=data, created_at=now)
 
@@ -234,6 +228,20 @@ class RunStore:
                 if isinstance(exc, (*_CONNECTION_ERRORS, asyncio.CancelledError)) or driver_closed(driver):
                     await conn.invalidate()
                 raise
+
+    @contextlib.asynccontextmanager
+    async def _raw_transaction(self, begin: str) -> AsyncIterator[asyncpg.Connection]:
+        """``_raw`` inside a transaction opened by ``begin`` (BEGIN and what must come with it, in
+        one round trip), committed on success and rolled back on any error."""
+        async with self._raw() as db:
+            await db.execute(begin)
+            try:
+                yield db
+            except BaseException:
+                if not db.is_closed():
+                    await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
 
     async def _publish(self, events: Sequence[EventRecord | None]) -> None:
         """Tell live readers (SSE, long polls) about committed events, in one bus round trip."""
@@ -289,20 +297,14 @@ class RunStore:
     async def _create_pg(self, new: NewRun, run_id: str, now: float, max_active: int | None) -> RunRecord:
         args = (run_id, new.tenant, new.workflow, _json(new.input), _json(new.metadata), new.priority,
                 new.idempotency_key, new.request_hash, new.timeout_seconds, now, _ACTIVE_VALUES, new.queue)
-        async with self._raw() as db:
-            if max_active is None:
+        if max_active is None:
+            async with self._raw() as db:
                 await db.fetchval(pg.CREATE, *args)
-            else:
-                await db.execute(pg.tenant_lock_sql(new.tenant))
-                try:
-                    active = await db.fetchval(pg.CREATE, *args)
-                    if active >= max_active:
-                        raise self._too_many(active, max_active)
-                except BaseException:
-                    if not db.is_closed():
-                        await db.execute("ROLLBACK")
-                    raise
-                await db.execute("COMMIT")
+        else:
+            async with self._raw_transaction(pg.tenant_lock_sql(new.tenant)) as db:
+                active = await db.fetchval(pg.CREATE, *args)
+                if active >= max_active:
+                    raise self._too_many(active, max_active)
         return RunRecord(  # the row as inserted (pg.CREATE)
             id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED, input=new.input,
             metadata=new.metadata, priority=new.priority, output=None, error=None,
@@ -557,26 +559,18 @@ class RunStore:
         names = list(self.limited)
         conc = [self.limited[n].concurrency for n in names]
         tconc = [self.limited[n].tenant_concurrency for n in names]
-        leased = [s.value for s in LEASED]
         if self.dialect == "postgresql":
-            async with self._raw() as db:
-                await db.execute("BEGIN")
-                try:
-                    rows = []
-                    if await db.fetchval("SELECT pg_try_advisory_xact_lock($1)", pg.QUEUE_CLAIM_LOCK):
-                        rows = await db.fetch(pg.CLAIM_LIMITED, limit, owner, now, lease_seconds, names, conc, tconc,
-                                              leased)
-                except BaseException:
-                    if not db.is_closed():
-                        await db.execute("ROLLBACK")
-                    raise
-                await db.execute("COMMIT")
+            rows = []
+            async with self._raw_transaction("BEGIN") as db:
+                if await db.fetchval("SELECT pg_try_advisory_xact_lock($1)", pg.QUEUE_CLAIM_LOCK):
+                    rows = await db.fetch(pg.CLAIM_LIMITED, limit, owner, now, lease_seconds, names, conc, tconc,
+                                          _LEASED_VALUES)
             return await self._claimed_pg(rows, owner, now)
         async with self._write() as conn:
             running: dict[tuple[str, str], int] = {}
             for queue, tenant, n in await conn.execute(
                 select(runs_t.c.queue, runs_t.c.tenant, func.count()).where(
-                    runs_t.c.status.in_(leased), runs_t.c.queue.in_(names)
+                    runs_t.c.status.in_(_LEASED_VALUES), runs_t.c.queue.in_(names)
                 ).group_by(runs_t.c.queue, runs_t.c.tenant)
             ):
                 running[(queue, tenant)] = n
@@ -604,7 +598,7 @@ class RunStore:
         stmt = (
             select(runs_t.c.id, runs_t.c.epoch, runs_t.c.attempt, runs_t.c.status, runs_t.c.lease_owner,
                    runs_t.c.lease_expires_at)
-            .where(runs_t.c.status.in_([s.value for s in LEASED]), runs_t.c.lease_expires_at < now,
+            .where(runs_t.c.status.in_(_LEASED_VALUES), runs_t.c.lease_expires_at < now,
                    runs_t.c.id.not_in(list(exclude)))
             .order_by(runs_t.c.priority.desc(), runs_t.c.id)
             .limit(limit)
@@ -826,7 +820,7 @@ class RunStore:
         if self.dialect != "postgresql":
             return 0
         async with self._raw() as db:
-            rows = await db.fetch(pg.EXPIRE_DEAD_OWNERS, owner, [s.value for s in LEASED])
+            rows = await db.fetch(pg.EXPIRE_DEAD_OWNERS, owner, _LEASED_VALUES)
         return len(rows)
 
     async def register_worker(self, owner: str, hostname: str, pid: int, *, liveness_lock: bool = False) -> None:
