@@ -36,6 +36,50 @@ WITH r AS (
 SELECT (SELECT count(*) FROM runs WHERE tenant = $2 AND status = ANY($11::text[])) AS active FROM r
 """
 
+# A batch of runs (``GroupCommit``), each inserted with its first event, ``run.queued``. The
+# arrays are the runs' columns, in the order their callers came. Dropped, in this order: a run
+# whose Idempotency-Key its tenant has used (in the table, or earlier in the batch: the caller
+# looks the first one up and answers as a replay); then, with a limit ($13) on the tenant's
+# active runs ($12: the active states) of tenant $14, each run that would exceed it, in turn
+# (``before`` counts the tenant's active runs ahead of it). The caller holds the tenant's lock
+# when there is a limit, so the count and the key check see every committed submission; without
+# a limit no count is made, and a key that another batch inserts meanwhile is caught by ON
+# CONFLICT and answered as a replay too. One row comes back per run: its id, ``before`` (NULL
+# for a known key) and whether it was inserted.
+CREATE_MANY = """
+WITH b AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::text[],
+                         $8::text[], $9::float8[], $10::float8[], $11::text[])
+        WITH ORDINALITY AS b(id, tenant, workflow, input, metadata, priority, idempotency_key, request_hash,
+                             timeout_seconds, created_at, queue, ord)
+), fresh AS (
+    SELECT DISTINCT ON (b.tenant, coalesce(b.idempotency_key, b.id)) b.* FROM b
+    WHERE b.idempotency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM runs x WHERE x.tenant = b.tenant AND x.idempotency_key = b.idempotency_key)
+    ORDER BY b.tenant, coalesce(b.idempotency_key, b.id), b.ord
+), ranked AS (
+    SELECT f.*, CASE WHEN $13::int IS NULL THEN 0 ELSE
+        (SELECT count(*) FROM runs WHERE tenant = $14 AND status = ANY($12::text[]))
+        + row_number() OVER (ORDER BY f.ord) - 1 END AS before
+    FROM fresh f
+), r AS (
+    INSERT INTO runs (id, tenant, workflow, status, input, metadata, priority, idempotency_key,
+                      request_hash, timeout_seconds, created_at, updated_at, attempt, epoch,
+                      cancel_requested, last_seq, queue)
+    SELECT id, tenant, workflow, 'queued', input::json, metadata::json, priority, idempotency_key,
+           request_hash, timeout_seconds, created_at, created_at, 0, 0, false, 1, queue
+    FROM ranked WHERE $13::int IS NULL OR before < $13::int
+    ORDER BY ord
+    ON CONFLICT DO NOTHING
+    RETURNING id, workflow, created_at
+), e AS (
+    INSERT INTO run_events (run_id, seq, type, data, created_at)
+    SELECT id, 1, 'run.queued', json_build_object('status', 'queued', 'workflow', workflow), created_at FROM r
+)
+SELECT b.id, k.before, r.id IS NOT NULL AS inserted
+FROM b LEFT JOIN ranked k ON k.id = b.id LEFT JOIN r ON r.id = b.id ORDER BY b.ord
+"""
+
 # Claim up to $1 queued runs: highest priority, then oldest; rows another claimer holds are
 # skipped. Runs of the queues in $5 (those with limits) are left to CLAIM_LIMITED.
 _CLAIMED = """

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,6 +31,7 @@ from orchestrator.db.models import Run, RunEvent, RunStep, Worker
 from orchestrator.errors import Conflict, NotFound, RateLimited
 from orchestrator.events.bus import EventBus
 from orchestrator.ids import new_id
+from orchestrator.runs.group_commit import GroupCommit
 from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
 from orchestrator.settings import QueueLimits
@@ -49,6 +50,8 @@ steps_t = cast(Table, RunStep.__table__)
 workers_t = cast(Table, Worker.__table__)
 
 CONTROL_CHANNEL = "control"
+# A submission waiting for its batch (``RunStore.create``): the request, its run id, its time.
+_NewRunItem = tuple["NewRun", str, float]
 
 
 def run_channel(run_id: str) -> str:
@@ -165,6 +168,8 @@ class RunStore:
         # at the tail under load), and it has no SKIP LOCKED for claims. One process owns a
         # SQLite file, so queueing its write transactions on a lock is both faster and fair.
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        # Submissions on PostgreSQL: one statement a batch, one batch in flight per tenant with a limit
+        self._creates: GroupCommit[_NewRunItem, tuple[RunRecord, bool]] = GroupCommit(self._create_batch)
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -252,66 +257,104 @@ class RunStore:
     async def create(self, new: NewRun, *, max_active: int | None) -> tuple[RunRecord, bool]:
         """Insert a queued run. Returns ``(run, created)``; ``created`` is False for an idempotent replay.
 
-        A created run is returned as it was committed, ``queued``: the row comes back from the
-        inserting statement, and the wake-up for the workers is published only after the commit.
-        A response built from a read after the commit could already say ``running`` (or even
+        A created run is returned as it was committed, ``queued``: the caller knows every value
+        it inserted, and the wake-up for the workers is published only after the commit. A
+        response built from a read after the commit could already say ``running`` (or even
         ``succeeded``), since any worker may claim the run as soon as it is committed. A replay
         returns the original run as it is now.
 
-        With ``max_active``, the tenant's active runs are counted under its advisory lock (on
-        PostgreSQL), held from BEGIN to COMMIT across one statement: submissions of one tenant
-        queue only for that one round trip, those of different tenants not at all.
+        On PostgreSQL, concurrent submissions are group-committed (``_create_batch``): one
+        statement inserts a batch, and with ``max_active`` the tenant's active runs are counted
+        under its advisory lock, held from BEGIN to COMMIT across that one statement. A tenant's
+        submissions queue for one round trip a batch, not one each; other tenants' not at all.
         """
         now = time.time()
         run_id = new_id("run")
-        data: dict[str, Any] = {"status": "queued", "workflow": new.workflow}
-        if new.forked_from is not None:
-            data.update(forked_from=new.forked_from, from_step=new.forked_from_step)
         try:
             if self.dialect == "postgresql" and new.forked_from is None:
-                run = await self._create_pg(new, run_id, now, max_active)
+                run, created = await self._creates.submit(
+                    (new.tenant, max_active) if max_active is not None else None, (new, run_id, now))
+                if created:
+                    return run, True
             else:
+                data: dict[str, Any] = {"status": "queued", "workflow": new.workflow}
+                if new.forked_from is not None:
+                    data.update(forked_from=new.forked_from, from_step=new.forked_from_step)
                 run = await self._create_generic(new, run_id, now, max_active, data)
+                await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
+                return run, True
         except (IntegrityError, asyncpg.UniqueViolationError):
             if new.idempotency_key is None:
                 raise
-            existing = await self._by_idempotency_key(new.tenant, new.idempotency_key)
-            if existing is None:  # pragma: no cover - deleted between the two statements
-                raise
-            if existing.request_hash != new.request_hash:
-                raise Conflict(
-                    "This Idempotency-Key was already used with a different request body.",
-                    code="idempotency_key_reused", param="Idempotency-Key",
-                ) from None
-            return existing, False
-        # Only the workers' wake-up: nobody can be reading the new run's channel yet (its id is
-        # in no one's hands before this returns), and a reader starts from the log.
-        await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": run_id})
-        return run, True
+        return await self._replay(new), False
+
+    async def _replay(self, new: NewRun) -> RunRecord:
+        """The run an earlier submission with ``new``'s Idempotency-Key created (409 for another body)."""
+        assert new.idempotency_key is not None
+        existing = await self._by_idempotency_key(new.tenant, new.idempotency_key)
+        if existing is None:  # pragma: no cover - deleted between the two statements
+            raise Conflict("This Idempotency-Key's run was deleted meanwhile; retry.",
+                           code="idempotency_key_reused", param="Idempotency-Key")
+        if existing.request_hash != new.request_hash:
+            raise Conflict(
+                "This Idempotency-Key was already used with a different request body.",
+                code="idempotency_key_reused", param="Idempotency-Key",
+            )
+        return existing
 
     @staticmethod
     def _too_many(active: int, max_active: int) -> RateLimited:
         return RateLimited(f"Tenant has {active} active runs; the limit is {max_active}.",
                            retry_after=1.0, code="too_many_concurrent_runs")
 
-    async def _create_pg(self, new: NewRun, run_id: str, now: float, max_active: int | None) -> RunRecord:
-        args = (run_id, new.tenant, new.workflow, _json(new.input), _json(new.metadata), new.priority,
-                new.idempotency_key, new.request_hash, new.timeout_seconds, now, _ACTIVE_VALUES, new.queue)
-        if max_active is None:
-            async with self._raw() as db:
-                await db.fetchval(pg.CREATE, *args)
-        else:
-            async with self._raw_transaction(pg.tenant_lock_sql(new.tenant)) as db:
-                active = await db.fetchval(pg.CREATE, *args)
-                if active >= max_active:
-                    raise self._too_many(active, max_active)
-        return RunRecord(  # the row as inserted (pg.CREATE)
-            id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED, input=new.input,
-            metadata=new.metadata, priority=new.priority, output=None, error=None,
-            idempotency_key=new.idempotency_key, request_hash=new.request_hash,
-            timeout_seconds=new.timeout_seconds, deadline_at=None, created_at=now, updated_at=now,
-            started_at=None, finished_at=None, attempt=0, epoch=0, lease_owner=None, lease_expires_at=None,
-            cancel_requested=False, last_seq=1, queue=new.queue)
+    async def _create_batch(self, key: Hashable, items: Sequence[_NewRunItem]
+                            ) -> list[tuple[RunRecord, bool] | BaseException]:
+        """Write one batch of submissions (``GroupCommit``'s flush; ``key``: (tenant, limit) or None).
+
+        Each submission gets its run (``created`` True), ``(None-run, False)`` for a key to look up
+        as a replay, or the ``RateLimited`` that refused it. A batch the database rejects as a
+        whole for its data (not for the connection) is written again one submission at a time,
+        so one tenant's bad row can fail only its own request.
+        """
+        tenant, max_active = key if isinstance(key, tuple) else (None, None)
+        cols: list[list[Any]] = [[] for _ in range(11)]
+        for new, run_id, now in items:
+            for col, value in zip(cols, (
+                    run_id, new.tenant, new.workflow, _json(new.input), _json(new.metadata), new.priority,
+                    new.idempotency_key, new.request_hash, new.timeout_seconds, now, new.queue), strict=True):
+                col.append(value)
+        args = (*cols, _ACTIVE_VALUES, max_active, tenant)
+        try:
+            if max_active is None:
+                async with self._raw() as db:
+                    rows = await db.fetch(pg.CREATE_MANY, *args)
+            else:
+                async with self._raw_transaction(pg.tenant_lock_sql(tenant or "")) as db:
+                    rows = await db.fetch(pg.CREATE_MANY, *args)
+        except asyncpg.PostgresError as exc:
+            if len(items) == 1 or isinstance(exc, _CONNECTION_ERRORS):
+                raise
+            out: list[tuple[RunRecord, bool] | BaseException] = []
+            for item in items:
+                try:
+                    out += await self._create_batch(key, [item])
+                except Exception as one:
+                    out.append(one)
+            return out
+        out = []
+        for (new, run_id, now), row in zip(items, rows, strict=True):
+            if row["inserted"]:
+                out.append((_queued_record(new, run_id, now), True))
+            elif max_active is not None and row["before"] is not None and row["before"] >= max_active:
+                out.append(self._too_many(row["before"], max_active))
+            elif new.idempotency_key is None:  # pragma: no cover - an id collision
+                out.append(RuntimeError(f"run id {run_id} collided; retry"))
+            else:
+                out.append((_queued_record(new, run_id, now), False))  # a known key: the caller replays it
+        inserted = [item[1] for item, row in zip(items, rows, strict=True) if row["inserted"]]
+        if inserted:  # one wake-up a batch: a worker claims every queued run it has room for
+            await self.bus.publish(CONTROL_CHANNEL, {"type": "queued", "run_id": inserted[0], "count": len(inserted)})
+        return out
 
     async def _lock_tenant(self, conn: AsyncConnection, tenant: str) -> None:
         """Serialise the tenant's admissions until this transaction ends (SQLite: its write lock does)."""
@@ -870,6 +913,17 @@ def pick_fair(queued: Sequence[Any], running: Mapping[tuple[str, str], int], lim
         if len(picked) >= limit:
             break
     return picked
+
+
+def _queued_record(new: NewRun, run_id: str, now: float) -> RunRecord:
+    """The run as ``pg.CREATE_MANY`` inserts it."""
+    return RunRecord(
+        id=run_id, tenant=new.tenant, workflow=new.workflow, status=RunStatus.QUEUED, input=new.input,
+        metadata=new.metadata, priority=new.priority, output=None, error=None,
+        idempotency_key=new.idempotency_key, request_hash=new.request_hash,
+        timeout_seconds=new.timeout_seconds, deadline_at=None, created_at=now, updated_at=now,
+        started_at=None, finished_at=None, attempt=0, epoch=0, lease_owner=None, lease_expires_at=None,
+        cancel_requested=False, last_seq=1, queue=new.queue)
 
 
 def _json(value: Any) -> str | None:
