@@ -17,25 +17,6 @@ from __future__ import annotations
 
 import hashlib
 
-# One run inserted with its first event, ``run.queued``. ``active`` counts the tenant's active
-# runs other than this one (a statement does not see its own inserts); the caller holds the
-# tenant's advisory lock when it checks that count against a limit. Nothing else comes back: the
-# caller knows every value it inserted, and decoding the row (its JSON columns above all) would
-# cost more than the statement.
-CREATE = """
-WITH r AS (
-    INSERT INTO runs (id, tenant, workflow, status, input, metadata, priority, idempotency_key,
-                      request_hash, timeout_seconds, created_at, updated_at, attempt, epoch,
-                      cancel_requested, last_seq, queue)
-    VALUES ($1, $2, $3, 'queued', $4::json, $5::json, $6, $7, $8, $9, $10, $10, 0, 0, false, 1, $12)
-    RETURNING id, workflow
-), e AS (
-    INSERT INTO run_events (run_id, seq, type, data, created_at)
-    SELECT id, 1, 'run.queued', json_build_object('status', 'queued', 'workflow', workflow), $10 FROM r
-)
-SELECT (SELECT count(*) FROM runs WHERE tenant = $2 AND status = ANY($11::text[])) AS active FROM r
-"""
-
 # A batch of runs (``GroupCommit``), each inserted with its first event, ``run.queued``. The
 # arrays are the runs' columns, in the order their callers came. Dropped, in this order: a run
 # whose Idempotency-Key its tenant has used (in the table, or earlier in the batch: the caller
