@@ -73,14 +73,16 @@ class EvolveInput(BaseModel):
     groups: int | None = Field(default=None, ge=1, le=1024, description="M groups per loop; default N.")
     loops: int = Field(default=10, ge=1, le=100, description="Loops, loop 0 included.")
     percentiles: list[float] | None = Field(default=None, description=(
-        "One per model boundary, ascending, in [0, 100]; default evenly spaced."))
+        "One per model boundary, in [0, 100], any order (sorted, as the reference implementation "
+        "does); 100 sends every group to the more expensive side, 0 none; default evenly spaced."))
     fitness: str = Field(default="confidence", description="`confidence` or `diversity` (or a plug-in).")
     scorer: str | None = Field(default=None, description=(
         "Model (name) that scores confidence; default the cheapest with `prompt_logprobs`."))
     top_k: int = Field(default=20, ge=1, le=20, description="Prompt logprobs per token for confidence.")
     score_tail_only: bool = Field(default=True, description=(
-        "Ask for the candidate's prompt logprobs only: one extra prefix-only call per group counts its "
-        "tokens (and warms its KV). Off: every pass returns the whole prompt's logprobs."))
+        "Ask for the candidates' prompt logprobs only: one extra prefix-only call per problem and loop "
+        "counts the tokens of the context its candidates share. Off: every pass returns the whole "
+        "prompt's logprobs."))
     lite_fraction: float = Field(default=0.0, ge=0, le=1, description=(
         "Share of the cheapest model's groups, most confident first, that make no call."))
     lite_method: str = Field(default="majority", description="`majority` or `random`.")
@@ -104,8 +106,10 @@ class EvolveInput(BaseModel):
             if len(self.percentiles) != len(self.models) - 1:
                 raise ValueError(f"{len(self.models)} models need {len(self.models) - 1} percentiles, "
                                  f"got {len(self.percentiles)}")
-            if any(not 0 <= p <= 100 for p in self.percentiles) or self.percentiles != sorted(self.percentiles):
-                raise ValueError("percentiles must be ascending values in [0, 100]")
+            if any(not 0 <= p <= 100 for p in self.percentiles):
+                raise ValueError("percentiles must be values in [0, 100]")
+            # sorted, as routing sorts them: events and checkpoints show the order they act in
+            self.percentiles = sorted(self.percentiles)
         if self.scorer is not None and self.scorer not in names:
             raise ValueError(f"scorer {self.scorer!r} is not one of the models")
         needs_fitness = len(self.models) > 1 or self.lite_fraction > 0

@@ -37,15 +37,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def expected_tiers(fitness: list[float], percentiles: list[float], lite_fraction: float) -> list[str]:
-    """The issue's rule, written out independently: 'm<i>' for model i (0 = most expensive), 'lite'."""
-    thresholds = [percentile(fitness, q) for q in percentiles]
-    tiers = []
-    for f in fitness:
-        i = 0
-        while i < len(thresholds) and f >= thresholds[i]:
-            i += 1
-        tiers.append(i)
+    """The reference implementation's rule (``compute_thresholds`` / ``assign_routes`` of
+    squeeze-evolve), written out independently: 'm<i>' for model i (0 = most expensive), 'lite'.
+    Percentiles sorted, 100 -> max + 1, 0 -> min - 1; a group goes to the first threshold it is at
+    or below; then max(1, floor(fraction * n)) of the cheapest model's n groups go lite."""
+    thresholds = []
+    for q in sorted(percentiles):
+        thresholds.append(max(fitness) + 1 if q >= 100 else min(fitness) - 1 if q <= 0 else percentile(fitness, q))
     cheapest = len(percentiles)
+    tiers = [next((i for i, t in enumerate(thresholds) if f <= t), cheapest) for f in fitness]
     members = sorted((g for g, t in enumerate(tiers) if t == cheapest), key=lambda g: (-fitness[g], g))
-    lite = set(members[: int(lite_fraction * len(members) + 1e-9)])
+    n_lite = max(1, int(lite_fraction * len(members) + 1e-9)) if lite_fraction > 0 and members else 0
+    lite = set(members[:n_lite])
     return ["lite" if g in lite else f"m{t}" for g, t in enumerate(tiers)]

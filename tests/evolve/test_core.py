@@ -55,12 +55,14 @@ def test_lite_rounds_down_and_breaks_ties_by_group_order():
     assert route([1.0] * 3, 1, [], lite_fraction=1.0).tiers == [LITE] * 3
 
 
-def test_equal_fitness_goes_to_the_cheap_tier_and_bad_arguments_are_refused():
-    assert route([2.0, 2.0, 2.0], 2, [50]).tiers == [1, 1, 1]  # at the threshold counts as confident
+def test_equal_fitness_goes_to_the_expensive_tier_and_bad_arguments_are_refused():
+    # at the threshold goes to the more expensive tier, as in the reference (test_routing_reference.py)
+    assert route([2.0, 2.0, 2.0], 2, [50]).tiers == [0, 0, 0]
     with pytest.raises(ValueError):
         route([1.0], 3, [50])
     with pytest.raises(ValueError):
-        route([1.0], 3, [60, 20])
+        route([1.0], 2, [101])
+    assert route([1.0], 3, [60, 20]).thresholds == [1.0, 1.0]  # sorted, not refused
     assert default_percentiles(2) == [50.0] and default_percentiles(4) == [25.0, 50.0, 75.0]
 
 
@@ -69,7 +71,8 @@ def test_diversity_routes_consensus_to_the_cheap_model():
               [{"answer": str(i)} for i in range(4)]]
     fitness = [-float(distinct_answers(g)) for g in groups]
     assert fitness == [-1.0, -3.0, -4.0]
-    assert route(fitness, 2, [50]).tiers == [1, 1, 0]
+    # median -3.0: consensus (-1) above it goes cheap; the group at it (a tie) and below it, expensive
+    assert route(fitness, 2, [50]).tiers == [1, 0, 0]
 
 
 def test_ledger_sums_tokens_and_money_per_model_and_in_total():
