@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import time
 from typing import Any, Protocol
@@ -72,7 +73,9 @@ class _Loop:
         self.index = index
         self.ledger = Ledger()
         self.timer = BusyTimer()
-        self._prefix_tokens: dict[tuple[int, str], asyncio.Task[int]] = {}
+        self._prefix_tokens: dict[tuple[int, str], asyncio.Future[int]] = {}
+        self._shared: dict[int, str] = {}
+        self._unscored: dict[int, asyncio.Future[float]] = {}
 
     async def generate(self, model: ModelSpec, problem: int, messages: Messages, seed: int) -> Generation:
         with self.timer:
@@ -80,22 +83,48 @@ class _Loop:
         self.ledger.generation(model.name, gen.usage, self.evo.prices[model.name])
         return gen
 
-    async def confidence(self, problem: dict[str, Any], group: list[Candidate], member: int) -> float:
+    def share_context(self, problem: int, prefixes: Sequence[str]) -> None:
+        """The rendered scoring contexts of the candidates this loop writes for ``problem``: their
+        longest shared beginning is counted once, and every pass then asks only for the logprobs
+        from there on (loop 0: the whole initial prompt; a recombination loop: the prompt up to
+        the group listing)."""
+        self._shared[problem] = os.path.commonprefix(list(prefixes)) if prefixes else ""
+
+    async def score_written(self, problem: dict[str, Any], prefix: str, candidate: Candidate) -> float:
+        """A candidate's confidence in the context that wrote it (``prefix``, rendered for the
+        scorer), computed once, when it is written: the reference's C(tau), and what every later
+        group it joins reuses."""
+        p = problem["index"]
+        start = 0
+        shared = self._shared.get(p, "")
+        if self.evo.spec.score_tail_only and shared and prefix.startswith(shared):
+            key = (p, shared)
+            if key not in self._prefix_tokens:
+                self._prefix_tokens[key] = asyncio.ensure_future(self._count(self.evo.scorer, p, shared))
+            start = max(0, await self._prefix_tokens[key] - TAIL_SLACK_TOKENS)
+        return await self._score(p, prefix, candidate["text"], start)
+
+    async def confidence(self, problem: dict[str, Any], candidate: Candidate) -> float:
+        """The candidate's cached confidence. One without (a population checkpointed by an earlier
+        version, or written by a plug-in) is scored once in this loop, after the problem's
+        initial prompt, with every prompt logprob asked for (that context shares no counted
+        beginning)."""
+        if "confidence" in candidate:
+            return float(candidate["confidence"])
+        key = id(candidate)
+        if key not in self._unscored:
+            evo = self.evo
+            assert evo.scorer is not None
+            prefix = evo.calls.render(evo.scorer, initial_prompt(problem["question"], evo.instruction))
+            self._unscored[key] = asyncio.ensure_future(self._score(problem["index"], prefix, candidate["text"], 0))
+        return await self._unscored[key]
+
+    async def _score(self, problem: int, prefix: str, text: str, start: int) -> float:
         evo = self.evo
         scorer = evo.scorer
         assert scorer is not None
-        messages = evo.recombine(problem["question"], [c["text"] for c in group])
-        prefix = evo.calls.render(scorer, messages)
-        text = group[member]["text"]
-        start = 0
-        if evo.spec.score_tail_only:
-            # the group's shared prefix, counted once: the K passes then ask only for the tail's logprobs
-            key = (problem["index"], prefix)
-            if key not in self._prefix_tokens:
-                self._prefix_tokens[key] = asyncio.ensure_future(self._count(scorer, problem["index"], prefix))
-            start = max(0, await self._prefix_tokens[key] - TAIL_SLACK_TOKENS)
         with self.timer:
-            gen = await evo.calls.score(scorer, problem["index"], prefix + text, evo.spec.top_k, start)
+            gen = await evo.calls.score(scorer, problem, prefix + text, evo.spec.top_k, start)
         self.ledger.scoring(scorer.name, gen.usage, evo.prices[scorer.name])
         if not gen.prompt_logprobs:
             raise RuntimeError(f"model {scorer.name!r} returned no prompt logprobs; it cannot score confidence")
@@ -134,6 +163,19 @@ class Evolution:
         self.extract = ops.get("extractor", spec.answer_format)
         self._recombine = ops.get("recombination", spec.recombination)
         self.routed = len(self.models) > 1 or spec.lite_fraction > 0
+        # a fitness operator marked ``scores_candidates`` reads each candidate's confidence, which
+        # is then computed once, when the candidate is written, and kept with it
+        self.scores_candidates = (self.routed and self.scorer is not None
+                                  and bool(getattr(ops.get("fitness", spec.fitness), "scores_candidates", False)))
+
+    def will_score(self, loop: int) -> bool:
+        """Whether the candidates loop ``loop`` writes get a confidence: only when a later loop
+        groups them (the last loop's never are)."""
+        return self.scores_candidates and loop < self.spec.loops - 1
+
+    def render_for_scorer(self, messages: Messages) -> str:
+        assert self.scorer is not None
+        return self.calls.render(self.scorer, messages)
 
     def recombine(self, question: str, texts: Sequence[str]) -> Messages:
         return self._recombine(question, list(texts), self.instruction)
@@ -148,12 +190,19 @@ class Evolution:
         lp = _Loop(self, 0)
         strong = self.models[0]
         t0 = time.perf_counter()
+        score = self.will_score(0)
+        prompts = {p["index"]: initial_prompt(p["question"], self.instruction) for p in self.problems}
+        rendered = {i: self.render_for_scorer(m) for i, m in prompts.items()} if score else {}
+        for i, prefix in rendered.items():
+            lp.share_context(i, [prefix])
 
         async def one(problem: dict[str, Any], i: int) -> Candidate:
-            messages = initial_prompt(problem["question"], self.instruction)
-            gen = await lp.generate(strong, problem["index"], messages,
+            gen = await lp.generate(strong, problem["index"], prompts[problem["index"]],
                                     derived_seed(self.spec.seed, problem["index"], 0, i))
-            return self._candidate(gen, strong.name, 0)
+            cand = self._candidate(gen, strong.name, 0)
+            if score:
+                cand["confidence"] = await lp.score_written(problem, rendered[problem["index"]], cand)
+            return cand
 
         populations = await asyncio.gather(*(
             asyncio.gather(*(one(p, i) for i in range(self.spec.population))) for p in self.problems))
@@ -193,15 +242,24 @@ class Evolution:
         lite_rng = random.Random(f"{spec.seed}:{p}:{lp.index}:lite")
         lite = self.ops.get("lite", spec.lite_method)
         picks = {g: lite(groups[g], lite_rng) for g, tier in enumerate(tiers) if tier == LITE}
+        prompts = {g: self.recombine(problem["question"], [c["text"] for c in groups[g]])
+                   for g, tier in enumerate(tiers) if tier != LITE}
+        score = self.will_score(lp.index)
+        rendered = {g: self.render_for_scorer(m) for g, m in prompts.items()} if score else {}
+        if rendered:
+            lp.share_context(p, list(rendered.values()))
 
         async def produce(g: int, tier: int) -> Candidate:
             if tier == LITE:
+                # the member carried forward is the same candidate: it keeps its confidence
                 chosen = groups[g][picks[g]]
                 return {**chosen, "model": "lite", "loop": lp.index, "from_model": chosen.get("model")}
             model = self.models[tier]
-            messages = self.recombine(problem["question"], [c["text"] for c in groups[g]])
-            gen = await lp.generate(model, p, messages, derived_seed(spec.seed, p, lp.index, g))
-            return self._candidate(gen, model.name, lp.index)
+            gen = await lp.generate(model, p, prompts[g], derived_seed(spec.seed, p, lp.index, g))
+            cand = self._candidate(gen, model.name, lp.index)
+            if score:
+                cand["confidence"] = await lp.score_written(problem, rendered[g], cand)
+            return cand
 
         new = list(await asyncio.gather(*(produce(g, t) for g, t in enumerate(tiers))))
         updated = self.ops.get("update", spec.update)(population, new)

@@ -1,10 +1,13 @@
 """Group fitness: how confident a group of candidates is (higher = more confident).
 
-*Confidence* scores each candidate of a group with one prefill-only pass on the scoring model
-over ``chat_template(recombination_prompt(question, group)) + candidate``: per candidate token,
-the negated mean of its top-k prompt logprobs; over the candidate's tokens, their mean; over the
-group, the mean of its candidates. A peaked next-token distribution has very negative
-runner-up logprobs, so a high value means the model found the text predictable.
+*Confidence* scores each candidate once, when it is written, with one prefill-only pass on the
+scoring model over ``chat_template(the prompt that wrote it) + candidate`` (loop 0: the initial
+prompt; later: the recombination prompt of the group it came from), as the Squeeze-Evolve
+reference does (``_score_population``): per candidate token, the negated mean of its top-k
+prompt logprobs; over the candidate's tokens, their mean. A group's fitness is the mean of its
+members' cached values, so a candidate costs one pass however many groups it joins. A peaked
+next-token distribution has very negative runner-up logprobs, so a high value means the model
+found the text predictable.
 
 *Diversity* is the number of distinct answers in the group, negated so that consensus (one
 answer) is the most confident end; it needs no model call, for APIs without logprobs.
@@ -53,17 +56,23 @@ def distinct_answers(group: Sequence[Candidate]) -> int:
 
 
 class FitnessEnv(Protocol):
-    async def confidence(self, problem: dict[str, Any], group: list[Candidate], member: int) -> float: ...
+    async def confidence(self, problem: dict[str, Any], candidate: Candidate) -> float: ...
 
 
 async def fitness_confidence(env: FitnessEnv, problem: dict[str, Any], groups: list[list[Candidate]]) -> list[float]:
+    """GC(g): the mean of the members' confidences. A candidate's confidence is computed once,
+    when it is written (``scores_candidates`` asks the engine to), so a candidate in several
+    groups, or carried into a later loop, costs no further scoring pass."""
     import asyncio
 
     async def one(group: list[Candidate]) -> float:
-        scores = await asyncio.gather(*(env.confidence(problem, group, j) for j in range(len(group))))
+        scores = await asyncio.gather(*(env.confidence(problem, c) for c in group))
         return sum(scores) / len(scores)
 
     return list(await asyncio.gather(*(one(g) for g in groups)))
+
+
+fitness_confidence.scores_candidates = True  # type: ignore[attr-defined]
 
 
 async def fitness_diversity(env: Any, problem: dict[str, Any], groups: list[list[Candidate]]) -> list[float]:

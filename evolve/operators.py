@@ -1,12 +1,15 @@
 """The pluggable operators of an evolve run, looked up by name in an ``Operators`` registry.
 
-Kinds and their signatures (``Candidate`` is a JSON dict: ``text``, ``answer``, ``model``, ``loop``):
+Kinds and their signatures (``Candidate`` is a JSON dict: ``text``, ``answer``, ``model``, ``loop``,
+and ``confidence`` once scored):
 
 - ``selection(population, groups, k, rng, temperature) -> list[list[int]]``: which candidates
   form each group (indices into the population, without repetition inside a group);
 - ``recombination(question, texts, instruction) -> messages``: the prompt that turns a group
-  into one new candidate (also the context the confidence of a group is scored in);
-- ``fitness``: async ``(env, problem, groups) -> list[float]``, higher = more confident;
+  into one new candidate (also the context that candidate's confidence is scored in);
+- ``fitness``: async ``(env, problem, groups) -> list[float]``, higher = more confident; one
+  with the attribute ``scores_candidates = True`` has every candidate scored once, when it is
+  written, and reads the value with ``await env.confidence(problem, candidate)``;
 - ``update(population, new) -> population``;
 - ``lite(group, rng) -> int``: which member of a lite-routed group is carried forward;
 - ``final``: async ``(env, problem, population) -> {"answer", "text", ...}``;
