@@ -73,6 +73,7 @@ class _Loop:
         self.index = index
         self.ledger = Ledger()
         self.timer = BusyTimer()
+        self.scoring_timer = BusyTimer()  # wall time with a scoring pass or prefix count in flight
         self._prefix_tokens: dict[tuple[int, str], asyncio.Future[int]] = {}
         self._shared: dict[int, str] = {}
         self._unscored: dict[int, asyncio.Future[float]] = {}
@@ -123,7 +124,7 @@ class _Loop:
         evo = self.evo
         scorer = evo.scorer
         assert scorer is not None
-        with self.timer:
+        with self.timer, self.scoring_timer:
             gen = await evo.calls.score(scorer, problem, prefix + text, evo.spec.top_k, start)
         self.ledger.scoring(scorer.name, gen.usage, evo.prices[scorer.name])
         if not gen.prompt_logprobs:
@@ -131,7 +132,7 @@ class _Loop:
         return candidate_confidence(gen.prompt_logprobs, text, evo.spec.top_k)
 
     async def _count(self, scorer: ModelSpec, problem: int, prefix: str) -> int:
-        with self.timer:
+        with self.timer, self.scoring_timer:
             gen = await self.evo.calls.count(scorer, problem, prefix)
         self.ledger.scoring(scorer.name, gen.usage, self.evo.prices[scorer.name])
         return gen.usage.prompt_tokens
@@ -288,4 +289,5 @@ class Evolution:
         summary = ({"min": min(values), "mean": sum(values) / len(values), "max": max(values)} if values else None)
         return {"loop": lp.index, "populations": populations, "routes": routes, "lite": routes.get("lite", 0),
                 "routing": routing, "fitness": summary, "ledger": lp.ledger.to_dict(),
-                "wall_s": time.perf_counter() - t0, "model_busy_s": lp.timer.busy_s}
+                "wall_s": time.perf_counter() - t0, "model_busy_s": lp.timer.busy_s,
+                "scoring_busy_s": lp.scoring_timer.busy_s}

@@ -162,6 +162,7 @@ def make_workflow(ops: Operators) -> Callable[[RunContext, Any], Awaitable[dict[
         known = [a["correct"] for a in answers if "correct" in a]
         wall = sum(x["wall_s"] for x in loops) + final["wall_s"]
         busy = sum(x["model_busy_s"] for x in loops) + final["model_busy_s"]
+        scoring = sum(x.get("scoring_busy_s", 0.0) for x in loops)  # absent in older checkpoints
         result = {
             "answer": answers[0]["answer"] if len(answers) == 1 else None,
             "answers": answers,
@@ -170,7 +171,10 @@ def make_workflow(ops: Operators) -> Callable[[RunContext, Any], Awaitable[dict[
             "ledger": {"loops": [x.to_dict() for x in ledgers], "final": final["ledger"], "total": total.to_dict()},
             "models": [m.name for m in evo.models],
             "timing": {"wall_s": wall, "model_busy_s": busy,
-                       "overhead_ratio": max(0.0, wall - busy) / wall if wall > 0 else 0.0},
+                       "overhead_ratio": max(0.0, wall - busy) / wall if wall > 0 else 0.0,
+                       # wall time with a confidence pass in flight, and its share of the loops' time
+                       "scoring_busy_s": scoring,
+                       "scoring_ratio": scoring / wall if wall > 0 else 0.0},
         }
         if metrics is not None:
             metrics.evolve_runs.inc()

@@ -132,6 +132,10 @@ async def test_confidence_routing_lite_and_ledger_follow_the_rules(two_models):
     assert answer["answer"] == out["answer"] == max(votes, key=votes.get) and answer["votes"] == votes
     assert out["accuracy"] == (1.0 if answer["answer"] == TRUTH else 0.0)
     assert 0 <= out["timing"]["overhead_ratio"] < 1 and out["timing"]["model_busy_s"] > 0
+    timing = out["timing"]
+    assert 0 < timing["scoring_busy_s"] <= timing["model_busy_s"] and 0 < timing["scoring_ratio"] < 1
+    assert timing["scoring_busy_s"] == pytest.approx(sum(x["scoring_busy_s"] for x in out["loops"]))
+    assert out["loops"][2]["scoring_busy_s"] == 0  # the last loop scores nothing
 
     loops = [e.data for e in events if e.type == "evolve.loop"]
     assert [e["loop"] for e in loops] == [0, 1, 2]
