@@ -39,6 +39,7 @@ class Subscription:
             self.lagged = True
 
     async def __aenter__(self) -> Subscription:
+        await self._bus.joined(self)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -65,6 +66,11 @@ class EventBus:
         sub = Subscription(self, channel)
         self._subs[channel].add(sub)
         return sub
+
+    async def joined(self, sub: Subscription) -> None:
+        """Return once messages published to ``sub``'s channel from now on will reach it (an
+        in-process bus: at once). A reader that then reads the log misses nothing."""
+        return None
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.channel)
