@@ -12,7 +12,7 @@ import pytest
 from orchestrator.db import create_engine, migrate
 from orchestrator.errors import Conflict, RateLimited
 from orchestrator.events import InProcessBus
-from orchestrator.runs.group_commit import GroupCommit
+from orchestrator.group_commit import GroupCommit
 from orchestrator.runs.states import RunStatus
 from orchestrator.runs.store import NewRun, RunStore
 
@@ -152,3 +152,27 @@ async def test_a_row_the_database_rejects_fails_only_its_own_submission(pg_store
     assert isinstance(results[2], Exception) and "int32" in str(results[2])
     assert all(isinstance(r, tuple) and r[1] for i, r in enumerate(results) if i != 2), results
     assert pg_store._creates.batches >= 2
+
+
+# ---- the request-rate limit in Redis, checked in groups ---------------------------------------
+
+
+async def test_a_burst_of_rate_limit_checks_admits_exactly_the_bucket_in_order(redis_url):
+    import uuid
+
+    from orchestrator.quotas import RedisRateLimiter
+    from orchestrator.settings import TenantLimits
+
+    limiter = RedisRateLimiter(redis_url)
+    try:
+        tenant = f"t-{uuid.uuid4().hex}"
+        limits = TenantLimits(requests_per_second=0.5, burst=10)  # one more every 2 s
+        waits = await asyncio.gather(*(limiter.check(tenant, limits) for _ in range(30)))
+        assert waits[:10] == [0.0] * 10  # the burst, to the first ten callers
+        assert all(1.0 < w <= 2.0 for w in waits[10:]), waits  # the rest told to wait for a token
+        assert limiter._checks.batches < 30
+        assert await limiter.check(tenant, limits) > 1.0  # the refused ones took nothing
+        other = await limiter.check(f"u-{uuid.uuid4().hex}", limits)
+        assert other == 0.0  # another tenant's bucket
+    finally:
+        await limiter.close()

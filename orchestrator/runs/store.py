@@ -31,7 +31,7 @@ from orchestrator.db.models import Run, RunEvent, RunStep, Worker
 from orchestrator.errors import Conflict, NotFound, RateLimited
 from orchestrator.events.bus import EventBus
 from orchestrator.ids import new_id
-from orchestrator.runs.group_commit import GroupCommit
+from orchestrator.group_commit import GroupCommit
 from orchestrator.runs.records import EventRecord, RunRecord, StepRecord
 from orchestrator.runs.states import ACTIVE, FINAL_EVENT, LEASED, RunStatus
 from orchestrator.settings import QueueLimits
