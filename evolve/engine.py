@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import random
 import time
 from typing import Any, Protocol
@@ -40,6 +39,17 @@ class Calls(Protocol):
 # Tokens before the prefix's end that a tail-only scoring pass still asks for: a tokenizer may
 # merge the prefix's last characters with the candidate's first, shifting the boundary.
 TAIL_SLACK_TOKENS = 4
+
+
+def shared_prefix(texts: Sequence[str]) -> str:
+    """The longest string every one of ``texts`` begins with ("" for none)."""
+    if not texts:
+        return ""
+    lo, hi = min(texts), max(texts)  # the most different pair bounds what all share
+    n = 0
+    while n < len(lo) and lo[n] == hi[n]:
+        n += 1
+    return lo[:n]
 
 
 def derived_seed(*parts: object) -> int:
@@ -89,19 +99,21 @@ class _Loop:
         longest shared beginning is counted once, and every pass then asks only for the logprobs
         from there on (loop 0: the whole initial prompt; a recombination loop: the prompt up to
         the group listing)."""
-        self._shared[problem] = os.path.commonprefix(list(prefixes)) if prefixes else ""
+        self._shared[problem] = shared_prefix(prefixes)
 
     async def score_written(self, problem: dict[str, Any], prefix: str, candidate: Candidate) -> float:
         """A candidate's confidence in the context that wrote it (``prefix``, rendered for the
         scorer), computed once, when it is written: the reference's C(tau), and what every later
         group it joins reuses."""
         p = problem["index"]
+        scorer = self.evo.scorer
+        assert scorer is not None
         start = 0
         shared = self._shared.get(p, "")
         if self.evo.spec.score_tail_only and shared and prefix.startswith(shared):
             key = (p, shared)
             if key not in self._prefix_tokens:
-                self._prefix_tokens[key] = asyncio.ensure_future(self._count(self.evo.scorer, p, shared))
+                self._prefix_tokens[key] = asyncio.ensure_future(self._count(scorer, p, shared))
             start = max(0, await self._prefix_tokens[key] - TAIL_SLACK_TOKENS)
         return await self._score(p, prefix, candidate["text"], start)
 

@@ -8,13 +8,12 @@ computed in any other context than the expected one would not match."""
 from __future__ import annotations
 
 import asyncio
-import os
 import zlib
 from typing import Any
 
 import pytest
 
-from evolve.engine import TAIL_SLACK_TOKENS, Evolution
+from evolve.engine import TAIL_SLACK_TOKENS, Evolution, shared_prefix
 from evolve.extract import ANSWER_INSTRUCTIONS
 from evolve.operators import aggregate_prompt, default_operators, initial_prompt
 from evolve.spec import input_model
@@ -124,7 +123,9 @@ async def test_each_candidate_is_scored_once_in_the_context_that_wrote_it():
     assert 0 < len(scores1) == len(contexts) < 6  # lite 0.5 took at least one group
     # one count per problem and loop, of the beginning all its contexts share; every pass starts
     # there (less the slack), before its own candidate
-    shared = os.path.commonprefix(list(contexts.values()))
+    texts = list(contexts.values())
+    shared = next(texts[0][:n] for n in range(len(texts[0]), -1, -1)
+                  if all(t.startswith(texts[0][:n]) for t in texts))
     assert [x for x in per_loop[1] if x[0] == "count"] == [("count", shared, 0)]
     assert {x[2] for x in scores1} == {len(shared) - TAIL_SLACK_TOKENS}
     assert shared.startswith("<user>Problem:\n" + Q)
@@ -178,6 +179,12 @@ async def test_a_candidate_without_a_score_is_scored_once_after_the_initial_prom
     assert sorted(x[1] for x in fallback) == sorted(initial + c["text"] for c in old)
     assert {x[2] for x in fallback} == {0}
     assert out["routing"][0]["fitness"] == pytest.approx([sum(conf(initial + c["text"]) for c in old) / 3] * 4)
+
+
+def test_shared_prefix_is_the_longest_common_beginning():
+    assert shared_prefix(["<u>Problem: x\nA", "<u>Problem: x\nB", "<u>Problem: y"]) == "<u>Problem: "
+    assert shared_prefix(["abc"]) == "abc" and shared_prefix([]) == "" and shared_prefix(["ab", "b"]) == ""
+    assert shared_prefix(["abc", "ab"]) == "ab"
 
 
 def test_percentiles_may_come_in_any_order_and_are_kept_sorted():
