@@ -60,10 +60,19 @@ class ProgramTrace:
 
 @dataclass(frozen=True)
 class ToolShape:
+    """A tool's duration: log-normal (``median_s``, ``sigma``), or uniform over ``uniform`` when
+    set (stable tools whose time does not depend much on the call), capped at ``max_s``."""
     name: str
     weight: float
     median_s: float
     sigma: float
+    uniform: tuple[float, float] | None = None
+    max_s: float = math.inf
+
+    def draw(self, rng: random.Random) -> float:
+        if self.uniform is not None:
+            return rng.uniform(*self.uniform)
+        return min(self.max_s, rng.lognormvariate(math.log(self.median_s), self.sigma))
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class Family:
     sandbox_bytes: int
     sandbox_ready_s: float
     max_context_tokens: int = 100_000
+    # the KV pool its benchmark cells run with (None: the preset's); ``memory`` shrinks it
+    kv_capacity_tokens: int | None = None
 
     def programs(self, seed: int = 0) -> Iterator[ProgramTrace]:
         i = 0
@@ -112,7 +123,7 @@ class Family:
             shape = rng.choices(self.tools, weights)[0]
             result = logn(self.result_median, self.result_sigma, self.result_bounds)
             context += result
-            turns.append(Turn(out, shape.name, rng.lognormvariate(math.log(shape.median_s), shape.sigma), result))
+            turns.append(Turn(out, shape.name, shape.draw(rng), result))
         return ProgramTrace(index, task, tuple(turns))
 
 
@@ -135,4 +146,80 @@ STOCHASTIC = Family(
     sandbox_bytes=1024**3, sandbox_ready_s=5.0,
 )
 
-FAMILIES = {f.name: f for f in (CODING, STOCHASTIC)}
+FAST_TOOLS = Family(
+    name="fast_tools", system_tokens=3_000, task_tokens=(100, 400),
+    turns_median=15, turns_sigma=0.5, turns_bounds=(3, 50),
+    output_median=80, output_sigma=0.6, output_bounds=(20, 600),
+    result_median=250, result_sigma=0.8, result_bounds=(20, 2_000),
+    tools=(ToolShape("lookup", 0.6, 0.15, 0.5), ToolShape("api", 0.4, 0.6, 0.6)),
+    sandbox_bytes=100 * 1024**2, sandbox_ready_s=1.0,
+)
+
+HEAVY_TAIL = Family(
+    name="heavy_tail", system_tokens=2_000, task_tokens=(300, 2_500),
+    turns_median=20, turns_sigma=0.5, turns_bounds=(5, 60),
+    output_median=200, output_sigma=0.6, output_bounds=(30, 1_000),
+    result_median=500, result_sigma=1.0, result_bounds=(20, 4_000),
+    tools=(ToolShape("shell", 0.55, 1.5, 1.0, max_s=3_600.0), ToolShape("test", 0.35, 10.0, 1.8, max_s=3_600.0),
+           ToolShape("job", 0.10, 60.0, 1.5, max_s=3_600.0)),
+    sandbox_bytes=2 * 1024**3, sandbox_ready_s=5.0,
+)
+
+LONG_TOOLS = Family(
+    name="long_tools", system_tokens=1_500, task_tokens=(300, 1_500),
+    turns_median=12, turns_sigma=0.4, turns_bounds=(3, 30),
+    output_median=200, output_sigma=0.6, output_bounds=(30, 1_000),
+    result_median=600, result_sigma=0.8, result_bounds=(50, 4_000),
+    tools=(ToolShape("run", 1.0, 45.0, 0.0, uniform=(30.0, 60.0)),),
+    sandbox_bytes=2 * 1024**3, sandbox_ready_s=5.0,
+)
+
+MEMORY = Family(
+    name="memory", system_tokens=2_000, task_tokens=(300, 1_500),
+    turns_median=8, turns_sigma=0.5, turns_bounds=(3, 24),
+    output_median=1_000, output_sigma=0.6, output_bounds=(200, 4_000),
+    result_median=2_000, result_sigma=0.8, result_bounds=(200, 12_000),
+    tools=(ToolShape("read", 0.7, 3.0, 0.8), ToolShape("run", 0.3, 10.0, 1.0)),
+    sandbox_bytes=2 * 1024**3, sandbox_ready_s=5.0, kv_capacity_tokens=200_000,
+)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Programs drawn from several families (each program wholly one family's), for a server
+    that serves several kinds of agents at once. One shared system prompt (``system_tokens``);
+    a sandbox is the largest component's and ready after the slowest one's delay."""
+    name: str
+    parts: tuple[tuple[Family, float], ...]
+    system_tokens: int = 2_000
+
+    @property
+    def sandbox_bytes(self) -> int:
+        return max(f.sandbox_bytes for f, _ in self.parts)
+
+    @property
+    def sandbox_ready_s(self) -> float:
+        return max(f.sandbox_ready_s for f, _ in self.parts)
+
+    @property
+    def kv_capacity_tokens(self) -> int | None:
+        return None
+
+    def programs(self, seed: int = 0) -> Iterator[ProgramTrace]:
+        i = 0
+        while True:
+            yield self.program(seed, i)
+            i += 1
+
+    def family_of(self, seed: int, index: int) -> Family:
+        rng = random.Random(f"{self.name}/{seed}/{index}")
+        return rng.choices([f for f, _ in self.parts], [w for _, w in self.parts])[0]
+
+    def program(self, seed: int, index: int) -> ProgramTrace:
+        return self.family_of(seed, index).program(seed, index)
+
+
+MIX = Mix("mix", ((CODING, 0.4), (STOCHASTIC, 0.2), (FAST_TOOLS, 0.2), (HEAVY_TAIL, 0.1), (LONG_TOOLS, 0.1)))
+
+FAMILIES: dict[str, Family | Mix] = {f.name: f for f in (CODING, STOCHASTIC, FAST_TOOLS, HEAVY_TAIL, LONG_TOOLS,
+                                                         MEMORY, MIX)}
