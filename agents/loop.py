@@ -22,6 +22,8 @@ from tools.registry import ToolContext, ToolRegistry, ToolResult
 
 
 LLMCall = Callable[[GenerateRequest], Awaitable[Generation]]
+# The prompt token ids a backend will feed its model for a request (``LocalEngine.encode``)
+PromptEncoder = Callable[[GenerateRequest], list[int]]
 REMINDER = "Continue the task with a tool call, or call final_answer with your answer."
 REPEATED = ("You made the same call again and got the same result; it tells you nothing new. "
             "Use what you have: do something else, or call final_answer with your answer.")
@@ -60,7 +62,11 @@ class Totals:
 class AgentLoop:
     def __init__(self, spec: AgentInput, ctx: StepContext, llm: LLMCall, tools: ToolRegistry,
                  tool_ctx: ToolContext, hooks: ToolHooks | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, record_tokens: bool = False,
+                 encode: PromptEncoder | None = None) -> None:
+        """``record_tokens``: each turn asks for logprobs and its checkpoint keeps a ``tokens``
+        record (see ``token_record``) for RL training; ``encode`` gives the turn's prompt token
+        ids where the backend cannot return them (``None``: they are not recorded)."""
         self.spec = spec
         self.ctx = ctx
         self.llm = llm
@@ -68,6 +74,8 @@ class AgentLoop:
         self.tool_ctx = tool_ctx
         self.hooks = hooks or ToolHooks()
         self.clock = clock
+        self.record_tokens = record_tokens
+        self.encode = encode
         self.totals = Totals()
         native = spec.tool_mode != "text"
         system = spec.system_prompt
@@ -114,7 +122,7 @@ class AgentLoop:
                 tools=self.tools.specs() if self.native and len(self.tools.names()) else None,
                 tool_choice=self._tool_choice() if self.native and self.tools.names() else None,
                 max_tokens=spec.max_tokens_per_turn, temperature=spec.temperature, seed=spec.seed,
-                model=spec.model)
+                model=spec.model, logprobs=self.record_tokens)
             out = await self.ctx.step(f"turn-{turn}", self._llm_turn, request)
             self._count(out["usage"])
             calls = self._calls(out, turn)
@@ -176,10 +184,14 @@ class AgentLoop:
 
     async def _llm_turn(self, request: GenerateRequest) -> dict[str, Any]:
         gen = await self.llm(request)  # retried, where a retry is safe, by the program session
-        return {"text": gen.text, "finish_reason": gen.finish_reason,
-                "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in gen.tool_calls],
-                "usage": {"prompt_tokens": gen.usage.prompt_tokens, "completion_tokens": gen.usage.completion_tokens,
-                          "cached_tokens": gen.usage.cached_tokens}}
+        out: dict[str, Any] = {
+            "text": gen.text, "finish_reason": gen.finish_reason,
+            "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in gen.tool_calls],
+            "usage": {"prompt_tokens": gen.usage.prompt_tokens, "completion_tokens": gen.usage.completion_tokens,
+                      "cached_tokens": gen.usage.cached_tokens}}
+        if self.record_tokens:
+            out["tokens"] = token_record(gen, self.encode(request) if self.encode is not None else None)
+        return out
 
     async def _tool(self, name: str, arguments: str) -> dict[str, Any]:
         self.hooks.started(name)
@@ -221,6 +233,34 @@ class AgentLoop:
         self.totals.tool_calls += 1
         self.totals.tool_errors += 0 if result.ok else 1
         self.totals.by_tool[name] = self.totals.by_tool.get(name, 0) + 1
+
+
+def token_record(gen: Generation, prompt_ids: list[int] | None) -> dict[str, Any]:
+    """A turn's tokens for training: its prompt's ids (``None`` when unknown), its completion's
+    ids, and per completion token its logprob and mask. A backend returns one logprob per
+    sampled token; tokens a grammar forced after a sampled one (the local engine's tool calls)
+    have none: they were not sampled, so their mask is 0 and their logprob ``None``. Logprobs
+    are matched to tokens by their ``token_id`` when the counts differ; without ids to match
+    (or without logprobs) every token counts as sampled, its logprob ``None`` where unknown."""
+    ids = list(gen.token_ids)
+    lps = gen.logprobs
+    logprobs: list[float | None]
+    if len(lps) == len(ids):
+        logprobs, mask = [lp.logprob for lp in lps], [1] * len(ids)
+    elif lps and all(lp.token_id is not None for lp in lps):
+        logprobs, mask, j = [], [], 0
+        for token in ids:
+            if j < len(lps) and lps[j].token_id == token:
+                logprobs.append(lps[j].logprob)
+                mask.append(1)
+                j += 1
+            else:
+                logprobs.append(None)
+                mask.append(0)
+    else:
+        logprobs, mask = [None] * len(ids), [1] * len(ids)
+    return {"prompt_ids": prompt_ids, "completion_ids": ids, "completion_logprobs": logprobs,
+            "completion_mask": mask}
 
 
 def _preview(text: str | None) -> str | None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from agents.loop import AgentLoop, ToolHooks
+from agents.loop import AgentLoop, PromptEncoder, ToolHooks
 from agents.spec import AgentInput, SandboxSpec
 from orchestrator.errors import ValidationFailed
+from orchestrator.runs.batches import return_tokens_asked
 from orchestrator.runs.context import RunContext, RunFailed
 from orchestrator.settings import TenantLimits
 from scheduler.backends.base import GenerateRequest
@@ -94,13 +95,28 @@ async def agent(ctx: RunContext, inp: AgentInput) -> dict[str, Any]:
                                              "sandbox_ready_s": round(time.monotonic() - t0, 3)})
             if inp.files:
                 await ctx.step("workspace", _seed, sandbox, inp.files)
+            record = return_tokens_asked(ctx.metadata)
             loop = AgentLoop(inp, ctx, session.generate, tools, ToolContext(sandbox, program, tenant),
-                             ToolHooks(session.tool_started, session.tool_ended))
+                             ToolHooks(session.tool_started, session.tool_ended), record_tokens=record,
+                             encode=prompt_encoder(runtime, inp.backend) if record else None)
             result = await loop.run()
             result["workspace"] = await ctx.step("workspace-listing", _listing, sandbox)
             return result
         finally:
             await pool.release(program)
+
+
+def prompt_encoder(runtime: Any, backend: str | None) -> PromptEncoder | None:
+    """What gives a turn's prompt token ids when a run records its tokens: the backends' own
+    tokenizer where it runs in this process (the local engine's ``encode``: the ids it feeds
+    its model) and every backend the run may use has it. SGLang's and OpenAI-compatible chat
+    APIs return no prompt token ids (``None``: the run's trajectory then has no tokens)."""
+    backends = getattr(runtime, "backends", {})
+    names = [backend] if backend else list(backends)
+    encoders = [getattr(backends.get(name), "encode", None) for name in names]
+    if not encoders or not all(callable(e) for e in encoders):
+        return None
+    return cast(PromptEncoder, encoders[0])
 
 
 async def _seed(sandbox: Any, files: dict[str, str]) -> list[str]:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from orchestrator.api import docs, gateway, health, openapi, runs
+from orchestrator.api import batches, docs, gateway, health, openapi, runs
 from orchestrator.api.fast import FastRoutes
 from orchestrator.auth import KeyRing
 from orchestrator.db import create_engine, migrate
@@ -28,6 +28,7 @@ from orchestrator.events import create_bus
 from orchestrator.metrics import Metrics, SandboxCollector, SchedulerCollector, StorageCollector
 from orchestrator.middleware import RequestContextMiddleware
 from orchestrator.quotas import create_rate_limiter
+from orchestrator.runs.batches import BatchStore
 from orchestrator.runs.store import RunStore
 from orchestrator.runs.worker import Worker
 from orchestrator.services import Services
@@ -38,7 +39,7 @@ from scheduler.runtime import ProgramRuntime
 from tools.sandbox import SandboxPool, SubprocessSandbox
 
 log = logging.getLogger(__name__)
-ROUTERS = (runs.router, gateway.router, health.router)
+ROUTERS = (runs.router, batches.router, gateway.router, health.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await bus.start()
         store = RunStore(engine, bus, settings.queues)
         app.state.store = store
+        app.state.batches = BatchStore(store)
         app.state.bus = bus
         app.state.rate_limiter = create_rate_limiter(settings.redis_url)
         services = Services(metrics=metrics)

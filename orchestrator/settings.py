@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     queues: Annotated[dict[str, QueueLimits], NoDecode] = Field(default_factory=dict)
 
     max_body_bytes: int = 1_048_576
+    # -- Batches (``POST /v1/batches``): at most this many lines (runs) a batch, each line at most
+    # this many bytes. The whole body is still bounded by ``max_body_bytes`` and the tenant's
+    # ``max_concurrent_runs`` counts every run of a batch at submission.
+    max_batch_requests: int = Field(default=10_000, ge=1)
+    max_batch_line_bytes: int = Field(default=65_536, ge=1)
     # -- Bad input (issue 16). uvicorn bounds neither how long a request body may take nor the
     # tokens a gateway call may ask for: a body shorter than its Content-Length held a connection
     # for good (now 408 after this many seconds), and a max_tokens of 2**31 took a backend down

@@ -109,3 +109,41 @@ class Worker(Base):
     # once the lock is free its session is gone, and its runs are recovered without waiting
     # for their leases to expire.
     liveness_lock: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Batch(Base):
+    """A batch of runs submitted together (``POST /v1/batches``): RL rollouts, evaluations.
+
+    Its status and counts are not stored: they are read from its runs, which stay the unit
+    that is scheduled, executed, resumed and cancelled. ``cancel_requested`` remembers that the
+    batch as a whole was cancelled (its status then reads ``cancelling`` / ``cancelled``).
+    """
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    workflow: Mapped[str] = mapped_column(String(128))
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    return_tokens: Mapped[bool] = mapped_column(Boolean, default=False)
+    total: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_batches_tenant_idempotency_key"),
+        Index("ix_batches_tenant_id", "tenant", "id"),
+    )
+
+
+class BatchRun(Base):
+    """A run of a batch, at its line's position (``idx``, from 0) in the submission."""
+
+    __tablename__ = "batch_runs"
+
+    batch_id: Mapped[str] = mapped_column(String(40), ForeignKey("batches.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(40), ForeignKey("runs.id", ondelete="CASCADE"), unique=True)
