@@ -1,4 +1,4 @@
-"""Agent trace generators for scheduler benchmarks: two documented families.
+"""Agent trace generators for scheduler benchmarks: seven documented families.
 
 Each program is a list of turns: the model writes ``output_tokens``, calls ``tool``,
 which takes ``tool_s`` seconds and returns ``result_tokens`` that join the context of
@@ -33,6 +33,41 @@ simulations; ThunderAgent: "heavy-tailed (p99 tens to hundreds of seconds)".
   p99 ~330 s) 15 %, python 3 s (sigma 1.5, p99 ~100 s) 15 % [low: shaped to the published
   p99 range, not fitted to a trace].
 - Sandbox 1 GB, ready 5 s after it is prepared [low].
+
+``fast_tools``: function-calling agents whose tools are local functions or quick API calls
+(tau-bench, arXiv 2406.12045: tools are Python functions over a local database; BFCL v3
+multi-turn).
+- System prompt 3,000 shared (tau-bench puts its domain policy, a few thousand tokens, in the
+  system prompt) [medium]; task 100-400 [medium]; turns median 15, 3-50 [medium: tau-bench
+  conversations run to tens of messages]; output median 80 (a function call's JSON), 20-600
+  [medium]; results median 250 (JSON records), 20-2,000 [medium].
+- Tools: lookup 0.15 s (sigma 0.5) 60 %, api 0.6 s (sigma 0.6) 40 %: p99 about 2 s [low:
+  in-process functions take milliseconds; remote APIs a few hundred ms].
+- Sandbox 100 MB, ready 1 s [low].
+
+``heavy_tail``: coding agents whose tools include test suites, builds and remote jobs: most
+calls return in seconds, a few run many minutes (issue 18's "heavy-tailed tools").
+- Context like ``coding`` (system 2,000, task 300-2,500, turns median 20, output median 200,
+  results median 500) [medium, as ``coding``].
+- Tools: shell 1.5 s (sigma 1.0) 55 %, test 10 s (sigma 1.8) 35 %, job 60 s (sigma 1.5) 10 %,
+  each capped at 3,600 s: p50 about 3 s, p99 about 10 minutes, 2-3 % of calls past 5 minutes
+  [low: shaped to the description, not fitted to a trace; the SWE-bench harness gives a test
+  run up to 1,800 s, so runs of many minutes happen (medium)].
+
+``long_tools``: long, stable tools, 30-60 s uniform (a fixed test suite, a build, a
+simulation step of fixed size) [low: the issue's description]; system 1,500, task 300-1,500,
+turns median 12 (3-30), output median 200, results median 600 [low-medium].
+
+``memory``: memory pressure: long outputs (median 1,000 tokens, 200-4,000: reasoning models
+write thousands of tokens of thought per turn) [medium], large tool results (median 2,000,
+200-12,000: file dumps, web pages) [medium], turns median 8 (3-24), and a KV pool of 200 k
+tokens instead of the preset's 360 k (``kv_capacity_tokens``: say a 70B model on fewer GPUs,
+or a larger activation reserve) [low: chosen so that a median program of ~30 k tokens takes a
+sixth of it]. Tools 3 s (sigma 0.8) 70 %, 10 s (sigma 1.0) 30 % [low].
+
+``mix``: a server for several kinds of agents: whole programs drawn from ``coding`` 40 %,
+``stochastic`` 20 %, ``fast_tools`` 20 %, ``heavy_tail`` 10 %, ``long_tools`` 10 %; one shared
+system prompt of 2,000 tokens [low: an assumption, not a measured mix].
 """
 
 from __future__ import annotations
