@@ -274,13 +274,18 @@ async def test_sdk_sync_and_async(url: str):
         assert [x.output for x in out] == ["a", "b"]
         with pytest.raises(UnprocessableEntityError):
             await ac.batches.create([], workflow="echo")
-    with Client(base_url=url, api_key="sk-test-b") as c:
-        with pytest.raises(NotFoundError):
-            c.batches.get(batch.id)
-        mine = c.batches.create([{"seconds": 30}], workflow="sleep")
-        assert c.batches.cancel(mine.id).status in ("cancelling", "cancelled")
-        assert [e.type for e in c.batches.stream(mine.id)][-1] == "batch.finished"
-        assert [x.status for x in c.batches.results(mine.id)] == ["cancelled"]
+
+    def sync_client() -> None:  # in a thread: the service runs on this test's event loop
+        with Client(base_url=url, api_key="sk-test-b") as c:
+            with pytest.raises(NotFoundError):
+                c.batches.get(batch.id)
+            mine = c.batches.create([{"seconds": 30}], workflow="sleep")
+            assert c.batches.cancel(mine.id).status in ("cancelling", "cancelled")
+            assert [e.type for e in c.batches.stream(mine.id)][-1] == "batch.finished"
+            assert [x.status for x in c.batches.results(mine.id)] == ["cancelled"]
+            assert c.batches.wait(mine.id, timeout=10).status == "cancelled"
+
+    await asyncio.to_thread(sync_client)
 
 
 def test_trajectory_concatenates_turns_and_masks_what_the_model_generated():

@@ -21,11 +21,12 @@ from orchestrator_sdk._errors import (
     StreamError,
     UnprocessableEntityError,
 )
-from orchestrator_sdk._models import Page, Run, RunEvent, Step, Workflow
+from orchestrator_sdk._models import Batch, BatchCounts, BatchEvent, BatchResult, Page, Run, RunEvent, Step, Workflow
 from orchestrator_sdk._sync import Client
 
 __all__ = [
     "APIConnectionError", "APIStatusError", "APITimeoutError", "AsyncClient", "AuthenticationError",
+    "Batch", "BatchCounts", "BatchEvent", "BatchResult",
     "BadRequestError", "Client", "ConflictError", "InternalServerError", "NotFoundError", "OrchestratorError",
     "Page", "PayloadTooLargeError", "RateLimitError", "Run", "RunEvent", "Step", "StreamError",
     "UnprocessableEntityError", "Workflow",

@@ -17,11 +17,14 @@ from orchestrator_sdk._base import (
     list_params,
     new_idempotency_key,
     retry_delay,
+    BatchStreamCursor,
+    batch_create_body,
+    parse_jsonl,
     run_create_body,
     should_retry,
 )
 from orchestrator_sdk._errors import APIConnectionError, APITimeoutError, error_for
-from orchestrator_sdk._models import Page, Run, RunEvent, Step, Workflow
+from orchestrator_sdk._models import Batch, BatchEvent, BatchResult, Page, Run, RunEvent, Step, Workflow
 
 
 class AsyncClient:
@@ -39,10 +42,13 @@ class AsyncClient:
                                        timeout=timeout, transport=transport)
         self.runs = AsyncRuns(self)
         self.workflows = AsyncWorkflows(self)
+        self.batches = AsyncBatches(self)
 
     async def request(self, method: str, path: str, *, json: Any = None, params: Any = None,
                       headers: dict[str, str] | None = None,
-                      timeout: float | None = None) -> Any:  # noqa: ASYNC109 (httpx's per-request timeout)
+                      timeout: float | None = None,  # noqa: ASYNC109 (httpx's per-request timeout)
+                      raw: bool = False) -> Any:
+        """See ``Client.request``."""
         attempt = 0
         while True:
             response: httpx.Response | None = None
@@ -55,7 +61,7 @@ class AsyncClient:
                 error = APIConnectionError(str(exc) or type(exc).__name__)
             else:
                 if response.status_code < 400:
-                    return response.json()
+                    return response.text if raw else response.json()
                 error = error_for(response)
             if attempt >= self.config.max_retries or not should_retry(response):
                 raise error
@@ -172,3 +178,77 @@ class AsyncWorkflows:
 
     async def list(self) -> list[Workflow]:
         return Page[Workflow].model_validate(await self._c.request("GET", "/v1/workflows")).data
+
+
+class AsyncBatches:
+    """``/v1/batches``: many runs of one workflow (RL rollouts: ``agent`` trajectories) as one."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, requests: builtins.list[Any], *, workflow: str = "agent",
+               metadata: dict[str, Any] | None = None, return_tokens: bool = False, priority: int = 0,
+               timeout_seconds: float | None = None, queue: str | None = None,
+               idempotency_key: str | None = None) -> Batch:
+        """One run per item of ``requests`` (each the workflow's input), all written or none. With
+        ``return_tokens``, ``agent`` runs record token ids and logprobs for ``results``. One
+        idempotency key serves every retry."""
+        key = idempotency_key or new_idempotency_key()
+        body = batch_create_body(requests, workflow, metadata, return_tokens, priority, timeout_seconds, queue)
+        return Batch.model_validate(await self._c.request("POST", "/v1/batches", json=body,
+                                                        headers={"Idempotency-Key": key}))
+
+    async def get(self, batch_id: str) -> Batch:
+        return Batch.model_validate(await self._c.request("GET", f"/v1/batches/{batch_id}"))
+
+    async def list(self, *, limit: int = 20, after: str | None = None) -> Page[Batch]:
+        params: dict[str, Any] = {"limit": limit}
+        if after:
+            params["after"] = after
+        return Page[Batch].model_validate(await self._c.request("GET", "/v1/batches", params=params))
+
+    async def cancel(self, batch_id: str) -> Batch:
+        return Batch.model_validate(await self._c.request("POST", f"/v1/batches/{batch_id}/cancel"))
+
+    async def results(self, batch_id: str) -> builtins.list[BatchResult]:
+        """Every run of the batch in input order (finished or not: ``status`` says)."""
+        text = await self._c.request("GET", f"/v1/batches/{batch_id}/results", raw=True)
+        return [BatchResult.model_validate(x) for x in parse_jsonl(text)]
+
+    async def wait(self, batch_id: str, *, timeout: float | None = None,  # noqa: ASYNC109 (the sync API's)
+             poll: float = 1.0) -> Batch:
+        """Poll until every run has finished (or ``timeout`` seconds pass: the batch as it is then)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = await self.get(batch_id)
+            if batch.finished or (deadline is not None and time.monotonic() >= deadline):
+                return batch
+            await asyncio.sleep(poll)
+
+    async def stream(self, batch_id: str, *, max_reconnects: int = 10) -> AsyncIterator[BatchEvent]:
+        """A ``batch.run_finished`` event per run as it finishes, then ``batch.finished``; resumes
+        by itself after a dropped connection (each completion delivered once)."""
+        cursor = BatchStreamCursor(batch_id, max_reconnects)
+        timeout = httpx.Timeout(self._c.config.timeout, read=max(self._c.config.timeout, 60.0))
+        while True:
+            response: httpx.Response | None = None
+            error: Exception | None = None
+            try:
+                async with self._c._http.stream("GET", f"/v1/batches/{batch_id}/events",
+                                                headers=cursor.headers(), timeout=timeout) as r:
+                    if r.status_code >= 400:
+                        await r.aread()
+                        response, error = r, error_for(r)
+                    else:
+                        parser = SSEParser()
+                        async for line in r.aiter_lines():
+                            frame = parser.feed(line)
+                            event = cursor.accept_frame(frame) if frame is not None else None
+                            if event is None:
+                                continue
+                            yield event
+                            if event.final:
+                                return
+            except httpx.TransportError as exc:
+                error = APIConnectionError(str(exc) or type(exc).__name__)
+            await asyncio.sleep(cursor.next_delay(error, response))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from orchestrator_sdk._models import RunEvent
+    from orchestrator_sdk._models import BatchEvent, RunEvent
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -154,3 +154,50 @@ class SSEParser:
         elif name == "data":
             self._data.append(value)
         return None
+
+
+def batch_create_body(requests: list[Any], workflow: str, metadata: dict[str, Any] | None, return_tokens: bool,
+                      priority: int, timeout_seconds: float | None, queue: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"workflow": workflow, "requests": list(requests), "metadata": metadata or {},
+                            "return_tokens": return_tokens, "priority": priority}
+    if timeout_seconds is not None:
+        body["timeout_seconds"] = timeout_seconds
+    if queue is not None:
+        body["queue"] = queue
+    return body
+
+
+def parse_jsonl(text: str) -> list[Any]:
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class BatchStreamCursor(StreamCursor):
+    """A batch's event stream: resumes with the last event id; the service may send a run's
+    completion again after a resume (at least once), so completions seen are dropped here."""
+
+    def __init__(self, batch_id: str, max_reconnects: int) -> None:
+        super().__init__(batch_id, 0, max_reconnects)
+        self.last_id: str | None = None
+        self.seen: set[tuple[int, float]] = set()
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Accept": "text/event-stream"}
+        if self.last_id:
+            headers["Last-Event-ID"] = self.last_id
+        return headers
+
+    def accept_frame(self, frame: tuple[str | None, str | None, str]) -> BatchEvent | None:
+        from orchestrator_sdk._models import BatchEvent
+
+        event = BatchEvent.model_validate_json(frame[2])
+        self.failures = 0
+        if frame[0]:
+            self.last_id = frame[0]
+        if event.index is not None:
+            key = (event.index, event.finished_at or 0.0)
+            if key in self.seen:
+                return None
+            self.seen.add(key)
+        return event

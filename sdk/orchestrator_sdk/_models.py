@@ -73,3 +73,68 @@ class Page(_Model, Generic[T]):
     data: list[T]
     has_more: bool = False
     next_cursor: str | None = None
+
+
+BATCH_FINAL_STATUSES = frozenset({"completed", "cancelled"})
+
+
+class BatchCounts(_Model):
+    total: int
+    queued: int = 0
+    running: int = 0
+    waiting: int = 0
+    cancelling: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+
+
+class Batch(_Model):
+    """A batch of runs: ``status`` is ``in_progress``, ``completed``, ``cancelling`` or ``cancelled``."""
+
+    id: str
+    workflow: str
+    status: str
+    return_tokens: bool = False
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    counts: BatchCounts
+    created_at: float
+
+    @property
+    def finished(self) -> bool:
+        return self.status in BATCH_FINAL_STATUSES
+
+
+class BatchResult(_Model):
+    """One trajectory of a batch, at its input position. With ``return_tokens``: ``token_ids``,
+    ``logprobs`` (``None`` for tokens the model did not sample) and ``loss_mask`` (1 for sampled
+    tokens), all the same length, or ``tokens_error`` saying why there are none."""
+
+    index: int
+    run_id: str
+    status: str
+    output: Any = None
+    error: dict[str, Any] | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float | None] | None = None
+    loss_mask: list[int] | None = None
+    retokenized_turns: list[int] | None = None
+    tokens_error: str | None = None
+
+
+class BatchEvent(_Model):
+    """``batch.run_finished`` (``index``, ``run_id``, ``status``, ``finished_at``) or, last,
+    ``batch.finished`` (``status``, ``counts``)."""
+
+    type: str
+    batch_id: str
+    index: int | None = None
+    run_id: str | None = None
+    status: str | None = None
+    finished_at: float | None = None
+    counts: dict[str, int] | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.type == "batch.finished"
