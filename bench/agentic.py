@@ -121,7 +121,7 @@ def best_thunderagent(row: dict) -> dict:
 
 def with_ratios(row: dict) -> dict:
     row["thunderagent"] = best_thunderagent(row)
-    for key, f in row.items():
+    for f in row.values():
         for base in ("request", "thunderagent"):
             b = row[base]["steps_per_min"]
             f[f"steps_per_min_vs_{base}"] = round(f["steps_per_min"] / b, 3) if b else None
@@ -174,7 +174,8 @@ def across_seeds(runs: dict[int, dict]) -> dict:
                     cell[key].update({f"{figure}_mean": round(sum(values) / len(values), 3),
                                       f"{figure}_min": min(values), f"{figure}_max": max(values)})
             cell["program"]["p95_above_thunderagent_seeds"] = sum(
-                1 for r in rows if (r["program"]["p95_completion_s"] or 0) > (r["thunderagent"]["p95_completion_s"] or 0))
+                1 for r in rows
+                if (r["program"]["p95_completion_s"] or 0) > (r["thunderagent"]["p95_completion_s"] or 0))
             wins: dict[str, int] = {}
             for r in rows:
                 wins[r["thunderagent"]["variant"]] = wins.get(r["thunderagent"]["variant"], 0) + 1

@@ -114,7 +114,8 @@ def test_the_original_two_families_are_unchanged():
 def test_suite_cells_quick_and_full():
     quick = bench.suite(True, None, None, None, "p1", "p8")
     assert [(c.family, c.engines, c.programs) for c in quick] == bench.QUICK_CELLS
-    assert {c.preset for c in quick if c.engines == 1} == {"p1"} and all(c.preset == "p8" for c in quick if c.engines > 1)
+    assert {c.preset for c in quick if c.engines == 1} == {"p1"}
+    assert all(c.preset == "p8" for c in quick if c.engines > 1)
     full = bench.suite(False, None, None, None, "p1", "p8")
     assert {c.family for c in full} == set(FAMILIES)
     assert {(c.engines, c.programs) for c in full if c.family == "coding"} == \
