@@ -1,4 +1,4 @@
-"""The ``orchestrator`` command: ``serve``, ``migrate`` and ``runs ...`` (on the SDK).
+"""The ``orchestrator`` command: ``serve``, ``migrate``, ``runs ...`` and ``batches ...`` (on the SDK).
 
 The client commands import only the SDK (``orchestrator_sdk``) and the settings module, not the
 server, so they start fast. Their API key defaults to the development key, which a service
@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.settings import DEV_API_KEY
-from orchestrator_sdk import Client, OrchestratorError, RunEvent
+from orchestrator_sdk import BatchEvent, Client, OrchestratorError, RunEvent
 
 
 def _print_json(obj: Any) -> None:
@@ -131,6 +131,71 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch_submit(args: argparse.Namespace) -> int:
+    """A JSONL file (one workflow input a line) as one batch; ``--follow`` prints each run as it
+    finishes, ``--results FILE`` then writes the results (JSONL, input order)."""
+    text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+    requests = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                requests.append(json.loads(line))
+            except ValueError as exc:
+                print(f"error: line {n} of {args.file} is not JSON: {exc}", file=sys.stderr)
+                return 2
+    with _client(args) as client:
+        batch = client.batches.create(requests, workflow=args.workflow, return_tokens=args.return_tokens)
+        print(f"{batch.id} {batch.status} runs={batch.counts.total}", flush=True)
+        if args.follow or args.results:
+            for ev in client.batches.stream(batch.id):
+                if args.follow:
+                    print(_batch_event_line(ev), flush=True)
+        if args.results:
+            _write_results(client, batch.id, args.results)
+    return 0
+
+
+def _batch_event_line(ev: BatchEvent) -> str:
+    if ev.final:
+        return f"{ev.type} {ev.status} {json.dumps(ev.counts)}"
+    return f"{ev.type} [{ev.index}] {ev.run_id} {ev.status}"
+
+
+def _write_results(client: Client, batch_id: str, path: str) -> None:
+    lines = [r.model_dump_json(exclude_none=True) + "\n" for r in client.batches.results(batch_id)]
+    if path == "-":
+        sys.stdout.writelines(lines)
+    else:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+
+def cmd_batch_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.batches.get(args.batch_id).model_dump())
+    return 0
+
+
+def cmd_batch_results(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _write_results(client, args.batch_id, args.output)
+    return 0
+
+
+def cmd_batch_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        batch = client.batches.cancel(args.batch_id)
+    print(f"{batch.id} {batch.status}")
+    return 0
+
+
+def cmd_batch_events(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for ev in client.batches.stream(args.batch_id):
+            print(_batch_event_line(ev), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestrator", description="Agentic orchestrator service and client.")
     p.add_argument("--base-url", help="service URL (env ORCH_BASE_URL, default http://127.0.0.1:8080)")
@@ -174,6 +239,30 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("run_id")
     events.add_argument("--follow", action="store_true", help="stream until the run finishes")
     events.set_defaults(fn=cmd_events)
+
+    batches = sub.add_parser("batches", help="submit and inspect batches of runs (RL rollouts)").add_subparsers(
+        dest="batches_command", required=True)
+    bsubmit = batches.add_parser("submit", help="submit a JSONL file ('-' for stdin), one workflow input a line")
+    bsubmit.add_argument("file")
+    bsubmit.add_argument("--workflow", default="agent")
+    bsubmit.add_argument("--return-tokens", action="store_true",
+                         help="agent runs record token ids, logprobs and a loss mask for training")
+    bsubmit.add_argument("--follow", action="store_true", help="print each run as it finishes")
+    bsubmit.add_argument("--results", help="when all have finished, write the results (JSONL) here ('-': stdout)")
+    bsubmit.set_defaults(fn=cmd_batch_submit)
+    bget = batches.add_parser("get", help="show a batch: status and counts")
+    bget.add_argument("batch_id")
+    bget.set_defaults(fn=cmd_batch_get)
+    bres = batches.add_parser("results", help="write a batch's results, JSONL in input order")
+    bres.add_argument("batch_id")
+    bres.add_argument("-o", "--output", default="-", help="file to write ('-': stdout)")
+    bres.set_defaults(fn=cmd_batch_results)
+    bcancel = batches.add_parser("cancel", help="cancel every unfinished run of a batch")
+    bcancel.add_argument("batch_id")
+    bcancel.set_defaults(fn=cmd_batch_cancel)
+    bevents = batches.add_parser("events", help="print each run of a batch as it finishes, until all have")
+    bevents.add_argument("batch_id")
+    bevents.set_defaults(fn=cmd_batch_events)
     return p
 
 

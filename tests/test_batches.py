@@ -345,3 +345,24 @@ async def test_agent_rollouts_return_token_ids_logprobs_and_loss_mask(tmp_path: 
             if not x.retokenized_turns:  # one context: the last prompt plus its completion is the whole
                 last = steps[-1].output["tokens"]
                 assert x.token_ids == last["prompt_ids"] + last["completion_ids"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_cli_submits_a_jsonl_file_and_writes_results(url: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]):
+    from orchestrator.cli import main
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"message": "x"}\n{"message": "y"}\n')
+    base = ["--base-url", url, "--api-key", "sk-test-a", "batches"]
+    assert await asyncio.to_thread(main, [*base, "submit", str(src), "--workflow", "echo", "--follow",
+                                          "--results", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    batch_id = printed[0].split()[0]
+    assert printed[0].endswith("runs=2") and printed[-1].startswith("batch.finished completed")
+    assert [json.loads(line)["output"] for line in out.read_text().splitlines()] == ["x", "y"]
+    assert await asyncio.to_thread(main, [*base, "get", batch_id]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["succeeded"] == 2
+    src.write_text('{"message": "x"}\n{"message": \n')
+    assert await asyncio.to_thread(main, [*base, "submit", str(src)]) == 2
+    assert "line 2" in capsys.readouterr().err
