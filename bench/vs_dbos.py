@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 
 from bench.control_plane import (
@@ -47,7 +48,7 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 # Figures where more is better; all others (latencies, round trips) are better lower.
 HIGHER_IS_BETTER = ("runs_per_s", "steps_per_s", "events_per_s", "submit_per_s", "drain_per_s", "accept_per_s")
 LOWER_IS_BETTER = ("submit_p50_ms", "submit_p99_ms", "accept_p50_ms", "accept_p99_ms", "accept_cpu_ms",
-                   "cpu_ms_per_run", "db_cpu_ms_per_run", "round_trips_per_run")
+                   "cpu_ms_per_run", "db_cpu_ms_per_run", "db_host_cpu_ms_per_run", "round_trips_per_run")
 # Services that can accept runs without executing them: ours with its worker off (an API-only
 # replica), DBOS's queue form listening to no queue. DBOS's direct form starts what it accepts.
 ACCEPT_ONLY = ("ours", "dbos_queue")
@@ -82,6 +83,8 @@ class Target:
     runs_path: str  # "/v1/runs" (ours) or "/runs" (DBOS app)
     headers: dict[str, str]
     pid: int  # the service process, whose CPU time is measured
+    admin_dsn: str = ""  # the PostgreSQL server, to find the service's backends (``database_cpu_seconds``)
+    database: str = ""  # the service's own database on it
 
     def client(self, connections: int) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, headers=self.headers, timeout=httpx.Timeout(120),
@@ -108,8 +111,9 @@ def ours(dsn: str, redis_url: str, workdir: Path, proxy_port: int | None = None,
     with postgres_store(dsn, redis_url) as store:
         store = {**store, "ORCH_DATABASE_URL": via(store["ORCH_DATABASE_URL"], proxy_port)}
         settings = {} if execute else {"worker_enabled": "false"}
+        database = urlsplit(store["ORCH_DATABASE_URL"]).path.lstrip("/")
         with service_process(store, workdir, **settings) as (url, proc):
-            yield Target(url, "/v1/runs", {"Authorization": f"Bearer {API_KEY}"}, proc.pid)
+            yield Target(url, "/v1/runs", {"Authorization": f"Bearer {API_KEY}"}, proc.pid, dsn, database)
 
 
 @contextmanager
@@ -131,7 +135,7 @@ def dbos(form: str, dsn: str, workdir: Path, proxy_port: int | None = None,
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(proc, url, log_path)
-            yield Target(url, "/runs", {}, proc.pid)
+            yield Target(url, "/runs", {}, proc.pid, dsn, name)
         finally:
             stop_process(proc)
     finally:
@@ -205,16 +209,38 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
+async def database_cpu_seconds(target: Target) -> float:
+    """CPU time of the PostgreSQL backends serving ``target``'s database now (its pool's
+    connections, found in ``pg_stat_activity``): the database's work for this service alone,
+    whatever else the server does meanwhile (this machine's server is shared with other test
+    runs). Not in it: shared processes (WAL writer, checkpointer) and autovacuum, which
+    ``postgres_cpu_seconds`` counts, with everyone else's load."""
+    conn = await asyncpg.connect(target.admin_dsn)
+    try:
+        pids = [r["pid"] for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()", target.database)]
+    finally:
+        await conn.close()
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return total
+
+
 async def measure_runs(target: Target, p: VsProfile) -> dict[str, Any]:
     """runs_per_s: 3-step runs, ``clients`` clients each looping submit -> wait for the result; with
     the CPU time the service process and PostgreSQL spent per run meanwhile (``cpu_ms_per_run``,
     ``db_cpu_ms_per_run``): on a small machine shared by both, the figures a throughput hides."""
     await run_loop(target, p.clients, p.clients, "steps", {"steps": 3})  # warm pools and code paths
-    cpu0, db0 = cpu_seconds(target.pid), postgres_cpu_seconds()
+    cpu0, db0, host0 = cpu_seconds(target.pid), await database_cpu_seconds(target), postgres_cpu_seconds()
     wall = await run_loop(target, p.runs, p.clients, "steps", {"steps": 3})
-    cpu1, db1 = cpu_seconds(target.pid), postgres_cpu_seconds()
+    cpu1, db1, host1 = cpu_seconds(target.pid), await database_cpu_seconds(target), postgres_cpu_seconds()
     return {"runs_per_s": round(p.runs / wall, 1), "cpu_ms_per_run": round((cpu1 - cpu0) * 1000 / p.runs, 2),
-            "db_cpu_ms_per_run": round((db1 - db0) * 1000 / p.runs, 2)}
+            "db_cpu_ms_per_run": round((db1 - db0) * 1000 / p.runs, 2),
+            "db_host_cpu_ms_per_run": round((host1 - host0) * 1000 / p.runs, 2)}
 
 
 async def measure_steps(target: Target, p: VsProfile) -> dict[str, Any]:
