@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     openapi.install(app, app.state.registry, gateway.FAST_ROUTES, gateway.FAST_SCHEMAS, settings.max_tokens_ceiling,
                     list(settings.queues))
+    batches.install_openapi(app)
     docs.install(app)
     return app
 

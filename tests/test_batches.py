@@ -73,9 +73,11 @@ async def wait_batch(c: httpx.AsyncClient, batch_id: str, timeout: float = 30) -
 async def test_jsonl_batch_runs_every_line_and_returns_results_in_input_order(client: httpx.AsyncClient):
     lines = [{"message": f"line {i}"} for i in range(5)]
     body = "\n".join(json.dumps(x) for x in lines) + "\n\n"  # a trailing blank line is no request
-    r = await client.post("/v1/batches", params={"workflow": "echo"}, content=body, headers={**A, **JSONL})
+    r = await client.post("/v1/batches", params={"workflow": "echo", "return_tokens": "true", "priority": "2"},
+                          content=body, headers={**A, **JSONL})
     assert r.status_code == 201, r.text
     batch = r.json()
+    assert batch["return_tokens"] is True
     assert r.headers["location"] == f"/v1/batches/{batch['id']}"
     assert (batch["object"], batch["workflow"], batch["counts"]["total"]) == ("batch", "echo", 5)
     assert batch["status"] == "in_progress" or batch["counts"]["succeeded"] == 5
@@ -87,10 +89,13 @@ async def test_jsonl_batch_runs_every_line_and_returns_results_in_input_order(cl
     out = await results(client, batch["id"])
     assert [x["index"] for x in out] == [0, 1, 2, 3, 4]
     assert [x["output"] for x in out] == [x["message"] for x in lines]  # echo: the order is the input's
-    assert all(x["status"] == "succeeded" and "token_ids" not in x for x in out)
+    # echo has no LLM turns: asked for tokens, each result says why it has none
+    assert all(x["status"] == "succeeded" and x["token_ids"] is None for x in out)
+    assert {x["tokens_error"] for x in out} == {"no completed LLM turns"}
     # each line is an ordinary run, labelled with its batch and position
     run = (await client.get(f"/v1/runs/{out[3]['run_id']}", headers=A)).json()
-    assert run["metadata"]["batch"] == {"id": batch["id"], "index": 3, "return_tokens": False}
+    assert run["metadata"]["batch"] == {"id": batch["id"], "index": 3, "return_tokens": True}
+    assert run["priority"] == 2
     assert run["input"] == lines[3]
 
 
@@ -158,6 +163,11 @@ async def test_limits_and_refusals(make_settings):
         r = await c.post("/v1/batches", content='{"message": 1}\n', params={"workflow": "echo"},
                          headers={**A, "Content-Type": "text/csv"})
         assert (r.status_code, r.json()["error"]["code"]) == (415, "unsupported_media_type")
+        r = await c.post("/v1/batches", content='{"message": 1}\n', headers={**A, **JSONL},
+                         params={"workflow": "echo", "priority": "often"})
+        assert (r.status_code, r.json()["error"]["param"]) == (422, "priority")  # the query's options are checked
+        r = await c.post("/v1/batches", content="", params={"workflow": "echo"}, headers={**A, **JSONL})
+        assert (r.status_code, r.json()["error"]["param"]) == (422, "requests")
         r = await c.post("/v1/batches", json={"requests": [E(1)]}, params={"workflow": "echo"}, headers=A)
         assert (r.status_code, r.json()["error"]["param"]) == (422, "workflow")  # query options: JSONL only
         r = await c.post("/v1/batches", json={"workflow": "echo", "requests": [E(1)], "metadata": {"batch": 1}},

@@ -54,7 +54,8 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     workflow: str = Field(default="agent", min_length=1, max_length=128, description="Registered workflow name.")
-    requests: list[Any] = Field(description="One workflow input per run, in the order results come back.")
+    requests: list[Any] = Field(min_length=1, description=(
+        "One workflow input per run, in the order results come back."))
     metadata: dict[str, Any] = Field(default_factory=dict, description=(
         f"Kept with the batch and copied into each run's metadata, with `{RUN_METADATA_KEY}` "
         "(`{id, index, return_tokens}`) added."))
@@ -105,6 +106,22 @@ class BatchResult(BaseModel):
     tokens_error: str | None = None
 
 
+def _component_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema referring to the document's components (``RunStatus``, ``RunError``:
+    the run routes put them there)."""
+    js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    js.pop("$defs", None)
+    return js
+
+
+# OpenAPI links from a created batch to what can be done with it (stateful clients and fuzzers).
+# Not to its event stream: that stays open until every run has finished.
+BATCH_LINKS = {name: {"operationId": op, "parameters": {"batch_id": "$response.body#/id"}} for name, op in [
+    ("GetBatch", "get_batch_v1_batches__batch_id__get"),
+    ("CancelBatch", "cancel_batch_v1_batches__batch_id__cancel_post"),
+    ("BatchResults", "batch_results_v1_batches__batch_id__results_get")]}
+
+
 def _check_id(batch_id: str) -> None:
     if not is_valid_id("batch", batch_id):
         raise NotFound(f"No batch with id {batch_id!r}.", code="batch_not_found", param="batch_id")
@@ -122,45 +139,75 @@ async def _object(store: BatchStore, batch: BatchRecord) -> BatchObject:
                        counts=BatchCounts(total=batch.total, **counts), created_at=batch.created_at)
 
 
+# The JSON form; ``install_openapi`` makes it one variant per workflow. The JSONL form (a body of
+# ``application/jsonl``, options in the query) is described in words: a JSON Schema cannot say
+# what a valid text of lines is, nor that the query options go only with it.
 _BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": BatchCreate.model_json_schema()},
-    "application/jsonl": {"schema": {"type": "string", "description": (
-        "One workflow input (a JSON value) a line; blank lines are skipped. Options in the query.")}},
-}}}
+    "application/json": {"schema": {"$ref": "#/components/schemas/BatchCreate"}}}}}
+JSONL_OPTIONS = ("workflow", "return_tokens", "priority", "timeout_seconds", "queue")
+
+
+def install_openapi(app: Any) -> None:
+    """Complete ``app.openapi`` (after ``openapi.install``): ``BatchCreate`` as one variant per
+    workflow whose ``requests`` are that workflow's inputs (``x-workflow-inputs``), as
+    ``RunCreate`` is, and the queue names the service knows."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema: dict[str, Any] = base()
+        components = schema["components"]["schemas"]
+        if "BatchCreate" not in components:
+            js = BatchCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+            props = js["properties"]
+            props["queue"]["enum"] = ["default", *app.state.settings.queues]
+            variants = []
+            for workflow, name in schema.get("x-workflow-inputs", {}).items():
+                required = ["requests"] if workflow == "agent" else ["workflow", "requests"]
+                variants.append({
+                    "type": "object", "title": f"BatchCreate ({workflow})", "additionalProperties": False,
+                    "required": required, "properties": {
+                        **props, "workflow": {"const": workflow, "description": props["workflow"]["description"]},
+                        "metadata": {**props["metadata"], "not": {"required": [RUN_METADATA_KEY]}},
+                        "requests": {**props["requests"], "items": {"$ref": f"#/components/schemas/{name}"}}}})
+            components["BatchCreate"] = {"title": "BatchCreate", "description": BatchCreate.__doc__,
+                                         "oneOf": variants}
+        return schema
+
+    app.openapi = openapi
 
 
 @router.post("/batches", status_code=201, response_model=BatchObject, summary="Submit a batch of runs",
-             openapi_extra=_BODY_DOC)
+             openapi_extra=_BODY_DOC,
+             responses={201: {"description": "The batch (or the original one, for a replayed `Idempotency-Key`)",
+                              "links": BATCH_LINKS}})
 async def create_batch(
     request: Request,
     tenant: TenantDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
-    workflow: Annotated[str | None, Query(min_length=1, max_length=128, description="JSONL body only")] = None,
-    return_tokens: Annotated[bool | None, Query(description="JSONL body only")] = None,
-    priority: Annotated[int | None, Query(ge=-1000, le=1000, description="JSONL body only")] = None,
-    timeout_seconds: Annotated[float | None, Query(gt=0, le=7 * 86_400, description="JSONL body only")] = None,
-    queue: Annotated[str | None, Query(max_length=64, pattern=QUEUE_NAME_PATTERN,
-                                       description="JSONL body only")] = None,
 ) -> Response:
-    """Every line becomes a run, or none does: a bad line refuses the whole batch (its position
-    in the message and ``param``), and a refused batch writes nothing. ``Idempotency-Key`` as
-    for ``POST /v1/runs``."""
+    """Every request becomes a run, or none does: a bad one refuses the whole batch (its position
+    in the message and ``param``), and a refused batch writes nothing. ``Idempotency-Key`` as for
+    ``POST /v1/runs``.
+
+    Also as JSONL: ``Content-Type: application/jsonl`` (or ``application/x-ndjson``), one
+    workflow input a line (blank lines skipped), and the options in the query: ``workflow``
+    (default ``agent``), ``return_tokens``, ``priority``, ``timeout_seconds``, ``queue``. A bad
+    line is named by its number (``param`` ``line N...``)."""
     state = request.app.state
     settings = state.settings
     body = await request.body()
     kind = (request.headers.get("content-type") or "application/json").split(";", 1)[0].strip().lower()
-    options = {"workflow": workflow, "return_tokens": return_tokens, "priority": priority,
-               "timeout_seconds": timeout_seconds, "queue": queue}
+    options = {k: request.query_params[k] for k in JSONL_OPTIONS if k in request.query_params}
     if kind in JSONL_TYPES:
         lines = _jsonl(body, settings.max_batch_line_bytes)
-        try:
-            spec = BatchCreate.model_validate({"requests": [], **{k: v for k, v in options.items() if v is not None}})
-        except ValidationError as exc:  # pragma: no cover - the query's own checks come first
+        try:  # lax: the query's strings as the fields' types ("true", "5")
+            spec = BatchCreate.model_validate({"requests": [None], **options}, strict=False)
+        except ValidationError as exc:
             raise ValidationFailed.first_of(exc.errors()) from None
         spec.requests = [value for _, value in lines]
         where = [f"line {n}" for n, _ in lines]
     elif kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
-        given = [k for k, v in options.items() if v is not None]
+        given = list(options)
         if given:
             raise ValidationFailed(f"Query option {given[0]!r} is for a JSONL body; a JSON body carries it as a "
                                    "field.", param=given[0])
@@ -302,7 +349,7 @@ async def cancel_batch(batch_id: BatchId, request: Request, tenant: TenantDep) -
 @router.get("/batches/{batch_id}/results", summary="Results of a batch: JSONL, one line a run, in input order",
             response_class=StreamingResponse,
             responses={200: {"description": "One `BatchResult` a line",
-                             "content": {"application/jsonl": {"schema": BatchResult.model_json_schema()}}}})
+                             "content": {"application/jsonl": {"schema": _component_schema(BatchResult)}}}})
 async def batch_results(batch_id: BatchId, request: Request, tenant: TenantDep) -> StreamingResponse:
     """Every run of the batch, finished or not (``status`` says), at its input position. With
     ``return_tokens``: the trajectory's ``token_ids``, ``logprobs`` and ``loss_mask`` (see
