@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from agents.pipeline_chunks import ChunkCutter, RoundPlan, RoundPlanner, Upstream
-from agents.pipeline_prompts import Conversation, proposer_messages
+from agents.pipeline_prompts import Conversation, RestartGuard, proposer_messages
 from agents.pipeline_spec import Node, PipelineInput
 from scheduler.backends.base import GenerateRequest, GenerationChunk
 
@@ -64,6 +64,7 @@ class Outcome:
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "completion_tokens": 0,
                                                            "cached_tokens": 0})
     error: str | None = None
+    dropped: int = 0  # characters a RestartGuard dropped (an aggregating agent's round)
 
 
 async def stream_call(llm: LLM, node: Node, request: GenerateRequest, stall_s: float,
@@ -99,6 +100,15 @@ async def stream_call(llm: LLM, node: Node, request: GenerateRequest, stall_s: f
                 return Outcome("".join(parts), "finished", chunk.finish_reason, usage)
     finally:
         await gen.aclose()
+
+
+def answered(finish: str | None) -> bool:
+    """Whether an aggregating agent's round ended its answer: the model wrote its end of turn (or a
+    stop string) rather than being cut at the round's token budget. Its answer is then final, even
+    in a round that is not the last: asking it to "continue" a finished answer makes it restart
+    (SmolLM2 at temperature 0 wrote "The capital of France is Paris." twice) or say that it has
+    already answered, so no round follows, and what arrives later is not read."""
+    return finish is not None and finish != "length"
 
 
 def request_for(node: Node, messages: list[dict[str, Any]], max_tokens: int) -> GenerateRequest:
@@ -260,7 +270,7 @@ class PipelineExecutor:
         await batch.flush()
         if o.status != "finished":
             raise PipelineError("aggregator_failed", f"The aggregator {o.status}: {o.error}")
-        await self.events.round({"round": 0, "final": True, **o.usage})
+        await self.events.round({"round": 0, "final": True, "finish": o.finish, **o.usage})
         return {"text": o.text, "finish": o.finish, "usage": o.usage}
 
     async def _agent_event(self, node: Node, o: Outcome) -> None:
@@ -288,7 +298,7 @@ class PipelineExecutor:
             produced += rec["usage"]["completion_tokens"]
             r += 1
             self.rounds = r
-            if rec["final"] or produced >= node.agent.max_tokens:
+            if rec["final"] or produced >= node.agent.max_tokens or answered(rec["finish"]):
                 self.status[node.id] = "finished"
                 return conv.text, "max_tokens" if rec["finish"] == "length" else "finished"
 
@@ -310,8 +320,9 @@ class PipelineExecutor:
             raise PipelineError("aggregator_failed", f"The aggregator {o.status} in round {r}: {o.error}")
         ended = {nid: v for nid, v in self._ended.items() if nid not in self._recorded}
         self._recorded.update(ended)
-        await self.events.round({"round": r, "final": plan.final, "taken": plan.taken,
-                                 "new_chars": [len(p) for p in plan.parts], **o.usage})
+        await self.events.round({"round": r, "final": plan.final, "finish": o.finish, "taken": plan.taken,
+                                 "new_chars": [len(p) for p in plan.parts], "restart_chars": o.dropped,
+                                 **o.usage})
         return {"round": r, "parts": plan.parts, "complete": plan.complete, "taken": plan.taken, "final": plan.final,
                 "output": o.text, "finish": o.finish, "usage": o.usage, "ended": ended}
 
@@ -326,11 +337,21 @@ class PipelineExecutor:
             raise PipelineError("proposers_failed", f"Every input of {node.id} ended without output: "
                                 + "; ".join(f"{nid}: {v['status']}" for nid, v in self._ended.items()))
         planner.commit(plan)
+        guard = RestartGuard([x.output for x in conv.rounds])
         current = conv.add_round(plan.parts, plan.complete)
         left = node.agent.max_tokens - produced
         max_tokens = left if plan.final else min(left, self.spec.round_tokens(r))
+
+        async def shown(text: str) -> None:
+            if kept := guard.feed(text):
+                await on_text(kept)
+
         o = await stream_call(self.llm, node, request_for(node, conv.messages(), max_tokens),
-                              self.spec.stall_timeout_s, on_text)
+                              self.spec.stall_timeout_s, shown)
+        if rest := guard.finish():
+            await on_text(rest)
+        # the round's output is what the user reads: the next round's prompt and the answer hold it
+        o.text, o.dropped = guard.text, guard.dropped
         current.output = o.text
         self._partial = []
         return plan, o
@@ -399,7 +420,7 @@ class PipelineExecutor:
                 self._count(node, o.usage)
                 produced += o.usage["completion_tokens"]
                 r += 1
-                if o.status != "finished" or plan.final or produced >= node.agent.max_tokens:
+                if o.status != "finished" or plan.final or produced >= node.agent.max_tokens or answered(o.finish):
                     break
         except PipelineError as exc:
             o = Outcome("", "failed", error=exc.message)

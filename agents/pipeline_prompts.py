@@ -47,6 +47,68 @@ def _more(parts: list[str], complete: list[bool], newly_complete: list[bool]) ->
     return "More of the responses arrived.\n\n" + "\n\n".join(lines) + "\n\n" + CONTINUE
 
 
+class RestartGuard:
+    """Drops a round's output where it starts the answer over instead of continuing it.
+
+    A chat model asked to continue after its own finished turn often begins a new answer instead
+    (SmolLM2-135M at temperature 0 does so in most rounds: "The capital of FranceThe capital of
+    France is Paris."). The user has read the answer so far, so a round may not write it again.
+    ``starts`` are the places a restart can begin: the start of the answer, and the start of
+    each earlier round's output (a model may also repeat only its last round). The guard holds the
+    round's text back while it is still a prefix of one of them; once it covers one entirely, that
+    part is dropped and the rest goes on; once it is a prefix of none, everything held is released
+    unchanged. A round that ends while still a prefix of the answer wrote nothing new. What is
+    held is released as soon as it diverges, so a genuine continuation is delayed by a few tokens
+    at most. A restart that rewords the answer is not caught (it is not a repetition)."""
+
+    def __init__(self, rounds: list[str]) -> None:
+        text = "".join(rounds)
+        starts = [sum(len(r) for r in rounds[:i]) for i in range(len(rounds))]
+        self.candidates = [c for c in dict.fromkeys(text[i:].lstrip() for i in starts) if c.strip()]
+        self.held = ""
+        self.passing = not self.candidates
+        self.kept: list[str] = []  # the text this round keeps (what the user reads)
+        self.dropped = 0  # characters dropped as a restart
+
+    def feed(self, delta: str) -> str:
+        """Stream text in; returns what may be shown now."""
+        if self.passing:
+            self.kept.append(delta)
+            return delta
+        self.held += delta
+        body = self.held.lstrip()
+        if not body:
+            return ""
+        covered = [c for c in self.candidates if body.startswith(c)]
+        if covered:
+            restart = max(covered, key=len)
+            cut = len(self.held) - len(body) + len(restart)
+            return self._release(self.held[cut:], cut)
+        if any(c.startswith(body) for c in self.candidates):
+            return ""
+        return self._release(self.held, 0)
+
+    def finish(self) -> str:
+        """The round ended: text still held repeated the answer so far, and is dropped; text that
+        was only whitespace is kept."""
+        if self.passing:
+            return ""
+        if self.held.strip():
+            return self._release("", len(self.held))
+        return self._release(self.held, 0)
+
+    def _release(self, text: str, dropped: int) -> str:
+        self.passing = True
+        self.dropped += dropped
+        self.held = ""
+        self.kept.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.kept)
+
+
 @dataclass
 class Round:
     """One round of an aggregating agent: what it was given, and what it wrote."""

@@ -13,7 +13,7 @@ import pytest
 
 from agents.pipeline_chunks import ChunkCutter, RoundPlanner, Upstream, count_tokens
 from agents.pipeline_exec import PipelineError, PipelineExecutor
-from agents.pipeline_prompts import AGGREGATE_PROMPT, Conversation
+from agents.pipeline_prompts import AGGREGATE_PROMPT, Conversation, RestartGuard
 from agents.pipeline_spec import Node, PipelineInput
 from scheduler.backends.base import BackendUnavailable, GenerateRequest, GenerationChunk, Usage
 
@@ -306,7 +306,7 @@ async def test_a_resumed_staircase_replays_its_rounds_and_appends():
     store = Checkpoints()
     never = asyncio.Event()
     first = FakeLLM({"p0.0": Proposer(words("a", 2)), "p0.1": Proposer(words("b", 9), {6: never}),
-                     "p0.2": Proposer(words("c", 9), {6: never})}, agg_tokens=2)
+                     "p0.2": Proposer(words("c", 9), {6: never})}, agg_tokens=30)
     s = spec(aggregator={"max_tokens": 40})
     task = asyncio.create_task(PipelineExecutor(s, first, Recorder(), store.step()).run())
     for _ in range(200):
@@ -316,7 +316,7 @@ async def test_a_resumed_staircase_replays_its_rounds_and_appends():
     with pytest.raises(asyncio.CancelledError):
         await task
     second = FakeLLM({"p0.0": Proposer(words("a", 2)), "p0.1": Proposer(words("b", 9)),
-                      "p0.2": Proposer(words("c", 9))}, agg_tokens=2)
+                      "p0.2": Proposer(words("c", 9))}, agg_tokens=30)
     result = await PipelineExecutor(s, second, Recorder(), store.step()).run()
     called = [nid for nid, _ in second.requests]
     assert "p0.0" not in called and called.count("p0.1") == called.count("p0.2") == 1  # ended one re-used
@@ -330,7 +330,7 @@ async def test_a_resumed_staircase_replays_its_rounds_and_appends():
 
 async def test_the_time_budget_ends_the_run_with_what_was_written():
     never = asyncio.Event()
-    llm = FakeLLM({f"p0.{i}": Proposer(words("a", 9), {6: never}) for i in range(3)}, agg_tokens=2)
+    llm = FakeLLM({f"p0.{i}": Proposer(words("a", 9), {6: never}) for i in range(3)}, agg_tokens=30)
     result = await PipelineExecutor(spec(time_budget_s=0.3), llm, Recorder()).run()
     assert result["stop_reason"] == "time_budget" and result["rounds"] == 2
     assert count_tokens(result["answer"]) == 4 and sorted(set(llm.closed)) == ["agg", "p0.0", "p0.1", "p0.2"]
@@ -342,3 +342,98 @@ async def test_an_aggregator_cut_at_its_max_tokens_says_so_in_both_modes():
         result = await PipelineExecutor(spec(mode=mode, aggregator={"max_tokens": 5}), llm, Recorder()).run()
         assert result["stop_reason"] == "max_tokens" and count_tokens(result["answer"]) == 5
         assert result["aggregator_usage"]["completion_tokens"] == 5
+
+
+# ---- an aggregator that has answered, or starts over ------------------------------------------
+
+def test_restart_guard_drops_a_round_that_starts_the_answer_over():
+    g = RestartGuard(["The capital of France"])
+    shown = [g.feed(d) for d in ("The", " capital of", " France", " is", " Paris.")]
+    assert shown == ["", "", "", " is", " Paris."] and g.finish() == ""
+    assert g.text == " is Paris." and g.dropped == len("The capital of France")
+
+
+def test_restart_guard_drops_a_repeat_of_the_last_round_only():
+    g = RestartGuard(["Plants absorb carbon dioxide", " (CO2) and convert it into"])
+    out = "".join(g.feed(d) for d in ("(CO2)", " and convert", " it into", " sugar.")) + g.finish()
+    assert out == " sugar." and g.dropped == len("(CO2) and convert it into")
+
+
+def test_restart_guard_releases_a_genuine_continuation_unchanged():
+    g = RestartGuard(["The cat sat.", " The dog ran."])
+    # it begins like the answer and like the last round, then diverges: nothing is dropped
+    out = [g.feed(d) for d in (" The", " do", "g barked", " twice.")]
+    assert out == ["", "", " The dog barked", " twice."] and g.dropped == 0
+    assert RestartGuard([]).feed("The cat") == "The cat"  # round 0: nothing to repeat
+
+
+def test_restart_guard_keeps_nothing_of_a_round_that_only_repeated():
+    g = RestartGuard(["A spider has eight legs."])
+    assert g.feed("A spider has") == "" and g.finish() == "" and g.text == ""
+    blank = RestartGuard(["Paris."])
+    assert blank.feed("\n\n") == "" and blank.finish() == "\n\n"  # whitespace is not a repetition
+
+
+class ScriptedAggregator(FakeLLM):
+    """Proposers as in FakeLLM; the aggregator writes ``script[i]`` (words, finish) in round i."""
+
+    def __init__(self, proposers: dict[str, Proposer], script: list[tuple[list[str], str]]) -> None:
+        super().__init__(proposers)
+        self.script = script
+
+    async def __call__(self, node: Node, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        if node.id != "agg":
+            async for c in super().__call__(node, request):
+                yield c
+            return
+        self.requests.append((node.id, request))
+        out, finish = self.script[len(agg_prompts(self)) - 1]
+        for w in out[: request.max_tokens]:
+            await asyncio.sleep(0)
+            yield GenerationChunk(rid=request.rid, text=w)
+        yield GenerationChunk(rid=request.rid, finish_reason=finish,
+                              usage=Usage(prompt_tokens=10, completion_tokens=len(out)))
+
+
+async def test_an_aggregator_that_ended_its_answer_writes_no_further_round():
+    # round 0 ends with the model's end of turn although the proposers go on: that is the answer
+    never = asyncio.Event()
+    llm = ScriptedAggregator({f"p0.{i}": Proposer(words("a", 9), {6: never}) for i in range(3)},
+                             [([" Paris."], "stop"), ([" Paris", " again."], "stop")])
+    rec = Recorder()
+    result = await PipelineExecutor(spec(aggregator_chunk_tokens=4), llm, rec).run()
+    assert result["answer"] == " Paris." and result["rounds"] == 1 and result["stop_reason"] == "finished"
+    assert len(agg_prompts(llm)) == 1 and [(r["final"], r["finish"]) for r in rec.rounds] == [(False, "stop")]
+    assert sorted(set(llm.closed)) == ["p0.0", "p0.1", "p0.2"]  # the proposers still streaming were closed
+
+
+async def test_a_round_that_starts_over_is_dropped_from_the_answer_and_the_next_prompt():
+    llm = ScriptedAggregator({f"p0.{i}": Proposer(words("a", 4)) for i in range(3)},
+                             [([" The", " capital"], "length"),
+                              ([" The", " capital", " is", " Paris."], "stop")])
+    rec = Recorder()
+    result = await PipelineExecutor(spec(), llm, rec).run()
+    assert result["answer"] == " The capital is Paris." == "".join(t for _, t in rec.deltas)
+    assert [r["restart_chars"] for r in rec.rounds] == [0, len(" The capital")]
+    assert result["rounds"] == 2
+
+
+async def test_a_middle_layer_agent_that_ended_its_answer_ends_its_output():
+    llm = ScriptedAggregator({f"p0.{i}": Proposer(words("a", 6)) for i in range(2)}, [([" done."], "stop")])
+    mid_rounds: list[int] = []
+
+    async def call(node: Node, request: GenerateRequest) -> AsyncIterator[GenerationChunk]:
+        if node.id == "p1.0":  # the middle agent: a complete answer in its first round
+            mid_rounds.append(1)
+            yield GenerationChunk(rid=request.rid, text=" m0")
+            yield GenerationChunk(rid=request.rid, finish_reason="stop", usage=Usage(prompt_tokens=5,
+                                                                                      completion_tokens=1))
+            return
+        async for c in llm(node, request):
+            yield c
+
+    s = spec(layers=[{"agents": [{}, {}]}, {"agents": [{}]}])
+    result = await PipelineExecutor(s, call, Recorder()).run()
+    assert mid_rounds == [1] and result["agents"]["p1.0"]["status"] == "finished"
+    assert " m0" in agg_prompts(llm)[0][0]["content"] and "[...]" not in agg_prompts(llm)[0][0]["content"]
+    assert result["answer"] == " done."
