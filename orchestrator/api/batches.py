@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -44,7 +43,12 @@ POLL_S = 0.5  # how often the event stream looks for newly finished runs
 # A run's outcome is committed a little after its ``finished_at`` was taken; a stream resumed
 # from a completion at time t sends again what finished from t - GRACE_S on (at least once).
 GRACE_S = 5.0
-_CURSOR = re.compile(r"^(\d{1,15})-(\d{1,9})$")
+CURSOR_PATTERN = r"^[0-9]{1,15}-[0-9]{1,9}$"  # an event id: finished_at in ms, then the run's index
+# One server-sent event of a batch's stream, as OpenAPI 3.1 describes a text/event-stream item
+SSE_EVENT = {"type": "object", "required": ["event", "data"], "properties": {
+    "id": {"type": "string", "pattern": CURSOR_PATTERN},
+    "event": {"type": "string", "enum": ["batch.run_finished", "batch.finished"]},
+    "data": {"type": "string", "contentMediaType": "application/json"}}}
 
 
 class BatchCreate(BaseModel):
@@ -395,12 +399,13 @@ def _result(index: int, run: RunRecord, turns: list[Any], return_tokens: bool) -
 @router.get("/batches/{batch_id}/events", summary="Completions of a batch's runs as Server-Sent Events",
             response_class=StreamingResponse,
             responses={200: {"description": "`batch.run_finished` per run, then `batch.finished`",
-                             "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+                             "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
 async def batch_events(
     batch_id: BatchId,
     request: Request,
     tenant: TenantDep,
-    last_event_id: Annotated[str | None, Header(max_length=40, description="SSE resume point (an event id)")] = None,
+    last_event_id: Annotated[str | None, Header(pattern=CURSOR_PATTERN,
+                                                description="SSE resume point: an event id of this stream")] = None,
 ) -> StreamingResponse:
     """A ``batch.run_finished`` event as each run finishes (``{index, run_id, status}``), then
     ``batch.finished`` with the counts, and the stream closes. Resumed with ``Last-Event-ID``:
@@ -411,11 +416,8 @@ async def batch_events(
     batch = await store.get(tenant.name, batch_id)
     cursor: tuple[int, int] | None = None
     if last_event_id is not None:
-        m = _CURSOR.match(last_event_id)
-        if m is None:
-            raise ValidationFailed("Last-Event-ID must be an event id of this stream (`<ms>-<index>`).",
-                                   param="Last-Event-ID")
-        cursor = (int(m.group(1)), int(m.group(2)))
+        ms, index = last_event_id.split("-")  # its pattern was checked
+        cursor = (int(ms), int(index))
     keepalive = request.app.state.settings.sse_keepalive_seconds
     return StreamingResponse(_events(store, batch, cursor, keepalive), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
