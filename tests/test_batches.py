@@ -61,8 +61,8 @@ async def results(c: httpx.AsyncClient, batch_id: str, headers: dict[str, str] =
     return [json.loads(line) for line in r.text.splitlines()]
 
 
-async def wait_batch(c: httpx.AsyncClient, batch_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_batch(c: httpx.AsyncClient, batch_id: str, within: float = 30) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         batch = (await c.get(f"/v1/batches/{batch_id}", headers=A)).json()
         if batch["status"] in ("completed", "cancelled") or asyncio.get_running_loop().time() > deadline:
@@ -220,7 +220,7 @@ async def test_cancel_stops_queued_and_running_runs_and_keeps_finished_ones(clie
         await asyncio.sleep(0.05)
     r = await client.post(f"/v1/batches/{batch['id']}/cancel", headers=A)
     assert r.status_code == 200 and r.json()["status"] in ("cancelling", "cancelled")
-    done = await wait_batch(client, batch["id"], timeout=20)
+    done = await wait_batch(client, batch["id"], within=20)
     assert done["status"] == "cancelled" and done["counts"]["cancelled"] == 4, done
     again = await client.post(f"/v1/batches/{batch['id']}/cancel", headers=A)
     assert again.json()["counts"]["cancelled"] == 4  # idempotent
@@ -247,6 +247,9 @@ async def test_events_stream_each_completion_then_the_end_and_resume(client: htt
     assert resumed[-1][1] == "batch.finished"
     r = await client.get(f"/v1/batches/{batch['id']}/events", headers={**A, "Last-Event-ID": "nonsense"})
     assert r.status_code == 422
+    # a bare time in ms resumes from then: 0 is the whole stream again
+    again = await sse(client, batch["id"], last_event_id="0")
+    assert sorted(f[2]["index"] for f in again if f[1] == "batch.run_finished") == [0, 1, 2]
 
 
 async def sse(c: httpx.AsyncClient, batch_id: str, last_event_id: str | None = None

@@ -43,7 +43,9 @@ POLL_S = 0.5  # how often the event stream looks for newly finished runs
 # A run's outcome is committed a little after its ``finished_at`` was taken; a stream resumed
 # from a completion at time t sends again what finished from t - GRACE_S on (at least once).
 GRACE_S = 5.0
-CURSOR_PATTERN = r"^[0-9]{1,15}-[0-9]{1,9}$"  # an event id: finished_at in ms, then the run's index
+# An event id: finished_at in ms, then the run's index; as a resume point also a bare time in ms
+# (``0``: from the start)
+CURSOR_PATTERN = r"^[0-9]{1,15}(-[0-9]{1,9})?$"
 # One server-sent event of a batch's stream, as OpenAPI 3.1 describes a text/event-stream item
 SSE_EVENT = {"type": "object", "required": ["event", "data"], "properties": {
     "id": {"type": "string", "pattern": CURSOR_PATTERN},
@@ -408,16 +410,16 @@ async def batch_events(
                                                 description="SSE resume point: an event id of this stream")] = None,
 ) -> StreamingResponse:
     """A ``batch.run_finished`` event as each run finishes (``{index, run_id, status}``), then
-    ``batch.finished`` with the counts, and the stream closes. Resumed with ``Last-Event-ID``:
-    runs that finished from ``GRACE_S`` before that event on come again (at least once: a
-    client dedupes by ``index`` and ``finished_at``)."""
+    ``batch.finished`` with the counts, and the stream closes. Resumed with ``Last-Event-ID``
+    (an event id, or a time in ms): runs that finished from ``GRACE_S`` before it on come again
+    (at least once: a client dedupes by ``index`` and ``finished_at``)."""
     _check_id(batch_id)
     store = _batches(request)
     batch = await store.get(tenant.name, batch_id)
     cursor: tuple[int, int] | None = None
     if last_event_id is not None:
-        ms, index = last_event_id.split("-")  # its pattern was checked
-        cursor = (int(ms), int(index))
+        ms, _, index = last_event_id.partition("-")  # its pattern was checked
+        cursor = (int(ms), int(index or -1))
     keepalive = request.app.state.settings.sse_keepalive_seconds
     return StreamingResponse(_events(store, batch, cursor, keepalive), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -430,7 +432,9 @@ def _event_id(c: Completion) -> str:
 async def _events(store: BatchStore, batch: BatchRecord, cursor: tuple[int, int] | None,
                   keepalive: float) -> AsyncIterator[str]:
     """Poll the batch's finished runs. The counts are read before the completions: when they show
-    no active run, the completions read after them hold every run, and the stream ends."""
+    no active run, the completions read after them hold every run, and the stream ends. A stream
+    that did not resume reads them all that last time, so it reports every run exactly once,
+    also one whose outcome was committed later than ``GRACE_S`` after its ``finished_at``."""
     sent: set[tuple[int, float]] = set()
     since = 0.0 if cursor is None else cursor[0] / 1000 - GRACE_S
     idle = time.monotonic()
@@ -438,7 +442,7 @@ async def _events(store: BatchStore, batch: BatchRecord, cursor: tuple[int, int]
     while True:
         counts = await store.counts(batch.id)
         done = not any(RunStatus(s) not in _TERMINAL for s in counts)
-        for c in await store.finished_since(batch.id, since):
+        for c in await store.finished_since(batch.id, 0.0 if done and cursor is None else since):
             key = (c.index, c.finished_at)
             if key in sent or (cursor is not None and (round(c.finished_at * 1000), c.index) == cursor):
                 continue
