@@ -1,4 +1,4 @@
-"""Staircase vs wait: time to first token and total time of Mixture-of-Agents pipelines.
+"""Staircase vs wait: time to first token, total time and answer quality of Mixture-of-Agents pipelines.
 
     .venv/bin/python bench/pipeline.py --quick --json
 
@@ -23,6 +23,16 @@ Every agent writes a fixed length (simulator traces), so both modes produce as m
 Local configuration (``local-smollm2``): the real SmolLM2-135M-Instruct on CPU (LocalEngine, one
 process, no batching: the agents share one forward-pass thread), 3 proposers + 1 aggregator.
 
+Quality (``quality``): the real SmolLM2 at temperature 0 answers a fixed set of short questions
+with known answers (``QUESTIONS``; 4 of them with ``--quick``) in both modes, 3 proposers + 1
+aggregator, chunks of 8 tokens, 32 tokens per agent. Figures: ``accuracy_wait`` and
+``accuracy_staircase`` (the answer contains a known answer as a whole word), ``agreement`` (the two
+answers identical), ``agreement_normalized`` (identical up to whitespace), ``restarted_wait`` and
+``restarted_staircase`` (answers that start over or repeat themselves verbatim, the defect of
+issue 19), ``glued_wait`` and ``glued_staircase`` (a capitalized word glued to the text before it:
+the trace of a reworded restart at a round boundary),
+``staircase_rounds_mean``, ``wall_s``, and every answer. The paper's target is parity.
+
 Per mode: ``ttft_s`` (pipeline start to the aggregator's first token), ``total_s`` (to its last),
 ``prefill_tokens`` (prompt tokens the aggregator sent over all its rounds), ``cached_tokens`` and
 ``cached_share`` (how many of them the engine's prefix cache served), ``rounds``, ``output_tokens``.
@@ -35,6 +45,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -226,30 +237,138 @@ async def local_config(quick: bool) -> dict[str, Any]:
         await engine.close()
 
 
+# Short questions with one known answer (any of the aliases, as a whole word, counts), easy enough
+# for SmolLM2-135M to get some right: a fixed task set for the quality comparison.
+QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
+    ("What is the capital of France?", ("Paris",)),
+    ("What is the capital of Japan?", ("Tokyo",)),
+    ("What is the capital of Italy?", ("Rome",)),
+    ("Which planet is known as the Red Planet?", ("Mars",)),
+    ("What is the largest ocean on Earth?", ("Pacific",)),
+    ("Who wrote Romeo and Juliet?", ("Shakespeare",)),
+    ("How many days are in a week?", ("7", "seven")),
+    ("How many legs does a spider have?", ("8", "eight")),
+    ("What is the chemical symbol for gold?", ("Au",)),
+    ("What language is spoken in Brazil?", ("Portuguese",)),
+    ("What gas do plants absorb from the air for photosynthesis?", ("carbon dioxide", "CO2")),
+    ("What is the boiling point of water at sea level in degrees Celsius?", ("100",)),
+]
+QUICK_QUESTIONS = 4
+
+
+def correct(answer: str, aliases: tuple[str, ...]) -> bool:
+    return any(re.search(rf"\b{re.escape(a)}\b", answer, re.IGNORECASE) for a in aliases)
+
+
+def restarted(answer: str, span: int = 24, opening: int = 16) -> bool:
+    """Whether an answer starts over or says something twice: its first ``opening`` characters
+    (whitespace collapsed) occur again later, or any stretch of ``span`` characters does (not
+    overlapping itself). The staircase defect of issue 19 wrote "The capital of France is
+    Paris.The capital of France is Paris."; a sound short answer does neither."""
+    text = " ".join(answer.split())
+    if len(text) >= 2 * opening and text.find(text[:opening], opening) >= 0:
+        return True
+    return any(text.find(text[i:i + span], i + span) >= 0 for i in range(len(text) - 2 * span + 1))
+
+
+GLUED = re.compile(r"(?:[a-z.!?]|(?<=\S)[\"')])[A-Z][a-z]")
+
+
+def glued(answer: str) -> bool:
+    """Whether a capitalized word is glued to the text before it ("...sea levelAt sea level, the
+    boiling point"): what a round that begins a new answer, reworded, leaves at a round boundary,
+    which ``restarted`` does not see. A rough signal (it also matches names like "McDonald")."""
+    return GLUED.search(answer) is not None
+
+
+async def quality_config(quick: bool) -> dict[str, Any]:
+    """Staircase vs wait on the same questions with the real SmolLM2 (temperature 0): how often
+    the two answers are identical, how often each contains the known answer, and how often an
+    answer starts over. The paper's claim is quality parity; this measures it on a model small
+    enough for this CPU, which is a weak judge of its own inputs (see docs/pipelines.md)."""
+    from scheduler.local.engine import LocalEngine
+
+    engine = LocalEngine(name="local")
+    questions = QUESTIONS[:QUICK_QUESTIONS] if quick else QUESTIONS
+    spec = {"temperature": 0, "chunk_tokens": 8, "layers": [{"agents": [{"system_prompt": p} for p in (
+        "You are a concise expert.", "You explain briefly.", "You answer in one sentence.")], "max_tokens": 32}],
+        "aggregator": {"max_tokens": 32}, "delta_interval_s": 0.05, "stall_timeout_s": 300, "time_budget_s": 1800}
+    runtime = ProgramRuntime({"local": engine}, observe_interval_s=5.0)
+    await runtime.start()
+    rows = []
+    started = time.monotonic()
+    try:
+        for qi, (question, aliases) in enumerate(questions):
+            row: dict[str, Any] = {"question": question}
+            for mode in ("wait", "staircase"):
+                engine.cache.clear()
+                r = await run_once(runtime, PipelineInput(**{**spec, "task": question, "mode": mode}),
+                                   f"quality-{qi}-{mode}")
+                row[mode] = r["answer"]
+                row[f"{mode}_rounds"] = r["rounds"]
+            rows.append(row)
+            log(f"{'quality':>16} {qi:>2}: wait {row['wait']!r} | staircase {row['staircase']!r}")
+    finally:
+        await runtime.close()
+        await engine.close()
+    n = len(rows)
+    share = lambda f: round(sum(1 for r in rows if f(r)) / n, 3)  # noqa: E731
+    by_q = dict(questions)
+    return {
+        "questions": n,
+        "accuracy_wait": share(lambda r: correct(r["wait"], by_q[r["question"]])),
+        "accuracy_staircase": share(lambda r: correct(r["staircase"], by_q[r["question"]])),
+        "agreement": share(lambda r: r["wait"] == r["staircase"]),
+        "agreement_normalized": share(lambda r: " ".join(r["wait"].split()) == " ".join(r["staircase"].split())),
+        "restarted_wait": share(lambda r: restarted(r["wait"])),
+        "restarted_staircase": share(lambda r: restarted(r["staircase"])),
+        "glued_wait": share(lambda r: glued(r["wait"])),
+        "glued_staircase": share(lambda r: glued(r["staircase"])),
+        "staircase_rounds_mean": round(statistics.mean(r["staircase_rounds"] for r in rows), 2),
+        "wall_s": round(time.monotonic() - started, 1),
+        "setup": {"engine": "local SmolLM2-135M-Instruct on CPU", "temperature": 0, "proposers": 3,
+                  "max_tokens": 32, "chunk_tokens": 8},
+        "answers": rows,
+    }
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    out = await sim_configs(args.quick, args.speed)
-    if not args.no_local:
-        out["local-smollm2"] = await local_config(args.quick)
+    out: dict[str, Any] = {}
+    if not args.quality_only:
+        out.update(await sim_configs(args.quick, args.speed))
+        if not args.no_local:
+            out["local-smollm2"] = await local_config(args.quick)
+    if not args.no_quality:
+        out["quality"] = await quality_config(args.quick)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="shorter answers, one repeat (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="shorter answers, one repeat, 4 quality questions "
+                                                         "(2-4 minutes on 2 shared cores, most of it the real model)")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     ap.add_argument("--speed", type=float, help="simulated seconds per wall second (default: 2 with --quick, "
                                                 "else 1; higher speeds scale this process's overheads up too)")
     ap.add_argument("--no-local", action="store_true", help="skip the local-engine configuration")
+    ap.add_argument("--no-quality", action="store_true", help="skip the quality comparison (real SmolLM2)")
+    ap.add_argument("--quality-only", action="store_true", help="only the quality comparison")
     args = ap.parse_args()
     args.speed = args.speed or (2.0 if args.quick else 1.0)
     out = asyncio.run(main_async(args))
     if args.json:
         print(json.dumps(out))
     else:
+        quality = out.pop("quality", None)
         for name, r in out.items():
             print(f"{name}: ttft {r['wait']['ttft_s']} -> {r['staircase']['ttft_s']} s "
                   f"(-{r['ttft_reduction']:.0%}), total {r['wait']['total_s']} -> {r['staircase']['total_s']} s "
                   f"(x{r['total_ratio']}), cached {r['staircase']['cached_share']:.0%} of staircase prefill")
+        if quality:
+            print(f"quality ({quality['questions']} questions): accuracy wait {quality['accuracy_wait']:.0%}, "
+                  f"staircase {quality['accuracy_staircase']:.0%}; identical answers {quality['agreement']:.0%}; "
+                  f"restarted answers wait {quality['restarted_wait']:.0%}, "
+                  f"staircase {quality['restarted_staircase']:.0%}")
 
 
 if __name__ == "__main__":
