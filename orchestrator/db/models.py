@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -60,6 +60,13 @@ class Run(Base):
         Index("ix_runs_status_priority", "status", "priority", "created_at"),
         Index("ix_runs_lease", "status", "lease_expires_at"),
         Index("ix_runs_queue_status", "queue", "status", "tenant"),
+        # The claim's order over the queued runs only: a claim reads the runs it takes, not
+        # every queued run to sort them (migration 0006)
+        Index("ix_runs_queued", text("priority DESC"), "id", postgresql_where=text("status = 'queued'"),
+              sqlite_where=text("status = 'queued'")),
+        # A tenant's active runs, counted at each submission under a limit: by the active runs'
+        # entries, not every run the tenant ever had (migration 0006)
+        Index("ix_runs_tenant_status", "tenant", "status"),
     )
 
 

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import hashlib
 
+from orchestrator.runs.states import ACTIVE
+
+# The active states as SQL literals: they are the code's constants, and as literals the planner
+# knows how few rows they select, so a generic plan reads a tenant's active runs by index
+# (``ix_runs_tenant_status``) rather than every run of the tenant.
+_ACTIVE = ", ".join(sorted(f"'{s.value}'" for s in ACTIVE))
+
 # A batch of runs (``GroupCommit``), each inserted with its first event, ``run.queued``. The
 # arrays are the runs' columns, in the order their callers came. Dropped, in this order: a run
 # whose Idempotency-Key its tenant has used (in the table, or earlier in the batch: the caller
-# looks the first one up and answers as a replay); then, with a limit ($13) on the tenant's
-# active runs ($12: the active states) of tenant $14, each run that would exceed it, in turn
+# looks the first one up and answers as a replay); then, with a limit ($12) on the tenant's
+# active runs of tenant $13, each run that would exceed it, in turn
 # (``before`` counts the tenant's active runs ahead of it). The caller holds the tenant's lock
 # when there is a limit, so the count and the key check see every committed submission; without
 # a limit no count is made, and a key that another batch inserts meanwhile is caught by ON
@@ -39,8 +46,8 @@ WITH b AS (
         SELECT 1 FROM runs x WHERE x.tenant = b.tenant AND x.idempotency_key = b.idempotency_key)
     ORDER BY b.tenant, coalesce(b.idempotency_key, b.id), b.ord
 ), ranked AS (
-    SELECT f.*, CASE WHEN $13::int IS NULL THEN 0 ELSE
-        (SELECT count(*) FROM runs WHERE tenant = $14 AND status = ANY($12::text[]))
+    SELECT f.*, CASE WHEN $12::int IS NULL THEN 0 ELSE
+        (SELECT count(*) FROM runs WHERE tenant = $13 AND status IN (""" + _ACTIVE + """))
         + row_number() OVER (ORDER BY f.ord) - 1 END AS before
     FROM fresh f
 ), r AS (
@@ -49,7 +56,7 @@ WITH b AS (
                       cancel_requested, last_seq, queue)
     SELECT id, tenant, workflow, 'queued', input::json, metadata::json, priority, idempotency_key,
            request_hash, timeout_seconds, created_at, created_at, 0, 0, false, 1, queue
-    FROM ranked WHERE $13::int IS NULL OR before < $13::int
+    FROM ranked WHERE $12::int IS NULL OR before < $12::int
     ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id, workflow, created_at

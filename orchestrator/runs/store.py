@@ -323,7 +323,7 @@ class RunStore:
                     run_id, new.tenant, new.workflow, _json(new.input), _json(new.metadata), new.priority,
                     new.idempotency_key, new.request_hash, new.timeout_seconds, now, new.queue), strict=True):
                 col.append(value)
-        args = (*cols, _ACTIVE_VALUES, max_active, tenant)
+        args = (*cols, max_active, tenant)
         try:
             if max_active is None:
                 async with self._raw() as db:
