@@ -153,8 +153,8 @@ class ThunderAgentPolicy(CapacityPolicy):
     def _answered(self, p: Program) -> None:
         """Usage is known: the exact context replaces the estimate, and the global ratio learns
         from this call (router.py ``update_program_after_request``)."""
-        if self._estimate.pop(p.id, None) is None or p.inflight or p.pending:
-            return
+        if p.inflight or p.pending or self._estimate.pop(p.id, None) is None:
+            return  # another call of the program is still estimated
         sample = self.chars_per_token_of(p.id)
         if not self._ratio_initialized:
             self.char_ratio, self._ratio_initialized = sample, True
