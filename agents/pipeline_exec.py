@@ -111,10 +111,14 @@ def answered(finish: str | None) -> bool:
     return finish is not None and finish != "length"
 
 
-def request_for(node: Node, messages: list[dict[str, Any]], max_tokens: int) -> GenerateRequest:
+def request_for(node: Node, messages: list[dict[str, Any]], max_tokens: int,
+                continues: bool = False) -> GenerateRequest:
+    """One call of ``node``; ``continues``: the last message is the agent's own open assistant turn,
+    which the engine is to continue rather than close (SGLang's and vLLM's ``continue_final_message``)."""
     a = node.agent
     return GenerateRequest(messages=messages, model=a.model, max_tokens=max(1, max_tokens), temperature=a.temperature,
-                           top_p=a.top_p, seed=a.seed)
+                           top_p=a.top_p, seed=a.seed,
+                           extra_body={"continue_final_message": True} if continues else {})
 
 
 class _Output:
@@ -282,7 +286,8 @@ class PipelineExecutor:
     async def _staircase(self) -> tuple[str, str]:
         node = self.final
         inputs = len(self.layers[-1])
-        conv = self._conv = Conversation(self.spec.task, node.agent.system_prompt or "", inputs)
+        conv = self._conv = Conversation(self.spec.task, node.agent.system_prompt or "", inputs,
+                                         prefix=self.spec.continuation == "prefix")
         planner = RoundPlanner(inputs)
         restored: dict[str, dict[str, Any]] = {}
         produced = 0
@@ -346,7 +351,7 @@ class PipelineExecutor:
             if kept := guard.feed(text):
                 await on_text(kept)
 
-        o = await stream_call(self.llm, node, request_for(node, conv.messages(), max_tokens),
+        o = await stream_call(self.llm, node, request_for(node, conv.messages(), max_tokens, conv.continues),
                               self.spec.stall_timeout_s, shown)
         if rest := guard.finish():
             await on_text(rest)
@@ -406,7 +411,8 @@ class PipelineExecutor:
     async def _aggregate_mid(self, node: Node, ups: list[_Output], out: _Output, wake: asyncio.Event) -> None:
         """A proposer of layer 2+: a staircase aggregator of the layer before, streaming to the next."""
         self.status[node.id] = "running"
-        conv = Conversation(self.spec.task, node.agent.system_prompt or "", len(ups))
+        conv = Conversation(self.spec.task, node.agent.system_prompt or "", len(ups),
+                            prefix=self.spec.continuation == "prefix")
         planner = RoundPlanner(len(ups))
         produced, r = 0, 0
 

@@ -8,6 +8,12 @@ output as an assistant turn and the next parts as a user turn. Every request is 
 previous request plus the previous answer plus new text: the engine's prefix cache serves all
 of it but the new text. With one round (every output complete), the messages are exactly the
 classic ``wait``-mode prompt, which is what makes the two modes agree when chunks are large.
+
+With ``prefix`` continuation, each later round instead appends only the new parts (as a user
+turn) and ends with the agent's whole answer so far as an open assistant turn, which the engine
+continues (``continue_final_message``): the model goes on with its own text instead of being
+asked, in a new turn, to continue it, which small models answer by starting over. The cache then
+serves everything up to the previous round's new parts; the answer so far is sent again.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ def _listing(parts: list[str], complete: list[bool]) -> str:
                        for i, (text, done) in enumerate(zip(parts, complete, strict=False)))
 
 
-def _more(parts: list[str], complete: list[bool], newly_complete: list[bool]) -> str:
+def _more(parts: list[str], complete: list[bool], newly_complete: list[bool], ask: bool = True) -> str:
     lines = [f"Response {i + 1}, continued:\n{text}{'' if done else PARTIAL_MARK}"
              for i, (text, done) in enumerate(zip(parts, complete, strict=False)) if text]
     ended = [str(i + 1) for i, (text, now) in enumerate(zip(parts, newly_complete, strict=False)) if now and not text]
@@ -44,7 +50,7 @@ def _more(parts: list[str], complete: list[bool], newly_complete: list[bool]) ->
         lines.append(f"Response{'s' if len(ended) > 1 else ''} {', '.join(ended)} ended there.")
     if not lines:
         lines.append("The responses are complete.")
-    return "More of the responses arrived.\n\n" + "\n\n".join(lines) + "\n\n" + CONTINUE
+    return "More of the responses arrived.\n\n" + "\n\n".join(lines) + ("\n\n" + CONTINUE if ask else "")
 
 
 class RestartGuard:
@@ -126,6 +132,7 @@ class Conversation:
     instruction: str
     upstreams: int
     rounds: list[Round] = field(default_factory=list)
+    prefix: bool = False  # continuation "prefix": the answer so far is an open assistant turn, last
 
     def add_round(self, parts: list[str], complete: list[bool]) -> Round:
         if len(parts) != self.upstreams or len(complete) != self.upstreams:
@@ -144,11 +151,21 @@ class Conversation:
             {"role": "user", "content": self.task}]
         before = first.complete
         for prev, r in zip(self.rounds, self.rounds[1:], strict=False):
-            msgs.append({"role": "assistant", "content": prev.output})
+            if not self.prefix:
+                msgs.append({"role": "assistant", "content": prev.output})
             newly = [now and not was for now, was in zip(r.complete, before, strict=False)]
-            msgs.append({"role": "user", "content": _more(r.parts, r.complete, newly)})
+            msgs.append({"role": "user", "content": _more(r.parts, r.complete, newly, ask=not self.prefix)})
             before = r.complete
+        if self.continues:
+            msgs.append({"role": "assistant", "content": "".join(r.output for r in self.rounds[:-1])})
         return msgs
+
+    @property
+    def continues(self) -> bool:
+        """Whether the request for the last round ends with the agent's own answer so far, as an
+        open assistant turn to continue (``prefix``; the request must then ask the engine to
+        continue the final message instead of opening a new turn)."""
+        return self.prefix and bool("".join(r.output for r in self.rounds[:-1]))
 
     @property
     def text(self) -> str:

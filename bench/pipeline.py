@@ -24,14 +24,15 @@ Local configuration (``local-smollm2``): the real SmolLM2-135M-Instruct on CPU (
 process, no batching: the agents share one forward-pass thread), 3 proposers + 1 aggregator.
 
 Quality (``quality``): the real SmolLM2 at temperature 0 answers a fixed set of short questions
-with known answers (``QUESTIONS``; 4 of them with ``--quick``) in both modes, 3 proposers + 1
-aggregator, chunks of 8 tokens, 32 tokens per agent. Figures: ``accuracy_wait`` and
-``accuracy_staircase`` (the answer contains a known answer as a whole word), ``agreement`` (the two
-answers identical), ``agreement_normalized`` (identical up to whitespace), ``restarted_wait`` and
-``restarted_staircase`` (answers that start over or repeat themselves verbatim, the defect of
-issue 19), ``glued_wait`` and ``glued_staircase`` (a capitalized word glued to the text before it:
-the trace of a reworded restart at a round boundary),
-``staircase_rounds_mean``, ``wall_s``, and every answer. The paper's target is parity.
+with known answers (``QUESTIONS``; 4 of them with ``--quick``), 3 proposers + 1 aggregator,
+chunks of 8 tokens, 32 tokens per agent, in three arms: ``wait``, ``staircase`` (continuation
+``turn``, the default) and ``staircase_prefix`` (continuation ``prefix``, on the local engine with
+``continue_final_message`` added by ``continuing_local_engine``). Figures: ``accuracy_<arm>`` (the
+answer contains a known answer as a whole word), ``agreement`` / ``agreement_prefix`` (the
+staircase answer identical to wait's; ``_normalized``: up to whitespace), ``restarted_<arm>``
+(answers that start over or repeat themselves verbatim, the defect of issue 19), ``glued_<arm>``
+(a capitalized word glued to the text before it: the trace of a reworded restart at a round
+boundary), ``<arm>_rounds_mean``, ``wall_s``, and every answer. The paper's target is parity.
 
 Per mode: ``ttft_s`` (pipeline start to the aggregator's first token), ``total_s`` (to its last),
 ``prefill_tokens`` (prompt tokens the aggregator sent over all its rounds), ``cached_tokens`` and
@@ -281,14 +282,39 @@ def glued(answer: str) -> bool:
     return GLUED.search(answer) is not None
 
 
+def continuing_local_engine() -> Any:
+    """The local engine, plus what SGLang does for ``continue_final_message``: a chat request whose
+    last message is an assistant turn, with that flag, is rendered with the turn left open (no end
+    of turn, no new header), so the model continues it. The local engine itself does not do this
+    yet (``scheduler/local/engine.py`` renders every request with a new assistant header); this
+    subclass is how the benchmark measures the ``prefix`` continuation on the real model."""
+    from scheduler.local.engine import LocalEngine
+    from scheduler.local.tool_calls import normalize_messages
+
+    class ContinuingLocalEngine(LocalEngine):
+        def _prompt(self, request: GenerateRequest) -> tuple[list[int], bool]:
+            m = request.messages
+            if request.extra_body.get("continue_final_message") and m and m[-1].get("role") == "assistant" \
+                    and not request.tools:
+                text = self.tokenizer.apply_chat_template(normalize_messages(m), continue_final_message=True,
+                                                          tokenize=False)
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"], False
+            return super()._prompt(request)
+
+    return ContinuingLocalEngine(name="local")
+
+
+# the arms of the quality comparison: name -> what it sets on the pipeline
+ARMS: dict[str, dict[str, Any]] = {"wait": {"mode": "wait"}, "staircase": {"mode": "staircase"},
+                                   "staircase_prefix": {"mode": "staircase", "continuation": "prefix"}}
+
+
 async def quality_config(quick: bool) -> dict[str, Any]:
     """Staircase vs wait on the same questions with the real SmolLM2 (temperature 0): how often
-    the two answers are identical, how often each contains the known answer, and how often an
-    answer starts over. The paper's claim is quality parity; this measures it on a model small
-    enough for this CPU, which is a weak judge of its own inputs (see docs/pipelines.md)."""
-    from scheduler.local.engine import LocalEngine
-
-    engine = LocalEngine(name="local")
+    the answers are identical, how often each contains the known answer, and how often an answer
+    starts over; staircase with each continuation (``turn``, the default, and ``prefix``). The
+    paper's claim is quality parity; this measures it on a model small enough for this CPU."""
+    engine = continuing_local_engine()
     questions = QUESTIONS[:QUICK_QUESTIONS] if quick else QUESTIONS
     spec = {"temperature": 0, "chunk_tokens": 8, "layers": [{"agents": [{"system_prompt": p} for p in (
         "You are a concise expert.", "You explain briefly.", "You answer in one sentence.")], "max_tokens": 32}],
@@ -300,36 +326,37 @@ async def quality_config(quick: bool) -> dict[str, Any]:
     try:
         for qi, (question, aliases) in enumerate(questions):
             row: dict[str, Any] = {"question": question}
-            for mode in ("wait", "staircase"):
+            for arm, settings in ARMS.items():
                 engine.cache.clear()
-                r = await run_once(runtime, PipelineInput(**{**spec, "task": question, "mode": mode}),
-                                   f"quality-{qi}-{mode}")
-                row[mode] = r["answer"]
-                row[f"{mode}_rounds"] = r["rounds"]
+                r = await run_once(runtime, PipelineInput(**{**spec, "task": question, **settings}),
+                                   f"quality-{qi}-{arm}")
+                row[arm] = r["answer"]
+                row[f"{arm}_rounds"] = r["rounds"]
             rows.append(row)
-            log(f"{'quality':>16} {qi:>2}: wait {row['wait']!r} | staircase {row['staircase']!r}")
+            log(f"{'quality':>16} {qi:>2}: " + " | ".join(f"{arm} {row[arm]!r}" for arm in ARMS))
     finally:
         await runtime.close()
         await engine.close()
     n = len(rows)
     share = lambda f: round(sum(1 for r in rows if f(r)) / n, 3)  # noqa: E731
     by_q = dict(questions)
-    return {
-        "questions": n,
-        "accuracy_wait": share(lambda r: correct(r["wait"], by_q[r["question"]])),
-        "accuracy_staircase": share(lambda r: correct(r["staircase"], by_q[r["question"]])),
-        "agreement": share(lambda r: r["wait"] == r["staircase"]),
-        "agreement_normalized": share(lambda r: " ".join(r["wait"].split()) == " ".join(r["staircase"].split())),
-        "restarted_wait": share(lambda r: restarted(r["wait"])),
-        "restarted_staircase": share(lambda r: restarted(r["staircase"])),
-        "glued_wait": share(lambda r: glued(r["wait"])),
-        "glued_staircase": share(lambda r: glued(r["staircase"])),
-        "staircase_rounds_mean": round(statistics.mean(r["staircase_rounds"] for r in rows), 2),
-        "wall_s": round(time.monotonic() - started, 1),
-        "setup": {"engine": "local SmolLM2-135M-Instruct on CPU", "temperature": 0, "proposers": 3,
-                  "max_tokens": 32, "chunk_tokens": 8},
-        "answers": rows,
-    }
+    out: dict[str, Any] = {"questions": n}
+    for arm in ARMS:
+        out[f"accuracy_{arm}"] = share(lambda r: correct(r[arm], by_q[r["question"]]))  # noqa: B023
+    for arm, suffix in (("staircase", ""), ("staircase_prefix", "_prefix")):
+        out[f"agreement{suffix}"] = share(lambda r: r["wait"] == r[arm])  # noqa: B023
+        out[f"agreement{suffix}_normalized"] = share(
+            lambda r: " ".join(r["wait"].split()) == " ".join(r[arm].split()))  # noqa: B023
+    for arm in ARMS:
+        out[f"restarted_{arm}"] = share(lambda r: restarted(r[arm]))  # noqa: B023
+        out[f"glued_{arm}"] = share(lambda r: glued(r[arm]))  # noqa: B023
+    for arm in ("staircase", "staircase_prefix"):
+        out[f"{arm}_rounds_mean"] = round(statistics.mean(r[f"{arm}_rounds"] for r in rows), 2)
+    out.update({"wall_s": round(time.monotonic() - started, 1),
+                "setup": {"engine": "local SmolLM2-135M-Instruct on CPU", "temperature": 0, "proposers": 3,
+                          "max_tokens": 32, "chunk_tokens": 8},
+                "answers": rows})
+    return out
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,10 +392,12 @@ def main() -> None:
                   f"(-{r['ttft_reduction']:.0%}), total {r['wait']['total_s']} -> {r['staircase']['total_s']} s "
                   f"(x{r['total_ratio']}), cached {r['staircase']['cached_share']:.0%} of staircase prefill")
         if quality:
-            print(f"quality ({quality['questions']} questions): accuracy wait {quality['accuracy_wait']:.0%}, "
-                  f"staircase {quality['accuracy_staircase']:.0%}; identical answers {quality['agreement']:.0%}; "
-                  f"restarted answers wait {quality['restarted_wait']:.0%}, "
-                  f"staircase {quality['restarted_staircase']:.0%}")
+            q = quality
+            print(f"quality ({q['questions']} questions): accuracy wait {q['accuracy_wait']:.0%}, staircase "
+                  f"{q['accuracy_staircase']:.0%} (prefix {q['accuracy_staircase_prefix']:.0%}); identical to wait "
+                  f"{q['agreement']:.0%} (prefix {q['agreement_prefix']:.0%}); restarted or glued: staircase "
+                  f"{q['restarted_staircase']:.0%}/{q['glued_staircase']:.0%}, prefix "
+                  f"{q['restarted_staircase_prefix']:.0%}/{q['glued_staircase_prefix']:.0%}")
 
 
 if __name__ == "__main__":

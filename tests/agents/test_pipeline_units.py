@@ -437,3 +437,36 @@ async def test_a_middle_layer_agent_that_ended_its_answer_ends_its_output():
     assert mid_rounds == [1] and result["agents"]["p1.0"]["status"] == "finished"
     assert " m0" in agg_prompts(llm)[0][0]["content"] and "[...]" not in agg_prompts(llm)[0][0]["content"]
     assert result["answer"] == " done."
+
+
+def test_prefix_continuation_ends_each_later_round_with_the_open_answer_so_far():
+    conv = Conversation("Q?", "Synthesize.", 2, prefix=True)
+    conv.add_round(["a0", "b0"], [False, False]).output = "X0"
+    m1 = conv.messages()
+    assert len(m1) == 2 and not conv.continues  # round 0: the classic prompt, nothing to continue
+    conv.add_round(["a1", ""], [True, False]).output = "X1"
+    m2 = conv.messages()
+    assert m2[:2] == m1 and conv.continues
+    assert m2[2]["role"] == "user" and m2[2]["content"].startswith("More of the responses arrived.\n\nResponse 1")
+    assert "Continue your answer" not in m2[2]["content"]  # nothing to ask: the model goes on with its text
+    assert m2[3] == {"role": "assistant", "content": "X0"} and len(m2) == 4
+    conv.add_round(["", "b1"], [True, True])
+    m3 = conv.messages()
+    assert m3[:3] == m2[:3] and m3[3]["role"] == "user" and m3[4] == {"role": "assistant", "content": "X0X1"}
+    empty = Conversation("Q?", "S.", 1, prefix=True)
+    empty.add_round(["a"], [False]).output = ""
+    empty.add_round(["b"], [True])
+    assert not empty.continues and empty.messages()[-1]["role"] == "user"  # no answer yet: a fresh turn
+
+
+async def test_prefix_continuation_asks_the_engine_to_continue_the_final_message():
+    llm = FakeLLM({f"p0.{i}": Proposer(words("a", 6)) for i in range(3)}, agg_tokens=30)
+    result = await PipelineExecutor(spec(continuation="prefix"), llm, Recorder()).run()
+    calls = [r for nid, r in llm.requests if nid == "agg"]
+    assert len(calls) >= 2 and result["rounds"] == len(calls)
+    assert calls[0].extra_body == {} and calls[0].messages[-1]["role"] == "user"
+    for c in calls[1:]:
+        assert c.extra_body == {"continue_final_message": True} and c.messages[-1]["role"] == "assistant"
+    assert calls[-1].messages[-1]["content"] == result["answer"][: len(calls[-1].messages[-1]["content"])]
+    with pytest.raises(ValueError):
+        spec(continuation="rewrite")
