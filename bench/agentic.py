@@ -252,6 +252,11 @@ def main() -> None:
     ap.add_argument("--extras", action="store_true", help="also ttl and program-lru-engine")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="one process pool of this size")
     args = ap.parse_args()
+    for name in ("engines", "concurrency"):
+        if any(v < 1 for v in getattr(args, name) or []):
+            ap.error(f"--{name} must be at least 1")
+    if (args.duration is not None and args.duration <= 0) or args.workers < 1:
+        ap.error("--duration must be positive and --workers at least 1")
     cells = suite(args.quick, args.families, args.engines, args.concurrency, args.preset, args.multi_preset)
     duration = args.duration or (QUICK_DURATION_S if args.quick else DURATION_S)
     seeds = args.seeds or [args.seed]
