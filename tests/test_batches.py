@@ -379,3 +379,49 @@ async def test_cli_submits_a_jsonl_file_and_writes_results(url: str, tmp_path: P
     src.write_text('{"message": "x"}\n{"message": \n')
     assert await asyncio.to_thread(main, [*base, "submit", str(src)]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+def test_token_record_masks_tokens_a_grammar_forced():
+    """The local engine returns one logprob per sampled token; the tokens a tool-call grammar
+    forced after it have none: not sampled, so mask 0 and no logprob."""
+    from agents.loop import token_record
+    from scheduler.backends.base import Generation, TokenLogprob, Usage
+
+    gen = Generation(rid="r", text="x", token_ids=[5, 6, 7, 8], finish_reason="stop", usage=Usage(),
+                     logprobs=[TokenLogprob(token="a", token_id=5, logprob=-0.5),
+                               TokenLogprob(token="d", token_id=8, logprob=-0.25)])
+    rec = token_record(gen, [1, 2])
+    assert rec == {"prompt_ids": [1, 2], "completion_ids": [5, 6, 7, 8], "completion_logprobs": [-0.5, None, None, -0.25],
+                   "completion_mask": [1, 0, 0, 1]}
+    # one logprob per token: all sampled, in order
+    gen = gen.model_copy(update={"token_ids": [5, 8]})
+    assert token_record(gen, None)["completion_mask"] == [1, 1]
+
+
+@pytest.mark.slow
+async def test_rollouts_on_sglang_chat_say_why_they_have_no_tokens(tmp_path: Path):
+    """The simulator's SGLang-compatible server, as an ``sglang`` backend: the chat API returns
+    logprobs but no token ids, so each result says so instead of giving a wrong sequence."""
+    from tests.servers import SimServerProcess
+
+    script = tmp_path / "trace.json"
+    script.write_text(json.dumps({"turns": [
+        {"output_tokens": 12, "tool": "final_answer", "arguments": {"answer": "done"}}]}))
+    sim = SimServerProcess("--speed", "50", "--script", str(script)).start()
+    try:
+        settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/s.db", api_keys={"sk-test-a": "t"},
+                            log_json=False, worker_poll_seconds=0.1, sandbox_root=str(tmp_path / "sb"),
+                            backends=[{"name": "sim-0", "kind": "sglang", "url": sim.url}])
+        async with running_server(settings) as base, AsyncClient(base_url=base, api_key="sk-test-a") as ac:
+            batch = await ac.batches.create([{"task": "t"}, {"task": "u"}], return_tokens=True)
+            assert (await ac.batches.wait(batch.id, timeout=60)).counts.succeeded == 2
+            out = await ac.batches.results(batch.id)
+            assert [x.output["answer"] for x in out] == ["done", "done"]
+            assert [x.tokens_error for x in out] == ["the backend of turn 0 returned no token ids"] * 2
+            assert all(x.token_ids is None and x.loss_mask is None for x in out)
+            # the turn recorded its tokens as unknown, not as an empty sequence
+            turn = next(s for s in await ac.runs.steps(out[0].run_id) if s.name == "turn-0")
+            assert turn.output["tokens"]["prompt_ids"] is None and turn.output["tokens"]["completion_ids"] == []
+            assert turn.output["usage"]["completion_tokens"] > 0
+    finally:
+        sim.kill()
