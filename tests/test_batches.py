@@ -199,6 +199,16 @@ async def test_idempotency_key_replays_the_batch(client: httpx.AsyncClient, make
     assert (await row_counts(make_settings().database_url))[:3] == (2, 4, 4)
 
 
+async def test_concurrent_submissions_with_one_key_make_one_batch(client: httpx.AsyncClient, make_settings):
+    body = {"workflow": "echo", "requests": [E(i) for i in range(20)]}
+    answers = await asyncio.gather(*[client.post("/v1/batches", json=body, headers={**A, "Idempotency-Key": "k"})
+                                     for _ in range(4)])
+    assert [r.status_code for r in answers] == [201] * 4
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert sum("idempotent-replayed" in r.headers for r in answers) == 3
+    assert (await row_counts(make_settings().database_url))[:3] == (1, 20, 20)
+
+
 async def test_another_tenants_batch_is_not_found(client: httpx.AsyncClient):
     batch = (await client.post("/v1/batches", json={"workflow": "echo", "requests": [E(1)]}, headers=A)).json()
     for method, path in [("GET", ""), ("GET", "/results"), ("GET", "/events"), ("POST", "/cancel")]:
