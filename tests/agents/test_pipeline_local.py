@@ -97,3 +97,64 @@ async def test_real_model_staircase_aggregator_does_not_start_over(tmp_path: Pat
                 # several rounds, and the one that began the answer anew had its repetition dropped
                 assert len(rounds) >= 2 and any(r["restart_chars"] > 0 for r in rounds[1:]), rounds
                 assert answer.startswith(wait.output["answer"][:21]) and "Paris" in answer
+
+
+class Rounds:
+    def __init__(self) -> None:
+        self.rounds: list[dict] = []
+
+    async def delta(self, round: int, text: str) -> None:
+        return None
+
+    async def agent(self, node: str, data: dict) -> None:
+        return None
+
+    async def round(self, data: dict) -> None:
+        self.rounds.append(data)
+
+
+async def test_real_model_prefix_continuation_goes_on_with_its_own_text():
+    """Continuation ``prefix`` on SmolLM2, with the rendering SGLang does for
+    ``continue_final_message`` (the local engine does not do it yet, so the test adds it): in the
+    setting where ``turn`` made the model start over (chunks of 4), it continues its own text: no
+    round repeats anything, and each round's prompt is served from the cache up to where it
+    differs from the previous one."""
+    from agents.pipeline_exec import PipelineExecutor
+    from agents.pipeline_spec import PipelineInput
+    from scheduler.local.engine import LocalEngine
+    from scheduler.local.tool_calls import normalize_messages
+
+    class Continuing(LocalEngine):
+        def _prompt(self, request):
+            m = request.messages
+            if request.extra_body.get("continue_final_message") and m and m[-1]["role"] == "assistant":
+                text = self.tokenizer.apply_chat_template(normalize_messages(m), continue_final_message=True,
+                                                          tokenize=False)
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"], False
+            return super()._prompt(request)
+
+    engine = Continuing()
+    prompts: list[list[int]] = []
+
+    def llm(node, request):
+        if node.id == "agg":
+            prompts.append(engine.encode(request))
+        return engine.stream(request)
+
+    rec = Rounds()
+    try:
+        result = await PipelineExecutor(PipelineInput(**capital("staircase", 4, 4), continuation="prefix"), llm,
+                                        rec).run()
+    finally:
+        await engine.close()
+    answer = result["answer"]
+    assert "Paris" in answer and not starts_over(answer), answer
+    assert len(rec.rounds) >= 2 and all(r["restart_chars"] == 0 for r in rec.rounds), rec.rounds
+    assert all(r["finish"] == "length" for r in rec.rounds[:-1])
+    for prev, cur, r in zip(prompts, prompts[1:], rec.rounds[1:]):
+        shared = next((i for i, (a, b) in enumerate(zip(prev, cur)) if a != b), min(len(prev), len(cur)))
+        assert r["cached_tokens"] >= shared - 1, (shared, r)
+        # the open turn: the request ends with the answer so far, not with an end of turn and a new header
+        text = engine.tokenizer.decode(cur)
+        assert not text.endswith("<|im_start|>assistant\n") and "<|im_end|>" not in text[-12:], text[-80:]
+        assert any(text.endswith(answer[:k]) for k in range(8, len(answer) + 1)), text[-80:]
