@@ -26,7 +26,8 @@ def _events(url: str, run_id: str) -> list[dict]:
 def test_sigkill_mid_pipeline_resumes_from_the_last_round(tmp_path: Path):
     sims = {"prop": SimServerProcess("--speed", "0.2", "--chunked-script", "8,12").start(),
             "short": SimServerProcess("--speed", "0.2", "--chunked-script", "8,1").start(),
-            "agg": SimServerProcess("--speed", "0.2").start()}
+            # writes to each round's budget (an aggregator that ends its answer gets no round more)
+            "agg": SimServerProcess("--speed", "0.2", "--chunked-script", "8,60").start()}
     env = {"ORCH_API_KEYS": "sk-crash=t", "ORCH_LEASE_SECONDS": "2", "ORCH_HEARTBEAT_SECONDS": "0.4",
            "ORCH_WORKER_POLL_SECONDS": "0.2", "ORCH_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/orch.db",
            "ORCH_SANDBOX_ROOT": str(tmp_path / "sandboxes"),

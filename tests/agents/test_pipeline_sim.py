@@ -28,6 +28,9 @@ def sims() -> Iterator[dict[str, SimServerProcess]]:
     started: dict[str, SimServerProcess] = {}
     try:
         for name, args in {"prop": ["--speed", "2", *CHUNK], "agg": ["--speed", "2"],
+                           # an aggregator that writes to each round's budget: the pseudo-word script
+                           # ("agg") ends its answer before it, and an answer that ended gets no round more
+                           "agg_long": ["--speed", "2", "--chunked-script", "8,50"],
                            # slow: still generating when the stall gets it dropped, so the abort shows
                            "stall": ["--speed", "0.05", *CHUNK, "--stall-after-tokens", "12"],
                            "fail": ["--speed", "2", *CHUNK, "--fail-after-tokens", "20"],
@@ -51,7 +54,7 @@ async def client(tmp_path: Path, sims: dict[str, SimServerProcess]) -> AsyncIter
 def pipeline(mode: str = "staircase", proposers: tuple[str, ...] = ("prop", "prop", "prop"), **kw: Any) -> dict:
     return {"task": "Explain prefix caching.", "mode": mode, "temperature": 0, "chunk_tokens": 8,
             "layers": [{"agents": [{"backend": b} for b in proposers], "max_tokens": 64}],
-            "aggregator": {"backend": "agg", "max_tokens": 48}, "stall_timeout_s": 1.5, **kw}
+            "aggregator": {"backend": "agg_long", "max_tokens": 48}, "stall_timeout_s": 1.5, **kw}
 
 
 async def test_staircase_streams_the_aggregator_through_the_sdk_and_the_cache_serves_each_round(
@@ -91,7 +94,8 @@ async def test_wait_and_staircase_agree_when_a_chunk_holds_every_output(client: 
     answers = {}
     for mode in ("wait", "staircase"):
         # the pseudo-word script answers a prompt the same way every time (the chunked one draws by rid)
-        run = await client.runs.create("pipeline", input=pipeline(mode, ("agg", "agg", "agg"), chunk_tokens=1000))
+        run = await client.runs.create("pipeline", input=pipeline(mode, ("agg", "agg", "agg"), chunk_tokens=1000,
+                                                                  aggregator={"backend": "agg", "max_tokens": 48}))
         final = await client.runs.wait(run.id, timeout=60)
         assert final.status == "succeeded", final.error
         answers[mode] = final.output["answer"]
