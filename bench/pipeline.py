@@ -324,7 +324,7 @@ async def quality_config(quick: bool) -> dict[str, Any]:
     rows = []
     started = time.monotonic()
     try:
-        for qi, (question, aliases) in enumerate(questions):
+        for qi, (question, _aliases) in enumerate(questions):
             row: dict[str, Any] = {"question": question}
             for arm, settings in ARMS.items():
                 engine.cache.clear()

@@ -151,8 +151,8 @@ async def test_real_model_prefix_continuation_goes_on_with_its_own_text():
     assert "Paris" in answer and not starts_over(answer), answer
     assert len(rec.rounds) >= 2 and all(r["restart_chars"] == 0 for r in rec.rounds), rec.rounds
     assert all(r["finish"] == "length" for r in rec.rounds[:-1])
-    for prev, cur, r in zip(prompts, prompts[1:], rec.rounds[1:]):
-        shared = next((i for i, (a, b) in enumerate(zip(prev, cur)) if a != b), min(len(prev), len(cur)))
+    for prev, cur, r in zip(prompts, prompts[1:], rec.rounds[1:], strict=False):
+        shared = next((i for i, (a, b) in enumerate(zip(prev, cur, strict=False)) if a != b), min(len(prev), len(cur)))
         assert r["cached_tokens"] >= shared - 1, (shared, r)
         # the open turn: the request ends with the answer so far, not with an end of turn and a new header
         text = engine.tokenizer.decode(cur)
