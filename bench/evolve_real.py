@@ -223,7 +223,10 @@ def _summary(label: str, runs: list[dict[str, Any]], problems: int) -> dict[str,
             "wall_s": round(sum(r["wall_s"] for r in runs), 1),
             "orchestration_s": round(sum(max(0.0, r["loops_wall_s"] - r["model_busy_s"]) for r in runs), 3),
             "seeds": [{"seed": r["seed"], "accuracy": round(sum(r["correct"]) / len(r["correct"]), 4),
-                       "cost_s": round(r["ledger"]["cost_usd"], 2), "answers": r["answers"]} for r in runs]}
+                       "cost_s": round(r["ledger"]["cost_usd"], 2), "answers": r["answers"],
+                       # forward-pass seconds this arm computed itself (replayed calls were computed by an
+                       # earlier arm): with wall_s, what running it added to the benchmark
+                       "engine_busy_s": r["engine_busy_s"]} for r in runs]}
 
 
 def _sum_dicts(ds: Any) -> dict[str, int]:
@@ -366,9 +369,10 @@ def measure(keys: list[str], dtype: str, prompt_tokens: int = 256, decode_tokens
 
 
 # --quick: the 0.5B as the strong tier and SmolLM2 as the cheap one (the 1.5B decodes under 2
-# tokens/s here: one of its GSM8K answers takes minutes), two problems, one seed.
+# tokens/s here: one of its GSM8K answers takes minutes), two problems, one seed; N=3, K=2 so that
+# groups differ (with N = K every group is the whole population and ties at every threshold).
 QUICK: dict[str, Any] = {"strong": "qwen2.5-coder-0.5b", "cheap": "smollm2-135m", "problems": 2, "seeds": [0],
-                         "percentiles": [0.0, 50.0], "population": 2, "k": 2, "groups": None, "loops": 2,
+                         "percentiles": [0.0, 50.0], "population": 3, "k": 2, "groups": None, "loops": 2,
                          "lite_fraction": 0.5, "max_tokens": 128}
 FULL: dict[str, Any] = {"strong": "qwen2.5-coder-1.5b", "cheap": "qwen2.5-coder-0.5b", "problems": 30,
                         "seeds": [0, 1, 2], "percentiles": [0.0, 25.0, 50.0, 75.0, 100.0], "population": 8, "k": 3,
