@@ -26,8 +26,8 @@ process, no batching: the agents share one forward-pass thread), 3 proposers + 1
 Quality (``quality``): the real SmolLM2 at temperature 0 answers a fixed set of short questions
 with known answers (``QUESTIONS``; 4 of them with ``--quick``), 3 proposers + 1 aggregator,
 chunks of 8 tokens, 32 tokens per agent, in three arms: ``wait``, ``staircase`` (continuation
-``turn``, the default) and ``staircase_prefix`` (continuation ``prefix``, on the local engine with
-``continue_final_message`` added by ``continuing_local_engine``). Figures: ``accuracy_<arm>`` (the
+``turn``, the default) and ``staircase_prefix`` (continuation ``prefix``: the local engine, like
+SGLang, honours ``continue_final_message``). Figures: ``accuracy_<arm>`` (the
 answer contains a known answer as a whole word), ``agreement`` / ``agreement_prefix`` (the
 staircase answer identical to wait's; ``_normalized``: up to whitespace), ``restarted_<arm>``
 (answers that start over or repeat themselves verbatim, the defect of issue 19), ``glued_<arm>``
@@ -282,28 +282,6 @@ def glued(answer: str) -> bool:
     return GLUED.search(answer) is not None
 
 
-def continuing_local_engine() -> Any:
-    """The local engine, plus what SGLang does for ``continue_final_message``: a chat request whose
-    last message is an assistant turn, with that flag, is rendered with the turn left open (no end
-    of turn, no new header), so the model continues it. The local engine itself does not do this
-    yet (``scheduler/local/engine.py`` renders every request with a new assistant header); this
-    subclass is how the benchmark measures the ``prefix`` continuation on the real model."""
-    from scheduler.local.engine import LocalEngine
-    from scheduler.local.tool_calls import normalize_messages
-
-    class ContinuingLocalEngine(LocalEngine):
-        def _prompt(self, request: GenerateRequest) -> tuple[list[int], bool]:
-            m = request.messages
-            if request.extra_body.get("continue_final_message") and m and m[-1].get("role") == "assistant" \
-                    and not request.tools:
-                text = self.tokenizer.apply_chat_template(normalize_messages(m), continue_final_message=True,
-                                                          tokenize=False)
-                return self.tokenizer(text, add_special_tokens=False)["input_ids"], False
-            return super()._prompt(request)
-
-    return ContinuingLocalEngine(name="local")
-
-
 # the arms of the quality comparison: name -> what it sets on the pipeline
 ARMS: dict[str, dict[str, Any]] = {"wait": {"mode": "wait"}, "staircase": {"mode": "staircase"},
                                    "staircase_prefix": {"mode": "staircase", "continuation": "prefix"}}
@@ -314,7 +292,9 @@ async def quality_config(quick: bool) -> dict[str, Any]:
     the answers are identical, how often each contains the known answer, and how often an answer
     starts over; staircase with each continuation (``turn``, the default, and ``prefix``). The
     paper's claim is quality parity; this measures it on a model small enough for this CPU."""
-    engine = continuing_local_engine()
+    from scheduler.local.engine import LocalEngine
+
+    engine = LocalEngine(name="local")
     questions = QUESTIONS[:QUICK_QUESTIONS] if quick else QUESTIONS
     spec = {"temperature": 0, "chunk_tokens": 8, "layers": [{"agents": [{"system_prompt": p} for p in (
         "You are a concise expert.", "You explain briefly.", "You answer in one sentence.")], "max_tokens": 32}],

@@ -63,6 +63,12 @@ class LocalEngine(Backend):
         if request.messages is None:
             return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"], False
         messages = normalize_messages(request.messages)
+        if request.extra_body.get("continue_final_message") and messages and messages[-1].get("role") == "assistant" \
+                and not request.tools:
+            # as SGLang does: the last assistant turn is left open (no end of turn, no new
+            # header) and the model goes on writing it (the staircase pipeline's ``prefix``)
+            text = self.tokenizer.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"], False
         tools = bool(request.tools) and request.tool_choice != "none"
         if tools:
             messages = with_tools(messages, request.tools or [])

@@ -114,26 +114,15 @@ class Rounds:
 
 
 async def test_real_model_prefix_continuation_goes_on_with_its_own_text():
-    """Continuation ``prefix`` on SmolLM2, with the rendering SGLang does for
-    ``continue_final_message`` (the local engine does not do it yet, so the test adds it): in the
-    setting where ``turn`` made the model start over (chunks of 4), it continues its own text: no
-    round repeats anything, and each round's prompt is served from the cache up to where it
-    differs from the previous one."""
+    """Continuation ``prefix`` on SmolLM2 (the local engine renders ``continue_final_message`` as
+    SGLang does): in the setting where ``turn`` made the model start over (chunks of 4), it
+    continues its own text: no round repeats anything, and each round's prompt is served from the
+    cache up to where it differs from the previous one."""
     from agents.pipeline_exec import PipelineExecutor
     from agents.pipeline_spec import PipelineInput
     from scheduler.local.engine import LocalEngine
-    from scheduler.local.tool_calls import normalize_messages
 
-    class Continuing(LocalEngine):
-        def _prompt(self, request):
-            m = request.messages
-            if request.extra_body.get("continue_final_message") and m and m[-1]["role"] == "assistant":
-                text = self.tokenizer.apply_chat_template(normalize_messages(m), continue_final_message=True,
-                                                          tokenize=False)
-                return self.tokenizer(text, add_special_tokens=False)["input_ids"], False
-            return super()._prompt(request)
-
-    engine = Continuing()
+    engine = LocalEngine()
     prompts: list[list[int]] = []
 
     def llm(node, request):

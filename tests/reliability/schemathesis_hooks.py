@@ -32,6 +32,11 @@ def filter_case(context: schemathesis.HookContext, case: schemathesis.Case) -> b
         return True
     if (case.method, case.path) == ("POST", "/v1/runs"):
         return not _breaks_cross_field_rule(case.body)
+    if (case.method, case.path) == ("POST", "/v1/batches"):  # each request is a run's input
+        workflow = case.body.get("workflow", "agent")
+        requests = case.body.get("requests")
+        return not any(_breaks_cross_field_rule({"workflow": workflow, "input": item})
+                       for item in (requests if isinstance(requests, list) else []))
     if (case.method, case.path) == ("POST", "/v1/chat/completions"):
         return _tool_messages_answer_calls(case.body.get("messages"))
     return True
