@@ -138,6 +138,8 @@ class EngineCalls:
         return gen
 
     async def generate(self, model: ModelSpec, problem: int, messages: Messages, seed: int) -> Generation:
+        if model.endpoint != "chat" or model.extra_body:
+            raise ValueError("EngineCalls sends chat messages with the spec's sampling settings only")
         key = self._engine(model)
         request = GenerateRequest(messages=messages, seed=seed, max_tokens=model.max_tokens,
                                   temperature=model.temperature, top_p=model.top_p)
@@ -383,7 +385,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="few problems, small population, short outputs (< 10 min)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--measure", action="store_true", help="measure prefill / decode tok/s of each tier and exit")
+    ap.add_argument("--measure", action="store_true",
+                    help="measure prefill / decode tok/s of each tier (--cheap / --strong, default all) and exit")
     ap.add_argument("--strong", choices=sorted(PRICES), help="strong tier (default: the configuration's)")
     ap.add_argument("--cheap", choices=sorted(PRICES), help="cheap tier, also the scorer")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -400,8 +403,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=20)
     args = ap.parse_args()
     if args.measure:
-        result = measure([args.cheap, args.strong] if args.cheap and args.strong else list(PRICES), args.dtype,
-                         threads=args.threads)
+        keys = [k for k in (args.cheap, args.strong) if k] or list(PRICES)
+        result = measure(list(dict.fromkeys(keys)), args.dtype, threads=args.threads)
         print(json.dumps(result, indent=None if args.json else 1))
         return
     cfg = dict(QUICK if args.quick else FULL)
