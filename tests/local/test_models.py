@@ -51,6 +51,7 @@ def test_pinned_smollm2_matches_the_installed_package():
     assert m.gguf_path("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.slow  # hashes 1.6 GB when the extra is installed
 @pytest.mark.parametrize("key", ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
 def test_pinned_chunked_tiers_match_their_packages(key):
     src = m.MODELS[key]
