@@ -25,7 +25,8 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
 - **Restore order**: programs waiting longer than ``starvation_s`` first, then the
   least-attained-service tenant, paused programs before new ones, smallest first
   (cheapest to rebuild, quickest to finish a step). Affinity: a program resumes on the
-  backend that holds its KV when it fits there, else by best fit.
+  backend that holds its KV when it fits there, else by best fit; a new program goes to the
+  least loaded backend (it grows where it is put), by best fit among equals.
 - **Kept KV outlives released KV on the engine.** Keeping a program's KV is worth nothing
   if the engine's LRU evicts it for more recently used KV of programs we released. With
   SGLang's priority eviction (``--radix-eviction-policy priority``) every call is ranked by
@@ -256,8 +257,15 @@ class ProgramPolicy(CapacityPolicy):
             else:
                 fits = [(room[n] - self.need(p, b, prefixes[n]), n) for n, b in backends.items()
                         if (p.allowed is None or n in p.allowed) and room[n] >= self.need(p, b, prefixes[n])]
-                if fits:
-                    target = min(fits)[1]  # best fit: keep big holes for big programs
+                if fits and p.backend is None:
+                    # new: the least loaded backend (fewest tokens counted), best fit among equals.
+                    # A new program starts small and grows where it is put (its calls stick to
+                    # that backend), so packing new programs by best fit put a whole first wave
+                    # on one engine of four while the others stood empty (48 programs on engine 0
+                    # at 5 s), and they then paused each other as their contexts grew
+                    target = min((self.admit_limit(backends[n]) - room[n], left, n) for left, n in fits)[2]
+                elif fits:
+                    target = min(fits)[1]  # best fit for a program that moves: big holes for big ones
             if target is None:
                 if tick and prepared < self.prepare_ahead:
                     self.s.prepare_sandbox(p)
