@@ -257,6 +257,11 @@ async def test_events_stream_each_completion_then_the_end_and_resume(client: htt
     assert resumed[-1][1] == "batch.finished"
     r = await client.get(f"/v1/batches/{batch['id']}/events", headers={**A, "Last-Event-ID": "nonsense"})
     assert r.status_code == 422
+    # without Accept: text/event-stream, the same events as one JSON list, at once
+    page = (await client.get(f"/v1/batches/{batch['id']}/events", headers=A)).json()
+    assert page["object"] == "list" and page["finished"] is True
+    assert sorted(e["index"] for e in page["data"] if e["type"] == "batch.run_finished") == [0, 1, 2]
+    assert page["data"][-1]["type"] == "batch.finished" and page["data"][-1]["counts"]["succeeded"] == 3
     # a bare time in ms resumes from then: 0 is the whole stream again
     again = await sse(client, batch["id"], last_event_id="0")
     assert sorted(f[2]["index"] for f in again if f[1] == "batch.run_finished") == [0, 1, 2]

@@ -398,24 +398,47 @@ def _result(index: int, run: RunRecord, turns: list[Any], return_tokens: bool) -
     return result
 
 
-@router.get("/batches/{batch_id}/events", summary="Completions of a batch's runs as Server-Sent Events",
+# The JSON form of the events (without ``Accept: text/event-stream``): what the stream would
+# send now, as one list
+EVENTS_PAGE = {"type": "object", "required": ["object", "data", "finished"], "properties": {
+    "object": {"type": "string", "enum": ["list"]},
+    "data": {"type": "array", "items": {"type": "object", "required": ["object", "type", "batch_id"], "properties": {
+        "object": {"type": "string", "enum": ["batch.event"]},
+        "type": {"type": "string", "enum": ["batch.run_finished", "batch.finished"]},
+        "batch_id": {"type": "string"}}}},
+    "finished": {"type": "boolean"}}}
+
+
+@router.get("/batches/{batch_id}/events", summary="Completions of a batch's runs (JSON, or SSE)",
             response_class=StreamingResponse,
-            responses={200: {"description": "`batch.run_finished` per run, then `batch.finished`",
-                             "content": {"text/event-stream": {"schema": SSE_EVENT}}}})
+            responses={200: {"description": "`batch.run_finished` per finished run, then `batch.finished`: "
+                                            "SSE with `Accept: text/event-stream`, else the events so far as JSON",
+                             "content": {"text/event-stream": {"schema": SSE_EVENT},
+                                         "application/json": {"schema": EVENTS_PAGE}}}})
 async def batch_events(
     batch_id: BatchId,
     request: Request,
     tenant: TenantDep,
     last_event_id: Annotated[str | None, Header(pattern=CURSOR_PATTERN,
                                                 description="SSE resume point: an event id of this stream")] = None,
-) -> StreamingResponse:
-    """A ``batch.run_finished`` event as each run finishes (``{index, run_id, status}``), then
-    ``batch.finished`` with the counts, and the stream closes. Resumed with ``Last-Event-ID``
-    (an event id, or a time in ms): runs that finished from ``GRACE_S`` before it on come again
-    (at least once: a client dedupes by ``index`` and ``finished_at``)."""
+) -> Response:
+    """With ``Accept: text/event-stream``: a ``batch.run_finished`` event as each run finishes
+    (``{index, run_id, status}``), then ``batch.finished`` with the counts, and the stream
+    closes. Resumed with ``Last-Event-ID`` (an event id, or a time in ms): runs that finished
+    from ``GRACE_S`` before it on come again (at least once: a client dedupes by ``index`` and
+    ``finished_at``). Without it (like a run's events): the events so far, as one JSON list, at
+    once; a client that only polls is never held on an open stream."""
     _check_id(batch_id)
     store = _batches(request)
     batch = await store.get(tenant.name, batch_id)
+    if "text/event-stream" not in request.headers.get("accept", ""):
+        counts = await store.counts(batch.id)
+        done = not any(RunStatus(s) not in _TERMINAL for s in counts)
+        data = [_finished_event(batch.id, c) for c in await store.finished_since(batch.id, 0.0)]
+        if done:
+            data.append(await _batch_finished(store, batch, counts))
+        return Response(json.dumps({"object": "list", "data": data, "finished": done}),
+                        media_type="application/json")
     cursor: tuple[int, int] | None = None
     if last_event_id is not None:
         ms, _, index = last_event_id.partition("-")  # its pattern was checked
@@ -447,21 +470,27 @@ async def _events(store: BatchStore, batch: BatchRecord, cursor: tuple[int, int]
             if key in sent or (cursor is not None and (round(c.finished_at * 1000), c.index) == cursor):
                 continue
             sent.add(key)
-            data = {"object": "batch.event", "type": "batch.run_finished", "batch_id": batch.id, "index": c.index,
-                    "run_id": c.run_id, "status": c.status, "finished_at": c.finished_at}
-            yield f"id: {_event_id(c)}\nevent: batch.run_finished\ndata: {json.dumps(data)}\n\n"
+            yield f"id: {_event_id(c)}\nevent: batch.run_finished\ndata: {json.dumps(_finished_event(batch.id, c))}\n\n"
             since = max(since, c.finished_at - GRACE_S)
             idle = time.monotonic()
         if done:
-            batch = await store.get(batch.tenant, batch.id)
-            data = {"object": "batch.event", "type": "batch.finished", "batch_id": batch.id,
-                    "status": batch_status(batch, counts), "counts": {"total": batch.total, **counts}}
-            yield f"event: batch.finished\ndata: {json.dumps(data)}\n\n"
+            yield f"event: batch.finished\ndata: {json.dumps(await _batch_finished(store, batch, counts))}\n\n"
             return
         if time.monotonic() - idle >= keepalive:
             yield ": keep-alive\n\n"
             idle = time.monotonic()
         await asyncio.sleep(POLL_S)
+
+
+def _finished_event(batch_id: str, c: Completion) -> dict[str, Any]:
+    return {"object": "batch.event", "type": "batch.run_finished", "batch_id": batch_id, "index": c.index,
+            "run_id": c.run_id, "status": c.status, "finished_at": c.finished_at}
+
+
+async def _batch_finished(store: BatchStore, batch: BatchRecord, counts: dict[str, int]) -> dict[str, Any]:
+    batch = await store.get(batch.tenant, batch.id)  # its state as it ends (a cancel may have come)
+    return {"object": "batch.event", "type": "batch.finished", "batch_id": batch.id,
+            "status": batch_status(batch, counts), "counts": {"total": batch.total, **counts}}
 
 
 _TERMINAL = frozenset(s for s in RunStatus if s.terminal)
