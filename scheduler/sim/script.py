@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -205,33 +207,129 @@ def _top_row(confidence: float, k: int) -> list[float]:
     return [-confidence * (0.5 + j / (k - 1)) for j in range(k)]
 
 
+_NEARBY = (-3, -2, -1, 1, 2, 3, 10)  # a careless slip: the offsets of a "nearby" wrong number
+_Z_GRID = tuple(NormalDist().inv_cdf((i + 0.5) / 400) for i in range(400))  # N(0, 1) quantiles
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic draw in [0, 1) from ``parts``."""
+    return _hash(*parts) / 2**64
+
+
+def _logistic(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def skill_for_accuracy(accuracy: float, difficulty_sd: float) -> float:
+    """The skill s whose mean chance of a right answer, logistic(s - d) over difficulties
+    d ~ N(0, ``difficulty_sd``), is ``accuracy``: so ``accuracy`` keeps meaning "the share of
+    right answers" however spread the problems' difficulties are."""
+    if not 0 < accuracy < 1:
+        raise ValueError("accuracy must be within (0, 1) to have a finite skill")
+    if difficulty_sd == 0:
+        return math.log(accuracy / (1 - accuracy))
+    lo, hi = -40.0, 40.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if sum(_logistic(mid - difficulty_sd * z) for z in _Z_GRID) / len(_Z_GRID) < accuracy:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _distractor(truth: str, key: int) -> str:
+    """A plausible wrong answer of a problem, the same for every model: a double, a half, or the
+    right answer off by a step of 4-30 (never one of the careless slips ``_NEARBY`` gives)."""
+    try:
+        t = int(truth)
+    except ValueError:
+        return truth + "!"
+    step = 4 + key % 27
+    step = 31 if step == 10 else step
+    options = [t + step, t - step if t - step >= 0 or t < 0 else t + step + 1, 2 * t]
+    if t % 2 == 0:
+        options.append(t // 2)
+    options = [o for o in options if o != t and o - t not in _NEARBY]
+    return str(options[(key >> 8) % len(options)])
+
+
 class ProblemScript:
     """A model that knows the answers of a problem set, for evolve tests and benchmarks.
 
     The reply to a prompt that contains one of the questions is some reasoning words and
-    ``\\boxed{answer}``. With probability ``accuracy`` (a hash of seed, prompt and request seed,
-    so the same call always gets the same reply) the answer is right; otherwise, when the
-    prompt lists candidate answers after the question (a recombination prompt), the model
-    copies one of them, and when it does not, it states a wrong number near the right one.
-    A weak model thus still keeps a group's consensus, as real aggregation does.
+    ``\\boxed{answer}``. The answer is right with probability p (a hash of seed, prompt and
+    request seed decides, so the same call always gets the same reply). Otherwise, when the
+    prompt lists candidate answers after the question (a recombination prompt), the model copies
+    one of them with probability ``copy``, as a weak aggregator keeps a group's consensus; else it
+    makes its own mistake: the problem's *distractor* with probability ``distractor``, otherwise
+    a careless slip, a number near the right one (-3..+3 or +10).
+
+    By default p is ``accuracy`` on every problem, errors are independent per call, a model
+    shown candidates always copies one when wrong, and wrong answers spread over the slips:
+    simple, but a majority vote then converges on the right answer for any accuracy that is not
+    tiny. The optional parameters make a harder, more realistic model:
+
+    - ``difficulty_sd`` > 0: each problem has a latent difficulty d ~ N(0, ``difficulty_sd``)
+      drawn from a hash of ``difficulty_seed`` and the question (not of ``seed``: two models with
+      the same ``difficulty_seed`` find the same problems hard), or given per question in
+      ``difficulties``; p = logistic(skill - d). ``skill`` defaults to the value at which the mean
+      of p over the difficulty distribution is ``accuracy`` (``skill_for_accuracy``), so
+      ``accuracy`` still means the share of right answers.
+    - ``distractor`` > 0: a wrong answer is the problem's distractor (a hash of
+      ``difficulty_seed`` and the question, or ``distractors[question]``; the same for every
+      model) with that probability: a shared plausible mistake on which a vote can converge.
+    - ``copy`` < 1: a wrong model shown candidates sometimes makes its own mistake instead.
 
     Prompt logprobs (prefill-only scoring) make the confidence of a prompt depend on the last
     answer it states, which is the candidate being scored: per prompt token, top-k logprobs
-    whose mean is ``-c``, with c from ``by_answer`` if the answer is listed there, else
-    ``confidence_correct`` or ``confidence_wrong``, plus up to ``confidence_noise`` / 2 either
-    way (a hash of the prompt)."""
+    whose mean is ``-c``, plus up to ``confidence_noise`` / 2 either way (a hash of the prompt).
+    c is ``by_answer[answer]`` if listed there; otherwise, with ``confidence_from="truth"`` (the
+    default), ``confidence_correct`` for the right answer and ``confidence_wrong`` for any other,
+    an oracle on the ground truth; with ``confidence_from="belief"``, ``confidence_wrong +
+    (confidence_correct - confidence_wrong) * q``, where q is this model's own probability of
+    stating that answer to the bare question (``answer_probability``): right answers score high
+    where the model is likely right, and a distractor it shares scores high where it is likely
+    wrong, as a real model's likelihood of an answer does."""
 
     def __init__(self, problems: dict[str, str], accuracy: float, *, seed: int = 0, reasoning_tokens: int = 12,
                  confidence_correct: float = 2.0, confidence_wrong: float = 1.0, confidence_noise: float = 0.0,
-                 by_answer: dict[str, float] | None = None) -> None:
+                 by_answer: dict[str, float] | None = None, difficulty_sd: float = 0.0, difficulty_seed: int = 0,
+                 difficulties: dict[str, float] | None = None, skill: float | None = None,
+                 distractor: float = 0.0, distractors: dict[str, str] | None = None, copy: float = 1.0,
+                 confidence_from: Literal["truth", "belief"] = "truth") -> None:
         if not 0 <= accuracy <= 1:
             raise ValueError("accuracy must be within [0, 1]")
+        for name, value in (("distractor", distractor), ("copy", copy)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if difficulty_sd < 0:
+            raise ValueError("difficulty_sd must be >= 0")
+        if confidence_from not in ("truth", "belief"):
+            raise ValueError("confidence_from must be 'truth' or 'belief'")
         self.problems = dict(problems)
         self.accuracy = accuracy
         self.seed = seed
         self.reasoning_tokens = reasoning_tokens
         self.confidence = (confidence_correct, confidence_wrong, confidence_noise)
         self.by_answer = dict(by_answer or {})
+        self.difficulty_sd = difficulty_sd
+        self.difficulty_seed = difficulty_seed
+        self.distractor = distractor
+        self.copy = copy
+        self.confidence_from = confidence_from
+        given = {q: float(v) for q, v in (difficulties or {}).items()}
+        self.difficulties = {q: given.get(q, difficulty_sd * NormalDist().inv_cdf(
+            (_hash(difficulty_seed, q, "difficulty") % 2**52 + 0.5) / 2**52)) for q in self.problems}
+        named = distractors or {}
+        self.distractors = {q: str(named.get(q) or _distractor(a, _hash(difficulty_seed, q, "distractor")))
+                            for q, a in self.problems.items()}
+        # no latent at all: p is ``accuracy`` exactly (the original behaviour, 0 and 1 included)
+        self._flat = skill is None and not any(self.difficulties.values())
+        if skill is None and not self._flat:
+            skill = math.inf if accuracy == 1 else -math.inf if accuracy == 0 else \
+                skill_for_accuracy(accuracy, difficulty_sd)
+        self.skill = skill
         self._p = _Pieces()
 
     def find(self, text: str) -> tuple[str, str, int] | None:
@@ -242,22 +340,43 @@ class ProblemScript:
                 return question, answer, at + len(question)
         return None
 
+    def p_right(self, question: str) -> float:
+        """This model's chance of a right answer to ``question``."""
+        if self._flat or self.skill is None:
+            return self.accuracy
+        return _logistic(self.skill - self.difficulties[question])
+
+    def answer_probability(self, question: str, answer: str) -> float:
+        """The chance that this model states ``answer`` to the bare ``question`` (no candidates
+        shown): its belief in that answer, which ``confidence_from="belief"`` scores."""
+        truth, p = self.problems[question], self.p_right(question)
+        if answer == truth:
+            return p
+        q = (1 - p) * self.distractor * (answer == self.distractors[question])
+        slips = self._slips(truth)
+        return q + (1 - p) * (1 - self.distractor) * slips.count(answer) / len(slips)
+
+    @staticmethod
+    def _slips(truth: str) -> list[str]:
+        try:
+            return [str(int(truth) + o) for o in _NEARBY]
+        except ValueError:
+            return [truth + "?"]
+
     def answer(self, text: str, seed: int | None) -> str | None:
         found = self.find(text)
         if found is None:
             return None
-        _, truth, end = found
-        if _hash(self.seed, text, seed) / 2**64 < self.accuracy:
+        question, truth, end = found
+        if _unit(self.seed, text, seed) < self.p_right(question):
             return truth
         group = [a.strip() for a in _BOXED.findall(text[end:]) if a.strip()]
-        if group:
+        if group and (self.copy >= 1 or _unit(self.seed, text, seed, "adopt") < self.copy):
             return group[_hash(self.seed, text, seed, "copy") % len(group)]
-        offsets = (-3, -2, -1, 1, 2, 3, 10)
-        offset = offsets[_hash(self.seed, text, seed, "wrong") % len(offsets)]
-        try:
-            return str(int(truth) + offset)
-        except ValueError:
-            return truth + "?"
+        if self.distractor > 0 and _unit(self.seed, text, seed, "distractor") < self.distractor:
+            return self.distractors[question]
+        slips = self._slips(truth)
+        return slips[_hash(self.seed, text, seed, "wrong") % len(slips)]
 
     def plan(self, request: SimRequest) -> Plan:
         text = request.prompt_text or ""
@@ -276,7 +395,12 @@ class ProblemScript:
             c = self.by_answer[last]
         else:
             found = self.find(text)
-            c = correct if found is not None and last == found[1] else wrong
+            if found is None or last is None:
+                c = wrong
+            elif self.confidence_from == "belief":
+                c = wrong + (correct - wrong) * self.answer_probability(found[0], last)
+            else:
+                c = correct if last == found[1] else wrong
         return c + noise * ((_hash(self.seed, text, "noise") % 10_000) / 10_000 - 0.5)
 
     def prompt_logprobs(self, pieces: Sequence[str], top_k: int) -> list[list[tuple[str, float]]]:
@@ -298,10 +422,24 @@ def hashed_prompt_logprobs(pieces: Sequence[str], top_k: int, seed: int = 0) -> 
 
 def problem_script(spec: dict[str, Any], seed: int = 0) -> ProblemScript:
     """A ``ProblemScript`` from its JSON form: ``{"kind": "problems", "accuracy": 0.7, "problems":
-    [{"question": ..., "answer": ...}], "confidence_correct": 2.0, ...}``."""
-    return ProblemScript({p["question"]: str(p["answer"]) for p in spec["problems"]}, float(spec["accuracy"]),
+    [{"question": ..., "answer": ..., "difficulty"?: 1.2, "distractor"?: ...}],
+    "confidence_correct": 2.0, ..., "difficulty_sd": 1.5, "distractor": 0.5, "copy": 0.5,
+    "confidence_from": "belief"}`` (every key after ``problems`` optional)."""
+    problems = spec["problems"]
+    skill = spec.get("skill")
+    return ProblemScript({p["question"]: str(p["answer"]) for p in problems}, float(spec["accuracy"]),
                          seed=int(spec.get("seed", seed)), reasoning_tokens=int(spec.get("reasoning_tokens", 12)),
                          confidence_correct=float(spec.get("confidence_correct", 2.0)),
                          confidence_wrong=float(spec.get("confidence_wrong", 1.0)),
                          confidence_noise=float(spec.get("confidence_noise", 0.0)),
-                         by_answer={str(k): float(v) for k, v in (spec.get("by_answer") or {}).items()})
+                         by_answer={str(k): float(v) for k, v in (spec.get("by_answer") or {}).items()},
+                         difficulty_sd=float(spec.get("difficulty_sd", 0.0)),
+                         difficulty_seed=int(spec.get("difficulty_seed", 0)),
+                         difficulties={p["question"]: float(p["difficulty"]) for p in problems
+                                       if p.get("difficulty") is not None},
+                         skill=None if skill is None else float(skill),
+                         distractor=float(spec.get("distractor", 0.0)),
+                         distractors={p["question"]: str(p["distractor"]) for p in problems
+                                      if p.get("distractor") is not None},
+                         copy=float(spec.get("copy", 1.0)),
+                         confidence_from=spec.get("confidence_from", "truth"))
