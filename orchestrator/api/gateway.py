@@ -158,7 +158,7 @@ def _generate_request(body: ChatCompletionRequest, rid: str, max_tokens: int) ->
             tools=body.tools, tool_choice=body.tool_choice, max_tokens=max_tokens,
             temperature=body.temperature, top_p=body.top_p,
             stop=[body.stop] if isinstance(body.stop, str) else body.stop, seed=body.seed,
-            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+            logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, stream=bool(body.stream))
     except ValidationError as exc:
         raise ValidationFailed(exc.errors()[0]["msg"], code="invalid_request") from None
 

@@ -47,6 +47,9 @@ class GenerateRequest(BaseModel):
     prompt_logprobs: bool = False
     prompt_top_logprobs: int = Field(default=0, ge=0, le=20)
     priority: int | None = None
+    stream: bool = Field(default=True, description=(
+        "False: the caller reads only the whole answer, so a backend may fetch it in one response "
+        "(one read instead of an SSE event per token on the gateway's non-streamed path)."))
     extra_body: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -1,13 +1,15 @@
 """SGLang over its native HTTP API (verified against real SGLang 0.5.23, see tests/backends).
 
 Chat goes to ``/v1/chat/completions`` (streamed, with ``include_usage`` so the final
-chunk carries cached tokens); raw prompts and token ids go to ``/generate``, whose
-streamed ``text`` is cumulative and is turned into deltas here. Every request
+chunk carries cached tokens; in one response when the caller reads only the whole answer);
+raw prompts and token ids go to ``/generate``, whose streamed ``text`` is cumulative and is
+turned into deltas here. Every request
 carries ``rid`` so the scheduler can abort it on the engine.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from scheduler.backends._http import mapped_errors, raise_for_status, sse_json, stream_post
 from scheduler.backends._http1 import Http1Pool
 from scheduler.backends.base import (
-    Backend, Capacity, FinishReason, GenerateRequest, GenerationChunk, Load, StreamInterrupted, TokenLogprob,
-    ToolCallBuffer, Usage,
+    Backend, BackendHTTPError, Capacity, FinishReason, GenerateRequest, GenerationChunk, Load, StreamInterrupted,
+    TokenLogprob, ToolCallBuffer, Usage,
 )
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "tool_calls": "tool_calls"}
@@ -91,9 +93,10 @@ class SGLangBackend(Backend):
     def _chat_body(self, r: GenerateRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": r.model or self.model, "messages": r.messages, "max_tokens": r.max_tokens,
-            "temperature": r.temperature, "top_p": r.top_p, "stream": True,
-            "stream_options": {"include_usage": True}, "rid": r.rid,
+            "temperature": r.temperature, "top_p": r.top_p, "rid": r.rid,
         }
+        if r.stream:
+            body["stream"], body["stream_options"] = True, {"include_usage": True}
         if r.stop:
             body["stop"] = r.stop
         if r.seed is not None:
@@ -111,6 +114,9 @@ class SGLangBackend(Backend):
     async def _chat(self, r: GenerateRequest) -> AsyncIterator[GenerationChunk]:
         if r.prompt_logprobs:
             raise ValueError("prompt logprobs need a raw prompt: render the chat template and send `prompt`")
+        if not r.stream:
+            yield await self._chat_whole(r)
+            return
         streamed = [False]
         calls = ToolCallBuffer()
         finish: FinishReason | None = None
@@ -146,6 +152,37 @@ class SGLangBackend(Backend):
             yield final
             return
         raise StreamInterrupted(f"{self.name}: stream of {r.rid} ended without a final chunk", backend=self.name)
+
+    async def _chat_whole(self, r: GenerateRequest) -> GenerationChunk:
+        """A non-streamed chat call, for a caller that reads only the whole answer: one JSON
+        response, as one final chunk. Cancelling it closes the connection and the runtime sends
+        ``/abort_request``, as for a stream."""
+        async with mapped_errors(self.name):
+            async with stream_post(self._http, self._pool, "/v1/chat/completions", self._chat_body(r)) as resp:
+                await raise_for_status(resp, self.name)
+                raw = await resp.aread()
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            message = choice.get("message") or {}
+            calls = ToolCallBuffer()
+            for i, tc in enumerate(message.get("tool_calls") or []):
+                fn = tc.get("function") or {}
+                calls.add(tc.get("index", i), tc.get("id"), fn.get("name"), fn.get("arguments"))
+            lps = [TokenLogprob(token=c["token"], logprob=c["logprob"],
+                                top=[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
+                   for c in ((choice.get("logprobs") or {}).get("content") or [])]
+            usage = data.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}
+            return GenerationChunk(
+                rid=r.rid, text=message.get("content") or "", logprobs=lps, tool_calls=calls.calls(),
+                finish_reason=calls.finish_reason(_finish(choice.get("finish_reason"))),
+                usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0),
+                            completion_tokens=usage.get("completion_tokens", 0),
+                            cached_tokens=details.get("cached_tokens") or 0))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BackendHTTPError(f"{self.name}: malformed chat completion: {exc!r}"[:500], status=502,
+                                   backend=self.name) from None
 
     # ---- raw prompt / token ids ------------------------------------------------
 

@@ -53,6 +53,28 @@ async def test_generate_stream_deltas_and_prompt_logprobs(backend):
     assert all(lp.logprob <= 0 for lp in final.prompt_logprobs)
 
 
+async def test_chat_in_one_response_equals_the_stream(backend):
+    """``stream=False`` (the gateway's non-streamed calls) fetches the answer as one JSON
+    response: the same greedy text, logprobs, usage and tool calls as the stream gives."""
+    req = GenerateRequest(messages=QUESTION, max_tokens=8, logprobs=True, top_logprobs=2)
+    streamed = [c async for c in backend.stream(req.model_copy(update={"rid": "s-" + req.rid}))]
+    whole = [c async for c in backend.stream(req.model_copy(update={"rid": "w-" + req.rid, "stream": False}))]
+    assert len(whole) == 1 and whole[0].finish_reason == streamed[-1].finish_reason
+    assert whole[0].text == "".join(c.text for c in streamed) and "Paris" in whole[0].text
+    assert [lp.token for lp in whole[0].logprobs] == [lp.token for c in streamed for lp in c.logprobs]
+    assert len(whole[0].logprobs[0].top) == 2
+    assert whole[0].usage.prompt_tokens == streamed[-1].usage.prompt_tokens
+    assert whole[0].usage.completion_tokens == streamed[-1].usage.completion_tokens
+    assert whole[0].usage.cached_tokens > 0  # the same prompt again
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    call = GenerateRequest(messages=[{"role": "user", "content": "What is the weather in Paris?"}], tools=tools,
+                           tool_choice="required", max_tokens=40, stream=False)
+    [gen] = [c async for c in backend.stream(call)]
+    assert gen.finish_reason == "tool_calls" and gen.tool_calls[0].name == "get_weather"
+    assert isinstance(json.loads(gen.tool_calls[0].arguments), dict)
+
+
 async def running_load(backend: SGLangBackend) -> Load:
     """``/v1/loads`` once it shows a request running. SGLang 0.5.23 publishes that snapshot at a
     prefill, before the new request joins the running batch (``running=0``, its prompt's 7 tokens
