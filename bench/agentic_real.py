@@ -20,7 +20,7 @@ write exactly the trace's number of tokens (``ignore_eos``) and reports the trac
 its last chunk (a 135M model fed random tokens calls no tools), which is what a chat call whose
 answer called a tool looks like to the runtime. Tools are ``asyncio.sleep``s of the trace's time.
 
-Scaling (``Scale``): context tokens (system prompt, task, tool results) x 1/16, outputs x 1/4
+Scaling (``Scale``): context tokens (system prompt, task, tool results) x 1/16, outputs x 1/8
 within 16-64 tokens, tools clamped to 0.5-5 s, at most ``max_turns`` turns (the last one is the
 final answer). The simulator runs the *same scaled* traces (``ScaledFamily``), with no sandbox
 delay (the real run has no sandboxes).
@@ -48,6 +48,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -96,7 +97,7 @@ def log(msg: str) -> None:
 class Scale:
     """How a simulator trace is shrunk to fit a 135M model on two CPU cores."""
     context: float = 1 / 16          # system prompt, task and tool results
-    output: float = 1 / 4
+    output: float = 1 / 8
     output_bounds: tuple[int, int] = (16, 64)
     tool_bounds: tuple[float, float] = (0.5, 5.0)
     max_turns: int = 6
@@ -234,9 +235,7 @@ class Server:
     def ensure(self, flags: list[str]) -> bool:
         """A server with these flags and an empty cache; True when it was (re)started."""
         if self.flags == flags:
-            r = httpx.post(f"{self.url}/flush_cache", timeout=30)
-            r.raise_for_status()
-            log(f"flushed the cache: {r.text.strip()[:60]}")
+            self.flush()
             return False
         self.stop()
         t0 = time.perf_counter()
@@ -251,6 +250,23 @@ class Server:
         self.flags = flags
         log(f"server up in {time.perf_counter() - t0:.1f} s")
         return True
+
+    def flush(self) -> None:
+        """Empty the radix cache. SGLang flushes only when no request runs or waits (aborted calls
+        of the last run may still be leaving), so it waits for idle and checks the answer."""
+        deadline = time.monotonic() + 60
+        status = None
+        while True:
+            load = httpx.get(f"{self.url}/v1/loads", timeout=30).json()["loads"][0]
+            busy = load.get("num_running_reqs", 0) + load.get("num_waiting_reqs", 0)
+            if not busy:
+                status = httpx.post(f"{self.url}/flush_cache", timeout=30).status_code
+                if status == 200:
+                    log("flushed the cache")
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not flush the cache: {busy} requests, last answer {status}")
+            time.sleep(0.5)
 
     def stop(self) -> None:
         if self.flags is None:
@@ -275,6 +291,28 @@ def server_counters(url: str) -> dict[str, float]:
     return out
 
 
+def server_log_path(port: int) -> str:
+    home = os.environ.get("SGLANG_CPU_HOME") or os.path.expanduser("~/.cache/sglang-cpu")
+    return os.path.join(home, "run", f"server-{port}.log")
+
+
+_LOG_RE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
+
+
+def in_run_decode(lines: Sequence[str], cost: CostModel) -> dict[str, float | int | None]:
+    """SGLang's own ``Decode batch`` log lines of a run (one per 40 decode steps: running
+    requests, KV tokens, generation tokens/s over the interval, prefills in it included) against
+    what the cost model says a decode step of that batch and context gives: how far the run's
+    engine was from the calibrated one (a shared machine's load, prefills between decode steps)."""
+    seen = [(int(m[1]), int(m[2]), float(m[3])) for m in map(_LOG_RE.search, lines) if m]
+    if not seen:
+        return {"decode_log_lines": 0, "measured_tok_s": None, "model_tok_s": None, "mean_batch": None}
+    model = [b / cost.decode_step_time(b, tokens) for b, tokens, _ in seen]
+    return {"decode_log_lines": len(seen), "mean_batch": round(statistics.fmean(b for b, _, _ in seen), 2),
+            "measured_tok_s": round(statistics.fmean(t for _, _, t in seen), 2),
+            "model_tok_s": round(statistics.fmean(model), 2)}
+
+
 # ---- calibration ----------------------------------------------------------------------------------
 
 
@@ -294,7 +332,7 @@ async def measure(url: str, quick: bool, seed: int) -> tuple[list[PrefillPoint],
     if not quick:
         configs += [(12, 32), (16, 32), (2, 1024)]
     repeats = 2 if quick else 3
-    steps = 24 if quick else 48
+    steps = 16 if quick else 48
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
 
         async def prefill_once(n: int) -> tuple[int, float]:
@@ -580,11 +618,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short calibration and windows: < 10 min in all")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout (logs on stderr)")
     ap.add_argument("--port", type=int, default=30123)
-    ap.add_argument("--programs", type=int, default=16, help="parallel programs (closed loop)")
+    ap.add_argument("--programs", type=int, default=12, help="parallel programs (closed loop)")
     ap.add_argument("--kv-tokens", type=int, default=2048, help="the server's --max-total-tokens")
     ap.add_argument("--family", default="coding", choices=sorted(FAMILIES))
     ap.add_argument("--seed", type=int, default=100)
-    ap.add_argument("--window", type=float, help="wall seconds per policy (default 120, quick 60)")
+    ap.add_argument("--window", type=float, help="wall seconds per policy (default 120, quick 70)")
     ap.add_argument("--finish", type=float, help="seconds for started programs to finish (default 90, quick 40)")
     ap.add_argument("--max-turns", type=int, help="turns per program at most (default 6, quick 4)")
     ap.add_argument("--threads", type=int, default=1, help="the server's OMP_NUM_THREADS (0: torch's default)")
@@ -594,7 +632,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.programs < 1 or args.kv_tokens < 256:
         ap.error("--programs must be at least 1 and --kv-tokens at least 256")
-    window = args.window or (60.0 if args.quick else 120.0)
+    window = args.window or (70.0 if args.quick else 120.0)
     finish = args.finish or (40.0 if args.quick else 90.0)
     scale = Scale(max_turns=args.max_turns or (4 if args.quick else 6))
     family = ScaledFamily(FAMILIES[args.family], scale)
@@ -633,10 +671,16 @@ def main() -> None:
             if i > 0:
                 server.ensure(policy_flags(policy))
             log(f"{policy}: real run, {args.programs} programs, {window:.0f} s window")
+            log_path = server_log_path(args.port)
+            offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
             measured[policy] = asyncio.run(run_real(
                 policy, server.url, family, programs=args.programs, seed=args.seed, window_s=window, finish_s=finish,
                 start_spread_s=spread, max_tokens=max_tokens, prefill_s_per_token=fitted.prefill_per_token_s,
                 policy_options=options[policy]))
+            if os.path.exists(log_path):
+                with open(log_path, errors="replace") as f:
+                    f.seek(offset)
+                    measured[policy]["in_run_decode"] = in_run_decode(f.read().splitlines(), fitted)
             log(f"{policy}: {json.dumps(measured[policy])}")
     finally:
         server.stop()

@@ -13,7 +13,8 @@ import random
 import pytest
 
 from bench.agentic_real import (
-    DecodePoint, PrefillPoint, Scale, ScaledFamily, fit_cost_model, gap, model_error, nonneg_lstsq, ratios, run_sim,
+    DecodePoint, PrefillPoint, Scale, ScaledFamily, fit_cost_model, gap, in_run_decode, model_error, nonneg_lstsq,
+    ratios, run_sim,
 )
 from scheduler.sim.cost import CostModel, preset
 from scheduler.sim.workloads import FAMILIES
@@ -115,3 +116,19 @@ def test_ratios_and_gap() -> None:
 def test_the_preset_is_a_cost_model_the_error_measure_accepts() -> None:
     err = model_error(preset("smollm2-135m-cpu"), *points(TRUE))
     assert err["prefill_mean_rel_error"] > 0 and err["decode_mean_rel_error"] > 0
+
+
+def test_in_run_decode_reads_sglangs_decode_lines() -> None:
+    lines = [
+        "[2026-12-04 23:26:51] Decode batch, #running-req: 5, #token: 826, token usage: 0.40, cpu graph: False, "
+        "gen throughput (token/s): 16.25, #queue-req: 0",
+        "[2026-12-04 23:26:53] Prefill batch, #new-seq: 2, #new-token: 122, #cached-token: 472, token usage: 0.50",
+        "[2026-12-04 23:26:56] Decode batch, #running-req: 1, #token: 208, token usage: 0.10, cpu graph: False, "
+        "gen throughput (token/s): 27.96, #queue-req: 0",
+    ]
+    got = in_run_decode(lines, TRUE)
+    assert got["decode_log_lines"] == 2 and got["mean_batch"] == 3.0
+    assert got["measured_tok_s"] == pytest.approx((16.25 + 27.96) / 2, abs=0.01)
+    want = (5 / TRUE.decode_step_time(5, 826) + 1 / TRUE.decode_step_time(1, 208)) / 2
+    assert got["model_tok_s"] == pytest.approx(want, abs=0.01)
+    assert in_run_decode(lines[1:2], TRUE)["decode_log_lines"] == 0
