@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator.api import batches, docs, gateway, health, openapi, runs
 from orchestrator.api.fast import FastRoutes
@@ -101,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await bus.close()
             await engine.dispose()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="Agentic orchestrator",
         version="0.1.0",
         description="Program-aware control plane for LLM agent workflows in front of SGLang backends.",
@@ -115,16 +116,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = default_registry(settings.workflow_modules)
     for router in ROUTERS:
         app.include_router(router)
-    # innermost first: the fast routes run inside the request context (id, access log, metrics)
-    app.add_middleware(FastRoutes, routes=[*gateway.FAST_ROUTES, runs.CREATE_RUN_ROUTE])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_read_timeout_s)
+    # the fast routes run inside their own request context (id, access log, metrics), ahead of FastAPI
+    app.fast_routes = FastRoutes([*gateway.FAST_ROUTES, runs.CREATE_RUN_ROUTE])
+    app.fast_stack = RequestContextMiddleware(app.fast_routes, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                                              body_timeout_s=settings.body_read_timeout_s)
     _install_error_handlers(app)
     openapi.install(app, app.state.registry, gateway.FAST_ROUTES, gateway.FAST_SCHEMAS, settings.max_tokens_ceiling,
                     list(settings.queues))
     batches.install_openapi(app)
     docs.install(app)
     return app
+
+
+class ServiceApp(FastAPI):
+    """FastAPI, with the hot path's plain ASGI routes (``orchestrator.api.fast``) answered before
+    FastAPI's own middleware stack: a request they serve never enters it."""
+
+    fast_routes: FastRoutes | None = None
+    fast_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_stack is not None and self.fast_routes is not None and self.fast_routes.serves(scope):
+            scope["app"] = self  # as Starlette sets it: handlers reach app.state through the request
+            await self.fast_stack(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def make_sandbox_pool(settings: Settings) -> SandboxPool:

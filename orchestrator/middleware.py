@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +49,7 @@ class RequestContextMiddleware:
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # the HTTP metrics' children
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,13 +84,17 @@ class RequestContextMiddleware:
                 raise  # the server drops the connection: the client sees a cut response, not a whole one
             await send_error(send_wrapper, err or APIError("Internal error; the request id identifies it in the logs."))
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            method = scope["method"]
-            self.metrics.http_requests.labels(method, path, str(status)).inc()
-            self.metrics.http_duration.labels(method, path).observe(time.perf_counter() - start)
-            log.info("request", extra={"method": method, "path": scope["path"], "status": status,
-                                       "duration_ms": now_ms(start)})
+            method, path = scope["method"], getattr(scope.get("route"), "path", "unmatched")
+            key = (method, path, status)
+            series = self._series.get(key)
+            if series is None:  # bounded: route paths (or "unmatched") x parsed methods x statuses
+                series = self._series[key] = (self.metrics.http_requests.labels(method, path, str(status)),
+                                              self.metrics.http_duration.labels(method, path))
+            series[0].inc()
+            series[1].observe(time.perf_counter() - start)
+            if log.isEnabledFor(logging.INFO):
+                log.info("request", extra={"method": method, "path": scope["path"], "status": status,
+                                           "duration_ms": now_ms(start)})
             request_id_var.reset(token)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes | None:
