@@ -65,7 +65,7 @@ KEY = "sk-bench"
 # - prices: $3 / $15 and $0.1 / $0.4 per Mtok, the earlier benchmark's (frontier vs small API);
 # - difficulty_sd 1.5 logits: item difficulties of benchmark questions spread over a few logits
 #   in item-response fits of LLM results; at 1.5 a problem one sd harder than the mean takes
-#   the strong model from 0.87 to 0.6 and the weak one from 0.43 to 0.15;
+#   the strong model from 0.87 to 0.6 and the weak one from 0.43 to 0.14;
 # - distractor 0.5: half of the wrong answers are the problem's one common mistake (a misread
 #   step), the rest careless slips; two models that err on a problem then often agree;
 # - copy 0.5: a model that cannot solve a problem, shown candidates, adopts one of them half the
