@@ -259,7 +259,7 @@ class SGLangBackend(Backend):
 
     async def _get_json(self, path: str) -> Any:
         async with mapped_errors(self.name):
-            resp = await self._http.get(path)
+            resp = await self._get(path)
             await raise_for_status(resp, self.name)
             return resp.json()
 
@@ -286,9 +286,21 @@ class SGLangBackend(Backend):
     async def health(self) -> bool:
         try:
             async with mapped_errors(self.name):
-                return (await self._http.get("/health")).status_code == 200
+                return (await self._get("/health")).status_code == 200
         except Exception:
             return False
+
+    async def _get(self, path: str) -> httpx.Response:
+        """A GET, sent once more on a new connection when the kept-alive one it went out on was
+        closed under it. The server closes an idle connection after its keep-alive timeout (5 s
+        in uvicorn, which SGLang runs on); a request that leaves as it does gets "Server
+        disconnected without sending a response", and a stalled event loop makes that likely.
+        Without the second try one such race marked a live backend down until the next check
+        and failed the calls placed meanwhile. A GET is safe to repeat."""
+        try:
+            return await self._http.get(path)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            return await self._http.get(path)
 
     async def model_info(self) -> dict[str, Any]:
         return await self._get_json("/get_model_info")

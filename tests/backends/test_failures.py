@@ -72,3 +72,40 @@ async def test_5xx_hang_and_cut_stream():
                 got.append(chunk.text)
         assert "".join(got) == "xxx" and not cut.value.retryable  # deltas from cumulative text
         await backend.close()
+
+
+async def test_a_kept_alive_connection_closed_under_a_get_is_tried_again():
+    """The server closes a kept-alive connection as the next request arrives on it (its
+    keep-alive timeout racing the request): the observation's GETs go again on a new connection
+    instead of reporting a live backend down."""
+    served = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests_here = 0
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            requests_here += 1
+            if requests_here > 1:  # the second request on a kept-alive connection: closed, unanswered
+                writer.close()
+                return
+            path = head.split(b" ")[1].decode()
+            served.append(path)
+            body = json.dumps({"max_total_num_tokens": 1000, "max_req_input_len": 500} if path == "/get_server_info"
+                              else {"loads": [{"num_running_reqs": 1}]} if path == "/v1/loads" else {}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = SGLangBackend(f"http://127.0.0.1:{port}")
+    try:
+        assert await backend.health()
+        assert await backend.health()  # its kept-alive connection is closed unanswered: once more
+        assert (await backend.capacity()).max_total_tokens == 1000
+        assert (await backend.load()).running == 1
+        assert served == ["/health", "/health", "/get_server_info", "/v1/loads"]
+    finally:
+        await backend.close()
+        server.close()
+        await server.wait_closed()
