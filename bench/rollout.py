@@ -29,7 +29,9 @@ the batch is fixed, so both ratios are the inverse ratio of rollout time), the m
 step time (batch makespan), p95 trajectory time, KV hit rate, recomputed tokens, and where the
 time goes (``accounting``): per trajectory, time held by the scheduler, engine queue + prefill
 (TTFT), decode, and tool (sandbox wait included); the same for the trajectory that ended each
-step last (``critical``); the engines' busy fraction and the prefill seconds spent recomputing.
+step last (``critical``); the engines' busy fraction and the engine-seconds of prefill spent
+recomputing (``recompute_prefill_s``: tokens x the preset's per-token prefill time, attention
+left out, so a lower bound on long contexts).
 ``--seeds`` gives mean and range over seeds. Virtual time: deterministic for a seed.
 """
 
@@ -203,7 +205,7 @@ class RolloutResult:
                 "mean_trajectory": split(done),
                 "critical": split(crit),
                 "engine_busy_frac": round(self.busy_s / (self.engines * t), 3) if t else 0.0,
-                "recompute_prefill_s": round(self.recomputed_tokens * self.prefill_s_per_token, 1),
+                "recompute_prefill_s": round(self.recomputed_tokens * self.prefill_s_per_token, 1),  # lower bound
                 "prefill_tokens": self.prefill_tokens,
             },
         }
