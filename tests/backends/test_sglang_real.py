@@ -75,6 +75,19 @@ async def test_chat_in_one_response_equals_the_stream(backend):
     assert isinstance(json.loads(gen.tool_calls[0].arguments), dict)
 
 
+async def test_continue_final_message_goes_on_from_an_open_assistant_turn(backend):
+    """``continue_final_message`` (the staircase's ``prefix`` continuation): SGLang renders the
+    last assistant turn without its end, so the model writes on from it instead of starting a new
+    answer; without the flag the same messages get a new turn."""
+    messages = [*QUESTION[:1], {"role": "assistant", "content": "The capital of France is"}]
+    on = await backend.generate(GenerateRequest(messages=messages, max_tokens=8,
+                                                extra_body={"continue_final_message": True}))
+    off = await backend.generate(GenerateRequest(messages=messages, max_tokens=8))
+    assert "Paris" in on.text and not on.text.lstrip().startswith("The capital"), on.text
+    assert on.usage.prompt_tokens < off.usage.prompt_tokens, (on.usage, off.usage)  # no end of turn, no new header
+    assert on.text != off.text
+
+
 async def running_load(backend: SGLangBackend) -> Load:
     """``/v1/loads`` once it shows a request running. SGLang 0.5.23 publishes that snapshot at a
     prefill, before the new request joins the running batch (``running=0``, its prompt's 7 tokens
