@@ -56,13 +56,14 @@ class PipelineInput(AgentSettings):
         default=None, ge=1, le=32_768,
         description="Tokens an aggregating agent writes in a round that is not its last (default: that round's "
                     "chunk size). Its last round, when every input has finished, writes to the end.")
-    continuation: Literal["turn", "prefix"] = Field(
-        default="turn",
+    continuation: Literal["auto", "turn", "prefix"] = Field(
+        default="auto",
         description="How an aggregating agent's round goes on from its previous output (staircase). turn: its "
                     "output is a finished assistant turn, then a user turn gives what arrived and asks it to "
                     "continue (any chat backend). prefix: what arrived comes as user turns and its answer so far "
-                    "as an open assistant turn that the model continues (continue_final_message: SGLang and vLLM "
-                    "honour it; a backend that does not renders a closed turn instead).")
+                    "as an open assistant turn that the model continues (continue_final_message: SGLang, vLLM "
+                    "and the local engine honour it; a backend that does not renders a closed turn instead). "
+                    "auto: prefix when every backend an aggregating agent may run on honours it, else turn.")
     stall_timeout_s: float = Field(default=30.0, gt=0, le=3600,
                                    description="A call that sends nothing for this long is dropped; the rest go on.")
     delta_interval_s: float = Field(default=0.05, ge=0, le=10,

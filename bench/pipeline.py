@@ -26,8 +26,8 @@ process, no batching: the agents share one forward-pass thread), 3 proposers + 1
 Quality (``quality``): the real SmolLM2 at temperature 0 answers a fixed set of short questions
 with known answers (``QUESTIONS``; 4 of them with ``--quick``), 3 proposers + 1 aggregator,
 chunks of 8 tokens, 32 tokens per agent, in three arms: ``wait``, ``staircase`` (continuation
-``turn``, the default) and ``staircase_prefix`` (continuation ``prefix``: the local engine, like
-SGLang, honours ``continue_final_message``). Figures: ``accuracy_<arm>`` (the
+``turn``) and ``staircase_prefix`` (continuation ``prefix``, what the default ``auto`` picks
+here: the local engine, like SGLang, honours ``continue_final_message``). Figures: ``accuracy_<arm>`` (the
 answer contains a known answer as a whole word), ``agreement`` / ``agreement_prefix`` (the
 staircase answer identical to wait's; ``_normalized``: up to whitespace), ``restarted_<arm>``
 (answers that start over or repeat themselves verbatim, the defect of issue 19), ``glued_<arm>``
@@ -283,14 +283,15 @@ def glued(answer: str) -> bool:
 
 
 # the arms of the quality comparison: name -> what it sets on the pipeline
-ARMS: dict[str, dict[str, Any]] = {"wait": {"mode": "wait"}, "staircase": {"mode": "staircase"},
+ARMS: dict[str, dict[str, Any]] = {"wait": {"mode": "wait"}, "staircase": {"mode": "staircase", "continuation": "turn"},
                                    "staircase_prefix": {"mode": "staircase", "continuation": "prefix"}}
 
 
 async def quality_config(quick: bool) -> dict[str, Any]:
     """Staircase vs wait on the same questions with the real SmolLM2 (temperature 0): how often
     the answers are identical, how often each contains the known answer, and how often an answer
-    starts over; staircase with each continuation (``turn``, the default, and ``prefix``). The
+    starts over; staircase with each continuation (``turn`` and ``prefix``, which ``auto``, the
+    default, picks on SGLang and the local engine). The
     paper's claim is quality parity; this measures it on a model small enough for this CPU."""
     from scheduler.local.engine import LocalEngine
 

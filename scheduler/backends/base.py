@@ -190,6 +190,11 @@ class Backend(abc.ABC):
     """Async LLM backend. ``stream`` is the primitive; ``generate`` collects it."""
 
     name: str = "backend"
+    # Renders a chat whose last message is an assistant turn left open when the request's
+    # ``extra_body`` says ``continue_final_message`` (SGLang, vLLM, the local engine): the
+    # staircase's ``prefix`` continuation relies on it. An arbitrary OpenAI-compatible
+    # endpoint may refuse the parameter or ignore it.
+    continues_final_message: bool = False
 
     @abc.abstractmethod
     def stream(self, request: GenerateRequest) -> AsyncIterator[GenerationChunk]: ...

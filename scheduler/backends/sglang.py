@@ -63,6 +63,8 @@ def ranks_kv(server_info: dict[str, Any]) -> bool:
 
 
 class SGLangBackend(Backend):
+    continues_final_message = True  # verified on SGLang 0.5.23 (tests/backends/test_sglang_real.py)
+
     def __init__(
         self,
         base_url: str,

@@ -39,6 +39,8 @@ class _Step:
 
 
 class LocalEngine(Backend):
+    continues_final_message = True  # renders the chat template with the last assistant turn open
+
     def __init__(self, loaded: LoadedModel | None = None, *, cache_tokens: int = 16384, name: str = "local") -> None:
         self.loaded = loaded or load_model()
         self.name = name

@@ -31,7 +31,9 @@ async def test_real_model_staircase_reuses_its_prefix_and_matches_wait(tmp_path:
                         worker_poll_seconds=0.1, sandbox_root=str(tmp_path / "sb"),
                         backends=[{"name": "local", "kind": "local"}])
     async with running_server(settings) as url, AsyncClient(base_url=url, api_key=KEY, timeout=30) as client:
-        run = await client.runs.create("pipeline", input={**spec("staircase", 4), "aggregator_chunk_tokens": 4})
+        # turn: the whole previous request and what the model wrote are the next round's prefix
+        run = await client.runs.create("pipeline", input={**spec("staircase", 4), "aggregator_chunk_tokens": 4,
+                                                          "continuation": "turn"})
         events = [e async for e in client.runs.stream(run.id)]
         final = await client.runs.get(run.id)
         assert final.status == "succeeded", final.error
@@ -50,6 +52,8 @@ async def test_real_model_staircase_reuses_its_prefix_and_matches_wait(tmp_path:
             done = await client.runs.wait(run.id, timeout=300)
             assert done.status == "succeeded", done.error
             answers[mode] = done.output["answer"]
+            if mode == "staircase":  # unset: auto, and the local engine continues an open turn
+                assert done.output["continuation"] == "prefix"
         assert answers["wait"] == answers["staircase"] and answers["wait"].strip()
 
 
@@ -80,7 +84,8 @@ async def test_real_model_staircase_aggregator_does_not_start_over(tmp_path: Pat
         assert wait.status == "succeeded", wait.error
         assert "Paris" in wait.output["answer"] and not starts_over(wait.output["answer"])
         for chunk, agg_chunk in ((8, 16), (4, 4)):
-            run = await client.runs.create("pipeline", input=capital("staircase", chunk, agg_chunk))
+            run = await client.runs.create("pipeline", input=capital("staircase", chunk, agg_chunk)
+                                           | {"continuation": "turn"})  # the continuation the guard is for
             events = [e async for e in client.runs.stream(run.id)]
             final = await client.runs.get(run.id)
             assert final.status == "succeeded", final.error

@@ -59,7 +59,8 @@ def pipeline(mode: str = "staircase", proposers: tuple[str, ...] = ("prop", "pro
 
 async def test_staircase_streams_the_aggregator_through_the_sdk_and_the_cache_serves_each_round(
         client: AsyncClient, sims: dict[str, SimServerProcess]):
-    run = await client.runs.create("pipeline", input=pipeline(aggregator_chunk_tokens=6))
+    # turn: each round's re-prefill is the previous request and its answer, all cached
+    run = await client.runs.create("pipeline", input=pipeline(aggregator_chunk_tokens=6, continuation="turn"))
     events = [e async for e in client.runs.stream(run.id)]
     final = await client.runs.get(run.id)
     assert final.status == "succeeded", final.error
@@ -88,6 +89,25 @@ async def test_staircase_streams_the_aggregator_through_the_sdk_and_the_cache_se
         metrics = (await h.get("/metrics")).text
     calls = sum(a["requests"] for a in out["agents"].values())
     assert f"orchestrator_scheduler_dispatches_total {float(calls)}" in metrics  # every call was scheduled
+
+
+async def test_auto_continuation_is_prefix_on_sglang_backends(client: AsyncClient):
+    """Unset, ``continuation`` is ``auto``: every backend here is SGLang's kind, which honours
+    ``continue_final_message``, so the aggregator continues its open answer (``prefix``); each
+    round's re-prefill is cached up to the parts that arrived before it."""
+    run = await client.runs.create("pipeline", input=pipeline(aggregator_chunk_tokens=6))
+    events = [e async for e in client.runs.stream(run.id)]
+    final = await client.runs.get(run.id)
+    assert final.status == "succeeded", final.error
+    assert final.output["continuation"] == "prefix"
+    assert next(e.data for e in events if e.type == "pipeline.started")["continuation"] == "prefix"
+    deltas = [e.data for e in events if e.type == "pipeline.delta"]
+    assert "".join(d["text"] for d in deltas) == final.output["answer"] and final.output["rounds"] >= 2
+    rounds = [e.data for e in events if e.type == "pipeline.round"]
+    for prev, cur in zip(rounds, rounds[1:]):
+        # the answer so far (at most the aggregator's 48 tokens) comes last, open: the cache
+        # serves the previous prompt up to it
+        assert cur["cached_tokens"] >= prev["prompt_tokens"] - 48 - 4 > 0
 
 
 async def test_wait_and_staircase_agree_when_a_chunk_holds_every_output(client: AsyncClient):

@@ -470,3 +470,30 @@ async def test_prefix_continuation_asks_the_engine_to_continue_the_final_message
     assert calls[-1].messages[-1]["content"] == result["answer"][: len(calls[-1].messages[-1]["content"])]
     with pytest.raises(ValueError):
         spec(continuation="rewrite")
+
+
+def test_auto_continuation_is_prefix_only_where_every_aggregating_backend_continues():
+    """``continuation: auto`` (the default): ``prefix`` when every backend an aggregating agent
+    may use honours ``continue_final_message``; a proposer of layer 0 aggregates nothing, so its
+    backend does not count; an aggregator that names no backend may run on any."""
+    from types import SimpleNamespace
+
+    from agents.pipeline import continuation_for
+    from scheduler.backends.openai_compat import OpenAICompatBackend
+    from scheduler.backends.sglang import SGLangBackend
+    from scheduler.local.engine import LocalEngine
+
+    assert SGLangBackend.continues_final_message and LocalEngine.continues_final_message
+    assert not OpenAICompatBackend.continues_final_message
+    backends = {"sgl": SimpleNamespace(continues_final_message=True),
+                "oai": SimpleNamespace(continues_final_message=False)}
+    assert spec().continuation == "auto"
+    assert continuation_for(spec(), backends) == "turn"  # the aggregator may land on "oai"
+    assert continuation_for(spec(aggregator={"backend": "sgl"}), backends) == "prefix"
+    assert continuation_for(spec(aggregator={"backend": "sgl"}, layers=[{"agents": [{"backend": "oai"}]}]),
+                            backends) == "prefix"  # layer 0 only proposes
+    two_layers = [{"agents": [{"backend": "sgl"}]}, {"agents": [{"backend": "oai"}]}]
+    assert continuation_for(spec(aggregator={"backend": "sgl"}, layers=two_layers), backends) == "turn"
+    assert continuation_for(spec(aggregator={"backend": "oai"}, continuation="prefix"), backends) == "prefix"
+    assert continuation_for(spec(aggregator={"backend": "sgl"}, continuation="turn"), backends) == "turn"
+    assert continuation_for(spec(), {"sgl": backends["sgl"]}) == "prefix"
