@@ -66,13 +66,29 @@ def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def latency(direct: str, gateway: str, n: int, stream: bool = False) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (``/proc/<pid>/stat``; 0 where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def latency(direct: str, gateway: str, n: int, stream: bool = False,
+                  pids: tuple[int, int] | None = None) -> dict[str, float]:
     """The same call direct and through the gateway, alternating; with ``stream``, SSE read to
-    ``[DONE]`` (how agents that stream see it)."""
+    ``[DONE]`` (how agents that stream see it). With ``pids`` (service, backend), also the CPU
+    each process spent per call pair: less sensitive to other load than latency is (the
+    service's figure is its whole cost of a call; the backend's counts both calls)."""
     body = {"model": "m", "messages": [{"role": "user", "content": "ping"}], "max_tokens": 2, "stream": stream}
     d_times, g_times = [], []
+    cpu0: tuple[float, float] | None = None
     async with httpx.AsyncClient(timeout=30) as c:
         for i in range(n + 10):
+            if i == 10 and pids:
+                cpu0 = (cpu_seconds(pids[0]), cpu_seconds(pids[1]))
             for target in ("direct", "gateway"):
                 url, payload, headers = f"{direct}/v1/chat/completions", body, {}
                 if target == "gateway":
@@ -91,9 +107,13 @@ async def latency(direct: str, gateway: str, n: int, stream: bool = False) -> di
                     (d_times if target == "direct" else g_times).append(time.perf_counter() - t0)
     diffs = [g - d for g, d in zip(g_times, d_times)]
     ms = lambda v: round(1000 * v, 3)  # noqa: E731
-    return {"direct_p50_ms": ms(percentile(d_times, 50)), "direct_p99_ms": ms(percentile(d_times, 99)),
-            "gateway_p50_ms": ms(percentile(g_times, 50)), "gateway_p99_ms": ms(percentile(g_times, 99)),
-            "added_p50_ms": ms(percentile(diffs, 50)), "added_p99_ms": ms(percentile(diffs, 99)), "calls": n}
+    out = {"direct_p50_ms": ms(percentile(d_times, 50)), "direct_p99_ms": ms(percentile(d_times, 99)),
+           "gateway_p50_ms": ms(percentile(g_times, 50)), "gateway_p99_ms": ms(percentile(g_times, 99)),
+           "added_p50_ms": ms(percentile(diffs, 50)), "added_p99_ms": ms(percentile(diffs, 99)), "calls": n}
+    if pids and cpu0:
+        out["service_cpu_ms_per_call"] = ms((cpu_seconds(pids[0]) - cpu0[0]) / n)
+        out["backend_cpu_ms_per_call"] = ms((cpu_seconds(pids[1]) - cpu0[1]) / (2 * n))
+    return out
 
 
 async def throughput(gateway: str, clients: int, seconds: float) -> dict[str, float]:
@@ -184,7 +204,7 @@ def decisions(policy: str, programs: int, events: int, seed: int = 0) -> dict[st
 
 
 @contextmanager
-def service(tmp: str, sim_port: int, **env: str) -> Iterator[str]:
+def service(tmp: str, sim_port: int, **env: str) -> Iterator[tuple[str, int]]:
     """The service in its own process (SQLite, no rate limit unless ``env`` sets one) in front
     of the simulator; yields its URL once ready."""
     port = free_port()
@@ -196,7 +216,7 @@ def service(tmp: str, sim_port: int, **env: str) -> Iterator[str]:
         **env})
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -211,18 +231,18 @@ async def run(quick: bool) -> dict:
     try:
         wait_http(f"http://127.0.0.1:{sim_port}/health")
         direct = f"http://127.0.0.1:{sim_port}"
-        with service(tmp, sim_port) as gateway:
-            out["latency"] = await latency(direct, gateway, n)
+        with service(tmp, sim_port) as (gateway, pid):
+            out["latency"] = await latency(direct, gateway, n, pids=(pid, sim.pid))
             log(f"latency: {out['latency']}")
-            out["latency_streamed"] = await latency(direct, gateway, n, stream=True)
+            out["latency_streamed"] = await latency(direct, gateway, n, stream=True, pids=(pid, sim.pid))
             log(f"latency, streamed: {out['latency_streamed']}")
             out["throughput"] = await throughput(gateway, 16 if quick else 64, 4 if quick else 15)
             log(f"throughput: {out['throughput']}")
         # the multi-replica profile: every call's rate limit is checked in Redis (one round trip)
         limits = json.dumps({"max_concurrent_runs": None, "requests_per_second": 1e6, "burst": 1_000_000})
         with redis_server() as redis_url, service(tmp, sim_port, ORCH_REDIS_URL=redis_url,
-                                                  ORCH_DEFAULT_LIMITS=limits) as gateway:
-            out["latency_redis_rate_limit"] = await latency(direct, gateway, n)
+                                                  ORCH_DEFAULT_LIMITS=limits) as (gateway, pid):
+            out["latency_redis_rate_limit"] = await latency(direct, gateway, n, pids=(pid, sim.pid))
             log(f"latency, rate limit in Redis: {out['latency_redis_rate_limit']}")
     finally:
         sim.terminate()
