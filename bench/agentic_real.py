@@ -299,18 +299,28 @@ def server_log_path(port: int) -> str:
 _LOG_RE = re.compile(r"Decode batch, #running-req: (\d+), #token: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
 
 
+_PREFILL_RE = re.compile(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)")
+
+
 def in_run_decode(lines: Sequence[str], cost: CostModel) -> dict[str, float | int | None]:
-    """SGLang's own ``Decode batch`` log lines of a run (one per 40 decode steps: running
-    requests, KV tokens, generation tokens/s over the interval, prefills in it included) against
-    what the cost model says a decode step of that batch and context gives: how far the run's
-    engine was from the calibrated one (a shared machine's load, prefills between decode steps)."""
+    """SGLang's own log lines of a run against the cost model. ``Decode batch`` (one per 40
+    decode steps: running requests, KV tokens, generation tokens/s over the interval, prefills in
+    it included) against what the model says a decode step of that batch and context gives; and
+    the ``Prefill batch`` forwards (each pays the fixed prefill overhead, and holds every running
+    decode meanwhile) with the engine time the model gives them. How far the run's engine was from
+    the calibrated one, and where (a shared machine's load, prefills between decode steps)."""
     seen = [(int(m[1]), int(m[2]), float(m[3])) for m in map(_LOG_RE.search, lines) if m]
-    if not seen:
-        return {"decode_log_lines": 0, "measured_tok_s": None, "model_tok_s": None, "mean_batch": None}
-    model = [b / cost.decode_step_time(b, tokens) for b, tokens, _ in seen]
-    return {"decode_log_lines": len(seen), "mean_batch": round(statistics.fmean(b for b, _, _ in seen), 2),
-            "measured_tok_s": round(statistics.fmean(t for _, _, t in seen), 2),
-            "model_tok_s": round(statistics.fmean(model), 2)}
+    fills = [(int(m[1]), int(m[2]), int(m[3])) for m in map(_PREFILL_RE.search, lines) if m]
+    out: dict[str, float | int | None] = {
+        "decode_log_lines": len(seen), "mean_batch": None, "measured_tok_s": None, "model_tok_s": None,
+        "prefill_forwards": len(fills), "prefill_new_tokens": sum(t for _, t, _ in fills),
+        "model_prefill_s": round(sum(cost.prefill_time([(t, c // max(1, n))]) for n, t, c in fills), 1)}
+    if seen:
+        model = [b / cost.decode_step_time(b, tokens) for b, tokens, _ in seen]
+        out.update(mean_batch=round(statistics.fmean(b for b, _, _ in seen), 2),
+                   measured_tok_s=round(statistics.fmean(t for _, _, t in seen), 2),
+                   model_tok_s=round(statistics.fmean(model), 2))
+    return out
 
 
 # ---- calibration ----------------------------------------------------------------------------------
@@ -454,6 +464,7 @@ async def run_real(policy: str, url: str, family: ScaledFamily, *, programs: int
     system = _ids(random.Random(f"system/{seed}"), family.system_tokens)
     traces = family.programs(seed)
     live: dict[str, tuple[asyncio.Task[None], float]] = {}
+    errors: list[Exception] = []
     tally = Tally()
     window: Tally | None = None
     starting = True
@@ -494,6 +505,9 @@ async def run_real(policy: str, url: str, family: ScaledFamily, *, programs: int
             runtime.release(pid, TENANT)
             tally.programs_completed += 1
             tally.completion_s.append(loop.time() - started)
+        except Exception as exc:  # a failed call: counted and logged, the loop goes on
+            errors.append(exc)
+            log(f"{policy}: {pid} failed: {exc!r}")
         finally:
             live.pop(pid, None)
             if starting:
@@ -511,7 +525,6 @@ async def run_real(policy: str, url: str, family: ScaledFamily, *, programs: int
 
     before = await asyncio.to_thread(server_counters, url)
     starters = [asyncio.create_task(first(i)) for i in range(programs)]
-    errors: list[BaseException] = []
     try:
         await asyncio.sleep(window_s)
         starting = False
@@ -519,13 +532,8 @@ async def run_real(policy: str, url: str, family: ScaledFamily, *, programs: int
         sched = runtime.sched.counters
         window_counters = {"pauses": sched["pauses"], "resumes": sched["resumes"], "retains": sched["retains"]}
         log(f"{policy}: window over ({tally.steps} steps); finishing {len(live)} programs (at most {finish_s:.0f} s)")
-        deadline = loop.time() + finish_s
-        while live and loop.time() < deadline:
-            done = [t for t, _ in list(live.values()) if t.done()]
-            for t in done:
-                if t.exception() is not None:
-                    errors.append(t.exception())  # type: ignore[arg-type]
-            await asyncio.sleep(0.2)
+        if live:  # no program starts after the window: these are all there are to wait for
+            await asyncio.wait([t for t, _ in live.values()], timeout=finish_s)
         now = loop.time()
         unfinished = [(pid, now - started) for pid, (_, started) in live.items()]
         for t, _ in list(live.values()):

@@ -131,4 +131,7 @@ def test_in_run_decode_reads_sglangs_decode_lines() -> None:
     assert got["measured_tok_s"] == pytest.approx((16.25 + 27.96) / 2, abs=0.01)
     want = (5 / TRUE.decode_step_time(5, 826) + 1 / TRUE.decode_step_time(1, 208)) / 2
     assert got["model_tok_s"] == pytest.approx(want, abs=0.01)
-    assert in_run_decode(lines[1:2], TRUE)["decode_log_lines"] == 0
+    assert got["prefill_forwards"] == 1 and got["prefill_new_tokens"] == 122
+    assert got["model_prefill_s"] == pytest.approx(TRUE.prefill_time([(122, 236)]), abs=0.05)
+    only_prefill = in_run_decode(lines[1:2], TRUE)
+    assert only_prefill["decode_log_lines"] == 0 and only_prefill["measured_tok_s"] is None
