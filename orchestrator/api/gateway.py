@@ -234,22 +234,25 @@ async def _stream_events(events: wire.ChunkEvents, stream: AsyncGenerator[Genera
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
 
-        async def write() -> None:
+        async def write() -> bytes:
+            """Send the chunks as they come; the last (the one with the finish reason) is returned,
+            to go out with ``[DONE]`` and the end of the body in one write."""
             chunk, out = first, events.first()  # the role event goes out with the first chunk's
             try:
                 while chunk is not None:
+                    if chunk.finish_reason is not None:
+                        return out + events.event(chunk) + wire.DONE
                     await send({"type": "http.response.body", "body": out + events.event(chunk), "more_body": True})
                     chunk, out = await anext(stream, None), b""
-                await send({"type": "http.response.body", "body": out + wire.DONE, "more_body": True})
+                return out + wire.DONE
             except BackendError as exc:
-                await send({"type": "http.response.body", "body": wire.sse(_backend_error(exc).body()),
-                            "more_body": True})
+                return wire.sse(_backend_error(exc).body())
 
         try:
-            await _unless_disconnected(receive, write())
+            tail = await _unless_disconnected(receive, write())
         except ClientGone:
             return  # the stream was cancelled mid-way, which aborts the call on its engine
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
     finally:
         await stream.aclose()  # at once: a call still running is aborted on its engine
         done()
