@@ -153,6 +153,26 @@ def run(cells: list[Cell], seed: int, duration: float, extras: bool, pool: Execu
 FIGURES = ("steps_per_min", "steps_per_min_vs_request", "steps_per_min_vs_thunderagent", "p95_completion_s")
 
 
+def seed_stats(results: list[dict], figures: tuple[str, ...]) -> dict:
+    """The mean, min and max over seeds of each figure of one run's results (a figure that is
+    ``None`` in a seed, say a ratio to a baseline with no steps, is left out of it)."""
+    out: dict = {}
+    for figure in figures:
+        values = [r[figure] for r in results if r.get(figure) is not None]
+        if values:
+            out.update({f"{figure}_mean": round(sum(values) / len(values), 3),
+                        f"{figure}_min": min(values), f"{figure}_max": max(values)})
+    return out
+
+
+def variant_wins(rows: list[dict]) -> dict[str, int]:
+    """Which ThunderAgent variant was the best in how many seeds."""
+    wins: dict[str, int] = {}
+    for r in rows:
+        wins[r["thunderagent"]["variant"]] = wins.get(r["thunderagent"]["variant"], 0) + 1
+    return wins
+
+
 def across_seeds(runs: dict[int, dict]) -> dict:
     """Per family, cell and run: the mean and range over seeds of steps/min, its ratios and the
     p95 completion; for ``program``, in how many seeds its p95 was above the best
@@ -166,22 +186,11 @@ def across_seeds(runs: dict[int, dict]) -> dict:
         out[fam] = {}
         for label in first[fam]:
             rows = [runs[s][fam][label] for s in seeds]
-            cell: dict = {}
-            for key in rows[0]:
-                cell[key] = {}
-                for figure in FIGURES:
-                    values = [r[key][figure] for r in rows if r[key][figure] is not None]  # None: no baseline steps
-                    if not values:
-                        continue
-                    cell[key].update({f"{figure}_mean": round(sum(values) / len(values), 3),
-                                      f"{figure}_min": min(values), f"{figure}_max": max(values)})
+            cell = {key: seed_stats([r[key] for r in rows], FIGURES) for key in rows[0]}
             cell["program"]["p95_above_thunderagent_seeds"] = sum(
                 1 for r in rows
                 if (r["program"]["p95_completion_s"] or 0) > (r["thunderagent"]["p95_completion_s"] or 0))
-            wins: dict[str, int] = {}
-            for r in rows:
-                wins[r["thunderagent"]["variant"]] = wins.get(r["thunderagent"]["variant"], 0) + 1
-            cell["thunderagent"]["variant_wins"] = wins
+            cell["thunderagent"]["variant_wins"] = variant_wins(rows)
             out[fam][label] = cell
     out["wall_s"] = round(sum(r["wall_s"] for r in runs.values()), 1)
     return out

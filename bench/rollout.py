@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.agentic import RUNS, TA_VARIANTS, log, with_ratios
+from bench.agentic import RUNS, TA_VARIANTS, log, seed_stats, variant_wins, with_ratios
 from scheduler.core import BackendObserved, RequestArrived, Tick
 from scheduler.sim.agentic import AgenticSimulation, _Prog
 from scheduler.sim.cluster import percentile
@@ -377,19 +377,11 @@ def across_seeds(runs: dict[int, dict]) -> dict:
             rows = [runs[x][s][label] for x in seeds]
             cell: dict = {}
             for key in rows[0]:
-                f: dict = {}
-                for figure in FIGURES:
-                    vals = [r[key][figure] for r in rows if r[key].get(figure) is not None]
-                    if vals:
-                        f.update({f"{figure}_mean": round(sum(vals) / len(vals), 3),
-                                  f"{figure}_min": min(vals), f"{figure}_max": max(vals)})
+                f = seed_stats([r[key] for r in rows], FIGURES)
                 f["accounting"] = _mean_accounting([r[key]["accounting"] for r in rows])
                 f["completed_equals_launched"] = all(r[key]["completed"] == r[key]["trajectories"] for r in rows)
                 cell[key] = f
-            wins: dict[str, int] = {}
-            for r in rows:
-                wins[r["thunderagent"]["variant"]] = wins.get(r["thunderagent"]["variant"], 0) + 1
-            cell["thunderagent"]["variant_wins"] = wins
+            cell["thunderagent"]["variant_wins"] = variant_wins(rows)
             out[s][label] = cell
     out["wall_s"] = round(sum(r["wall_s"] for r in runs.values()), 1)
     return out
