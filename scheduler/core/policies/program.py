@@ -21,8 +21,8 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   waiting, keeping is free and everything is kept. ``keep_rule="threshold"`` instead keeps
   while some later release time has a lower expected cost than releasing now (ski rental
   over the same history, ``ToolDurations.keep_horizon``) and ranks the KV only to that
-  time: +13-15 % steps/min on the heavy-tailed family, -9-11 % on ``stochastic``, -5-7 %
-  under memory pressure (docs/scheduler.md), so not the default.
+  time: +13-15 % steps/min on the heavy-tailed family, -6-9 % on ``coding``, -9-11 % on
+  ``stochastic``, -5-7 % under memory pressure (docs/scheduler.md), so not the default.
 - **Decode headroom**: a reasoning program counts its context plus the output it is
   likely to add (twice its mean completion so far, at most its ``max_tokens``).
 - **Shared prefixes counted once** per backend (one system prompt across programs).
