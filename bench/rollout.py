@@ -50,7 +50,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.agentic import RUNS, TA_VARIANTS, log, seed_stats, variant_wins, with_ratios
-from scheduler.core import BackendObserved, RequestArrived, Tick
+from scheduler.core import RequestArrived
 from scheduler.sim.agentic import AgenticSimulation, _Prog
 from scheduler.sim.cluster import percentile
 from scheduler.sim.engine import SimRequest
@@ -238,16 +238,7 @@ class RolloutSimulation(AgenticSimulation):
     def run_steps(self, limit_s: float = 86_400.0) -> RolloutResult:
         t0 = time.perf_counter()
         clock = self.cluster.clock
-        tick = self.sched.policy.tick_s
-
-        def ticker() -> None:  # as the base class's run(): backend load and the policy's tick
-            now = clock.now()
-            for e in self.cluster.engines:
-                self._handle(BackendObserved(now, e.name, e.capacity, e.used_tokens, e.num_running, len(e.waiting)))
-            self._handle(Tick(now))
-            clock.call_at(now + tick, ticker)
-
-        clock.call_at(0.0, ticker)
+        self._start_ticker()
         clock.call_at(0.0, lambda: self._launch(0))
         while sum(1 for s in self.out.steps if s.end is not None) < self.n_steps and clock.now() < limit_s:
             self.cluster.run(clock.now() + 300.0)

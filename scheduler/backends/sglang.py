@@ -3,8 +3,8 @@
 Chat goes to ``/v1/chat/completions`` (streamed, with ``include_usage`` so the final
 chunk carries cached tokens; in one response when the caller reads only the whole answer);
 raw prompts and token ids go to ``/generate``, whose streamed ``text`` is cumulative and is
-turned into deltas here. Every request
-carries ``rid`` so the scheduler can abort it on the engine.
+turned into deltas here. Every request carries ``rid`` so the scheduler can abort it on the
+engine.
 """
 
 from __future__ import annotations
@@ -31,6 +31,20 @@ def _finish(value: Any) -> FinishReason | None:
         return None
     kind = value.get("type") if isinstance(value, dict) else value
     return _FINISH.get(str(kind), "stop")
+
+
+def _chat_logprobs(choice: dict[str, Any]) -> list[TokenLogprob]:
+    """A chat choice's (or streamed chunk's) ``logprobs.content`` as TokenLogprobs."""
+    return [TokenLogprob(token=c["token"], logprob=c["logprob"],
+                         top=[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
+            for c in ((choice.get("logprobs") or {}).get("content") or [])]
+
+
+def _chat_usage(usage: dict[str, Any]) -> Usage:
+    """OpenAI-format ``usage``, with SGLang's cached prompt tokens."""
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0),
+                 cached_tokens=details.get("cached_tokens") or 0)
 
 
 def _generate_logprobs(entries: list[Any] | None, tops: list[Any] | None = None) -> list[TokenLogprob]:
@@ -134,20 +148,14 @@ class SGLangBackend(Backend):
                             fn = tc.get("function") or {}
                             calls.add(tc.get("index", 0), tc.get("id"), fn.get("name"), fn.get("arguments"))
                         finish = _finish(choice.get("finish_reason")) or finish
-                        lps = [TokenLogprob(token=c["token"], logprob=c["logprob"],
-                                            top=[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
-                               for c in ((choice.get("logprobs") or {}).get("content") or [])]
+                        lps = _chat_logprobs(choice)
                         text = delta.get("content") or ""
                         if text or lps:
                             streamed[0] = True
                             yield GenerationChunk(rid=r.rid, text=text, logprobs=lps)
                     if usage:
-                        details = usage.get("prompt_tokens_details") or {}
-                        final = GenerationChunk(
-                            rid=r.rid, tool_calls=calls.calls(), finish_reason=calls.finish_reason(finish),
-                            usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0),
-                                        completion_tokens=usage.get("completion_tokens", 0),
-                                        cached_tokens=details.get("cached_tokens") or 0))
+                        final = GenerationChunk(rid=r.rid, tool_calls=calls.calls(),
+                                                finish_reason=calls.finish_reason(finish), usage=_chat_usage(usage))
                 # read on to `[DONE]` before yielding the end: a response read to its end hands
                 # its connection back to the pool (closed early, every call paid a new connect)
         if final is not None:
@@ -171,17 +179,10 @@ class SGLangBackend(Backend):
             for i, tc in enumerate(message.get("tool_calls") or []):
                 fn = tc.get("function") or {}
                 calls.add(tc.get("index", i), tc.get("id"), fn.get("name"), fn.get("arguments"))
-            lps = [TokenLogprob(token=c["token"], logprob=c["logprob"],
-                                top=[(t["token"], t["logprob"]) for t in c.get("top_logprobs") or []])
-                   for c in ((choice.get("logprobs") or {}).get("content") or [])]
-            usage = data.get("usage") or {}
-            details = usage.get("prompt_tokens_details") or {}
             return GenerationChunk(
-                rid=r.rid, text=message.get("content") or "", logprobs=lps, tool_calls=calls.calls(),
+                rid=r.rid, text=message.get("content") or "", logprobs=_chat_logprobs(choice), tool_calls=calls.calls(),
                 finish_reason=calls.finish_reason(_finish(choice.get("finish_reason"))),
-                usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0),
-                            completion_tokens=usage.get("completion_tokens", 0),
-                            cached_tokens=details.get("cached_tokens") or 0))
+                usage=_chat_usage(data.get("usage") or {}))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BackendHTTPError(f"{self.name}: malformed chat completion: {exc!r}"[:500], status=502,
                                    backend=self.name) from None

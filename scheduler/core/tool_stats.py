@@ -75,13 +75,6 @@ class ToolDurations:
         # to be rebuilt in Python after every recorded duration (a tool ends before the next starts)
         return sum(self._sorted[i:]) / n - elapsed
 
-
-    def keep_pays(self, elapsed: float, recompute_s: float) -> bool:
-        """Should a program ``elapsed`` seconds into this tool keep its KV, when holding it costs
-        one unit a second and releasing it costs ``recompute_s`` units (its recompute, priced
-        by the caller)? See ``keep_horizon``."""
-        return self.keep_horizon(elapsed, recompute_s) is not None
-
     def keep_horizon(self, elapsed: float, recompute_s: float) -> float | None:
         """How much longer keeping a program's KV through this tool call pays (``None``: it does
         not; release now), when holding it costs one unit a second and releasing it costs

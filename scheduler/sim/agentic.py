@@ -131,16 +131,7 @@ class AgenticSimulation:
         clock = self.cluster.clock
         for i in range(self.concurrency):
             clock.call_at(self.start_spread_s * i / self.concurrency, self._start_next)
-        tick = self.sched.policy.tick_s
-
-        def ticker() -> None:
-            now = clock.now()
-            for e in self.cluster.engines:
-                self._handle(BackendObserved(now, e.name, e.capacity, e.used_tokens, e.num_running, len(e.waiting)))
-            self._handle(Tick(now))
-            clock.call_at(now + tick, ticker)
-
-        clock.call_at(0.0, ticker)
+        self._start_ticker()
         self.cluster.run(duration_s)
         r = self.result
         r.sim_seconds = duration_s
@@ -159,6 +150,20 @@ class AgenticSimulation:
         window.wall_s = time.perf_counter() - t0
         self.result = window
         return window
+
+    def _start_ticker(self) -> None:
+        """From time 0, at the policy's tick: every engine's load, then the policy's tick (what
+        the runtime's observation and timer do in real time)."""
+        clock, tick = self.cluster.clock, self.sched.policy.tick_s
+
+        def ticker() -> None:
+            now = clock.now()
+            for e in self.cluster.engines:
+                self._handle(BackendObserved(now, e.name, e.capacity, e.used_tokens, e.num_running, len(e.waiting)))
+            self._handle(Tick(now))
+            clock.call_at(now + tick, ticker)
+
+        clock.call_at(0.0, ticker)
 
     def _handle(self, event: object) -> None:
         t = time.perf_counter_ns()

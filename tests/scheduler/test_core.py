@@ -39,26 +39,30 @@ def test_tool_durations_prior_then_learned_and_tail_grows():
     assert d.expected_remaining(500) == 200  # past every sample: the top decile's mean
 
 
-def test_keep_pays_keeps_a_heavy_tailed_call_through_its_likely_short_start():
+def test_keep_horizon_keeps_a_heavy_tailed_call_through_its_likely_short_start():
     """Durations 1 s (80 %) and 100-200 s: the mean remaining time at the start (30.4 s) is
     above a recompute worth 10 s, so the mean rule releases at once; keeping for the first
     second costs ~1 s and saves the recompute 80 % of the time, so the threshold rule keeps,
     and releases once the call is past its short mode (then only the tail is left)."""
     d = ToolDurations(min_samples=5, prior_mean_s=4.0)
-    assert d.keep_pays(0, 5.0) and not d.keep_pays(0, 3.0)  # the prior: the mean rule
+
+    def keeps(elapsed: float, recompute_s: float) -> bool:
+        return d.keep_horizon(elapsed, recompute_s) is not None
+
+    assert keeps(0, 5.0) and not keeps(0, 3.0)  # the prior: the mean rule
     for x in [1, 1, 1, 1, 1, 1, 1, 1, 100, 200]:
         d.record(x)
     assert not d.expected_remaining(0.0) < 10.0  # the mean rule would release it
-    assert d.keep_pays(0.0, 10.0) and d.keep_pays(0.5, 10.0)
-    assert not d.keep_pays(2.0, 10.0)  # in its tail: 148 s expected against a 10 s recompute
-    assert d.keep_pays(2.0, 200.0)  # unless recomputing costs more than waiting for the tail
-    assert not d.keep_pays(0.0, 0.5)  # a recompute cheaper than the shortest call: release
-    assert not d.keep_pays(500.0, 100.0) and d.keep_pays(500.0, 300.0)  # past every sample: the mean rule
+    assert keeps(0.0, 10.0) and keeps(0.5, 10.0)
+    assert not keeps(2.0, 10.0)  # in its tail: 148 s expected against a 10 s recompute
+    assert keeps(2.0, 200.0)  # unless recomputing costs more than waiting for the tail
+    assert not keeps(0.0, 0.5)  # a recompute cheaper than the shortest call: release
+    assert not keeps(500.0, 100.0) and keeps(500.0, 300.0)  # past every sample: the mean rule
     # wherever the mean rule keeps, this one keeps too (keeping to the end is one of its choices)
     for t in (0.0, 0.5, 1.0, 1.5, 50.0, 150.0):
         for k in (0.5, 2.0, 10.0, 40.0, 120.0, 400.0):
             if d.expected_remaining(t) < k:
-                assert d.keep_pays(t, k), (t, k)
+                assert keeps(t, k), (t, k)
 
 
 def test_unknown_policy_and_program():
