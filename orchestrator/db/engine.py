@@ -6,13 +6,14 @@ PostgreSQL an advisory lock serialises replicas that start at the same moment.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, make_url, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -87,6 +88,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+        event.listen(engine.sync_engine, "handle_error", _sqlite_cancel_is_not_a_disconnect)
         return engine
     engine = create_async_engine(url, pool_size=pool_size, max_overflow=max(4, pool_size // 4), connect_args={
         "server_settings": {"idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS),
@@ -98,6 +100,22 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             raise DisconnectionError("the server closed this connection")  # the pool retries with a new one
 
     return engine
+
+
+def _sqlite_cancel_is_not_a_disconnect(ctx: ExceptionContext) -> None:
+    """Keep a SQLite connection whose statement was cancelled, so it is rolled back, not closed.
+
+    SQLAlchemy treats a ``CancelledError`` in the middle of a statement as a lost connection
+    and closes it without closing the cursor, which is right for a server that may still be
+    running the statement. aiosqlite's thread finishes the statement anyway, and a SQLite
+    connection closed under an unfinished statement (``UPDATE ... RETURNING`` not yet read)
+    lingers as a zombie that keeps its write lock until the garbage collector frees the cursor:
+    every other writer then waited out the busy timeout (a worker's shutdown did, 30 s, when it
+    cancelled an execution mid-checkpoint). Kept, the cursor is closed and the transaction
+    rolled back by the operations queued behind the statement on the same thread.
+    """
+    if ctx.is_disconnect and isinstance(ctx.original_exception, asyncio.CancelledError):
+        ctx.is_disconnect = False
 
 
 def driver_closed(driver: object) -> bool:
