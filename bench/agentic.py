@@ -17,8 +17,8 @@ estimates); ``variant`` says which won. Every variant gets asynchronous sandbox 
 (paper §4.4) as ``program`` does. The variants' own figures stay in the JSON
 (``ta-...`` keys). Ratios (``steps_per_min_vs_request``, ``..._vs_thunderagent``) are against
 ``request`` and that best. ``--extras`` adds ``ttl``, ``program-lru-engine`` (``program`` on
-SGLang's default flags: what its Retain lever adds) and ``program-threshold`` (its threshold
-keep rule, not the default: docs/scheduler.md).
+SGLang's default flags: what its Retain lever adds) and ``program-mean`` (its earlier keep rule,
+the tool's mean remaining time against the recompute: docs/scheduler.md).
 
 The report gives steps/min (one step = one reasoning plus one acting period), mean and p95
 program completion time, KV hit rate, recomputed tokens, peak sandbox disk and pauses. Virtual
@@ -54,7 +54,7 @@ TA_VARIANTS: dict[str, dict] = {
     "ta-code-decay": {**_CODE, "acting_decay": "resume"},    # the code with --use-acting-token-decay
 }
 EXTRAS: dict[str, tuple[str, dict | None, dict]] = {"ttl": ("ttl", None, {}), "program-lru-engine": ("program", {}, {}),
-                                                    "program-threshold": ("program", None, {"keep_rule": "threshold"})}
+                                                    "program-mean": ("program", None, {"keep_rule": "mean"})}
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, help="virtual seconds per run")
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", help="mean and range over these seeds instead")
-    ap.add_argument("--extras", action="store_true", help="also ttl, program-lru-engine and program-threshold")
+    ap.add_argument("--extras", action="store_true", help="also ttl, program-lru-engine and program-mean")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="one process pool of this size")
     args = ap.parse_args()
     for name in ("engines", "concurrency"):

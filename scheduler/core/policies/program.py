@@ -8,21 +8,20 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
 - **Two watermarks.** Admission fills a backend up to ``admit_fraction`` of its KV;
   only growth past the capacity itself makes it pause programs, and then down to the
   admission mark, so contexts that grow a little do not trip pause/resume churn.
-- **Keep or release at tool start, from learned tool durations.** An acting program's KV
-  is kept (counted) while keeping costs less than recomputing: c·R(t) < prefill(c)·M,
-  with R(t) the tool's expected remaining time given the time already spent (from its
-  online duration history) and M the tokens the backend holds for its resident programs.
-  Why M: keeping c tokens for R seconds denies them to waiting programs, which would make
-  progress at the backend's rate per token held; recomputing them later stalls the
-  backend for prefill(c), during which all M resident tokens make none (InferCept's waste
-  rule counts only the running requests' tokens; counting all it holds kept 2 points more
-  of steps/min on the heavy-tailed family). Re-evaluated as the tool runs: a heavy-tailed
-  call is released once it is in its tail, a short stable one is kept. With nobody
-  waiting, keeping is free and everything is kept. ``keep_rule="threshold"`` instead keeps
-  while some later release time has a lower expected cost than releasing now (ski rental
-  over the same history, ``ToolDurations.keep_horizon``) and ranks the KV only to that
-  time: +13-15 % steps/min on the heavy-tailed family, -6-9 % on ``coding``, -9-11 % on
-  ``stochastic``, -5-7 % under memory pressure (docs/scheduler.md), so not the default.
+- **Keep or release at tool start, from learned tool durations.** Holding an acting
+  program's c tokens costs c a second (memory denied to waiting programs); releasing them
+  costs a recompute of prefill(c) when the tool returns, a stall of the M tokens of the
+  requests running on its backend (InferCept's waste rule). Keep-or-release is then ski
+  rental over the tool's online duration history (``ToolDurations.keep_horizon``): keep while
+  keeping until some later time, and releasing then if the tool has not returned, costs less
+  in expectation than releasing now. Re-evaluated every second as the tool runs: a short
+  call is kept to its end, a heavy-tailed call through its likely-short start and released
+  in its tail. With nobody waiting, keeping is free and everything is kept.
+  ``keep_rule="mean"`` is the earlier rule: keep while the tool's *expected* remaining time
+  is under the price, M counting every token the backend holds. A heavy-tailed tool's mean is
+  its tail's, so that rule released calls that mostly return in seconds and recomputed their
+  contexts: the threshold rule gains 12-14 % steps/min on the heavy-tailed family and 1-2 %
+  on ``stochastic`` and ``memory`` (docs/scheduler.md).
 - **Decode headroom**: a reasoning program counts its context plus the output it is
   likely to add (twice its mean completion so far, at most its ``max_tokens``).
 - **Shared prefixes counted once** per backend (one system prompt across programs).
@@ -36,7 +35,9 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   SGLang's priority eviction (``--radix-eviction-policy priority``) every call is ranked by
   its dispatch time and a kept acting program by the end of its expected tool call
   (``Retain``: a one-token request over its context), once per tool call and only when
-  programs wait for memory. The ranks lapse by themselves: later calls outrank them.
+  programs wait for memory. The rank reaches the tool's expected return or the keep horizon,
+  whichever is sooner: a rank is never lowered by later calls, so one that outlasts the call
+  protects a context nobody needs (ranking to the keep horizon alone cost 7 % on ``coding``). The ranks lapse by themselves: later calls outrank them.
 - **Sandboxes** of the next programs to be restored are prepared (at the tick) before they resume.
 """
 
@@ -62,7 +63,7 @@ class ProgramPolicy(CapacityPolicy):
 
     def __init__(self, check_interval_s: float | None = None, capacity_fraction: float = 1.0,
                  admit_fraction: float = 0.9, prepare_ahead: int = 4, starvation_s: float = 120.0,
-                 keep_factor: float = 1.0, keep_rule: str = "mean") -> None:
+                 keep_factor: float = 1.0, keep_rule: str = "threshold") -> None:
         super().__init__(check_interval_s, capacity_fraction)
         self.admit_fraction = admit_fraction
         self.prepare_ahead = prepare_ahead
@@ -71,6 +72,7 @@ class ProgramPolicy(CapacityPolicy):
         if keep_rule not in ("mean", "threshold"):
             raise ValueError(f"keep_rule is 'mean' or 'threshold', not {keep_rule!r}")
         self.keep_rule = keep_rule
+        self._running: dict[str, tuple[float, int, float]] = {}  # backend -> (now, inflight, tokens)
 
     # ---- accounting -------------------------------------------------------------------
 
@@ -137,27 +139,49 @@ class ProgramPolicy(CapacityPolicy):
 
     def keep_horizon(self, p: Program, b: BackendView, now: float) -> float | None:
         """How much longer keeping ``p``'s KV through its tool call pays (``None``: release it):
-        holding its c tokens costs c a second; recomputing them costs prefill(c)·M
-        (``keep_factor`` scales it), M the tokens held on its backend. ``mean``: the expected
-        remaining time, if below that price; ``threshold``: ``ToolDurations.keep_horizon``."""
+        holding its c tokens costs c a second; releasing them costs ``recompute_price``.
+        ``threshold``: ``ToolDurations.keep_horizon``; ``mean``: the expected remaining time,
+        if below the price."""
         assert p.tool is not None
         tool, elapsed = self.s.tools[p.tool], p.time_in_tool(now)
-        price = self.keep_factor * b.prefill_s_per_token * max(self.footprint(b, now), p.tokens)
+        price = self.recompute_price(p, b, now)
         if self.keep_rule == "threshold":
             return tool.keep_horizon(elapsed, price)
         remaining = tool.expected_remaining(elapsed)
         return remaining if remaining < price else None
 
+    def recompute_price(self, p: Program, b: BackendView, now: float) -> float:
+        """What recomputing ``p``'s context when its tool returns costs, in token-seconds:
+        prefill(c) during which M tokens make no progress (``keep_factor`` scales it). For the
+        threshold rule M is the context of the requests running on ``b`` (what a prefill
+        stalls); the mean rule counted every token ``b`` holds, which kept its figures 2 points
+        higher on heavy tails but made the threshold rule keep too much under memory pressure
+        (-4-7 % steps/min there, seeds 0-2)."""
+        held = self.running_tokens(b, now) if self.keep_rule == "threshold" else self.footprint(b, now)
+        return self.keep_factor * b.prefill_s_per_token * max(held, p.tokens)
+
+    def running_tokens(self, b: BackendView, now: float) -> float:
+        """The contexts of ``b``'s programs with a call in flight. Cached while neither the time
+        nor ``b``'s in-flight count changes: a tick re-evaluates every kept program of a backend."""
+        cached = self._running.get(b.name)
+        if cached is not None and cached[0] == now and cached[1] == b.inflight:
+            return cached[2]
+        tokens = float(sum(q.tokens for q in self.s.resident[b.name].values() if q.inflight))
+        self._running[b.name] = (now, b.inflight, tokens)
+        return tokens
+
     def retain(self, p: Program, now: float) -> None:
-        """Rank a kept acting program's KV to the end of its expected tool call (``threshold``:
-        to its keep horizon), so the engine evicts released programs' KV first. Once per tool
-        call (at its start, or at the first tick that finds programs waiting for memory):
-        renewing a rank that has lapsed would re-prefill whatever the engine evicted meanwhile
-        (measured: more recompute and a worse p95 than letting it lapse)."""
+        """Rank a kept acting program's KV to the end of its expected tool call, or to its keep
+        horizon if sooner, so the engine evicts released programs' KV first. Once per tool call
+        (at its start, or at the first tick that finds programs waiting for memory): renewing a
+        rank that has lapsed would re-prefill whatever the engine evicted meanwhile (measured:
+        more recompute and a worse p95 than letting it lapse)."""
+        horizon = self.s.tools[p.tool].expected_remaining(p.time_in_tool(now)) if p.tool else 0.0
         b = self.s.backends.get(p.backend or "")
-        horizon = self.keep_horizon(p, b, now) if b is not None and p.tool and self.keep_rule == "threshold" else None
-        if horizon is None:
-            horizon = self.s.tools[p.tool].expected_remaining(p.time_in_tool(now)) if p.tool else 0.0
+        if b is not None and p.tool and self.keep_rule == "threshold":
+            keep = self.keep_horizon(p, b, now)
+            if keep is not None:
+                horizon = min(horizon, keep)
         self.s.retain(p, now + min(self.retain_max_s, max(horizon, 2 * self.check_interval_s)))
 
     def on_tool_start(self, p: Program, now: float) -> None:
