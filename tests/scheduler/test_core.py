@@ -237,6 +237,41 @@ def test_program_ranks_kv_only_on_backends_that_evict_by_priority(ranks: bool):
         assert all(d.retain_until is None for d in arrive(t, 0, "x", 100, rid="x") if isinstance(d, Dispatch))
 
 
+def test_program_prices_a_recompute_by_the_running_requests_and_ranks_to_the_sooner_horizon():
+    """The threshold rule (the default) prices a recompute as prefill(c) times the tokens of the
+    requests running on the backend (what the prefill stalls), not every token it holds; and a
+    kept program's KV is ranked to its keep horizon when that comes before the tool's expected
+    return (here the short mode's 1 s, not the 30.8 s mean a heavy tail sets), where the mean
+    rule would have released it."""
+    for rule in ("threshold", "mean"):
+        s = sched("program", 40_000, keep_rule=rule)
+        b0 = s.backends["b0"]
+        b0.prefill_s_per_token = 1e-3
+        s.handle(BackendObserved(0, "b0", 40_000, ranks_kv=True))
+        for x in [1, 1, 1, 1, 1, 1, 1, 1, 100, 200]:
+            s.tools.record("t", x)
+        for x in range(1, 11):
+            s.tools.record("u", x)  # stable: kept to its end, expected back in 5.5 s
+        arrive(s, 5, "a", 8000, rid="a", max_tokens=100)
+        arrive(s, 5, "b", 16000, rid="b", max_tokens=100)
+        arrive(s, 6, "w", 20000, rid="w", max_tokens=100)  # does not fit: someone waits
+        assert s.programs["w"].status is Status.WAITING
+        out = s.handle(RequestFinished(9, "a", 8000, 100, tool="t"))
+        a = s.programs["a"]
+        retains = [d.until for d in out if isinstance(d, Retain)]
+        if rule == "threshold":
+            assert s.policy.recompute_price(a, b0, 9) == pytest.approx(16.0)  # b's 16,000 running tokens
+            assert a.kept and retains == [11.0]  # horizon 1 s, ranked at least two checks ahead
+            out = s.handle(RequestFinished(9.5, "b", 16000, 100, tool="u"))  # nothing runs now
+            assert s.policy.recompute_price(a, b0, 9.5) == pytest.approx(8.1)  # a's own context, at least
+            # b is kept to its tool's end (10 s at most) but ranked only to its expected return:
+            # a rank is never lowered, so one past the call would protect a context nobody needs
+            assert s.programs["b"].kept and [d.until for d in out if isinstance(d, Retain)] == [15.0]
+        else:  # every held token: a released itself, so b's 16,000 plus its decode headroom
+            assert not a.kept and retains == []  # 30.8 s expected against a recompute of 16-24 s
+            assert s.policy.recompute_price(a, b0, 9) == pytest.approx(1e-3 * 16100)
+
+
 def test_program_relieves_growth_down_to_the_admission_mark():
     s = sched("program", 10_000, admit_fraction=0.8)
     for pid in ("a", "b", "c", "d"):

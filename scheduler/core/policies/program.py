@@ -37,7 +37,8 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   (``Retain``: a one-token request over its context), once per tool call and only when
   programs wait for memory. The rank reaches the tool's expected return or the keep horizon,
   whichever is sooner: a rank is never lowered by later calls, so one that outlasts the call
-  protects a context nobody needs (ranking to the keep horizon alone cost 7 % on ``coding``). The ranks lapse by themselves: later calls outrank them.
+  protects a context nobody needs (ranking to the keep horizon alone cost 7 % on ``coding``).
+  The ranks lapse by themselves: later calls outrank them.
 - **Sandboxes** of the next programs to be restored are prepared (at the tick) before they resume.
 """
 
