@@ -20,8 +20,8 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   ``keep_rule="mean"`` is the earlier rule: keep while the tool's *expected* remaining time
   is under the price, M counting every token the backend holds. A heavy-tailed tool's mean is
   its tail's, so that rule released calls that mostly return in seconds and recomputed their
-  contexts: the threshold rule gains 12-14 % steps/min on the heavy-tailed family and 1-2 %
-  on ``stochastic`` and ``memory`` (docs/scheduler.md).
+  contexts: the threshold rule gains 13-15 % steps/min on the heavy-tailed family and 0-3 %
+  on ``stochastic``, ``memory`` and ``mix`` (seeds 100-102, docs/scheduler.md).
 - **Decode headroom**: a reasoning program counts its context plus the output it is
   likely to add (twice its mean completion so far, at most its ``max_tokens``).
 - **Shared prefixes counted once** per backend (one system prompt across programs).
