@@ -224,6 +224,7 @@ class Scheduler:
         if p.backend != backend:
             self._place(p, p.status, backend)
         b = self.backends[backend]
+        self.touch(p)  # it has calls in flight now (``FootprintIndex.busy``)
         while p.pending:
             r = p.pending.popleft()
             p.inflight.add(r.rid)

@@ -238,8 +238,9 @@ def test_program_ranks_kv_only_on_backends_that_evict_by_priority(ranks: bool):
 
 
 def test_program_prices_a_recompute_by_the_running_requests_and_ranks_to_the_sooner_horizon():
-    """The threshold rule (the default) prices a recompute as prefill(c) times the tokens of the
-    requests running on the backend (what the prefill stalls), not every token it holds; and a
+    """The threshold rule (the default) prices a recompute as prefill(c) times the contexts of the
+    other programs using the backend (a call running, or acting and kept: what the prefill
+    stalls), not every token it holds with decode headroom; and a
     kept program's KV is ranked to its keep horizon when that comes before the tool's expected
     return (here the short mode's 1 s, not the 30.8 s mean a heavy tail sets), where the mean
     rule would have released it."""
@@ -260,13 +261,16 @@ def test_program_prices_a_recompute_by_the_running_requests_and_ranks_to_the_soo
         a = s.programs["a"]
         retains = [d.until for d in out if isinstance(d, Retain)]
         if rule == "threshold":
-            assert s.policy.recompute_price(a, b0, 9) == pytest.approx(16.0)  # b's 16,000 running tokens
+            assert s.policy.recompute_price(a, b0, 9) == pytest.approx(16.0)  # b's 16,000 tokens in flight
             assert a.kept and retains == [11.0]  # horizon 1 s, ranked at least two checks ahead
             out = s.handle(RequestFinished(9.5, "b", 16000, 100, tool="u"))  # nothing runs now
-            assert s.policy.recompute_price(a, b0, 9.5) == pytest.approx(8.1)  # a's own context, at least
             # b is kept to its tool's end (10 s at most) but ranked only to its expected return:
             # a rank is never lowered, so one past the call would protect a context nobody needs
             assert s.programs["b"].kept and [d.until for d in out if isinstance(d, Retain)] == [15.0]
+            assert s.policy.recompute_price(a, b0, 9.5) == pytest.approx(16.1)  # kept b is back soon: it counts
+            s.programs["b"].kept = False
+            s.touch(s.programs["b"])
+            assert s.policy.recompute_price(a, b0, 9.5) == pytest.approx(8.1)  # nobody else: a's own context
         else:  # every held token: a released itself, so b's 16,000 plus its decode headroom
             assert not a.kept and retains == []  # 30.8 s expected against a recompute of 16-24 s
             assert s.policy.recompute_price(a, b0, 9) == pytest.approx(1e-3 * 16100)

@@ -33,6 +33,7 @@ def check(s: Scheduler) -> None:
     for name in s.backends:
         resident = s.resident[name].values()
         assert policy.index.footprint(name) == pytest.approx(scan_footprint(policy, name), abs=1e-6)
+        assert policy.index.busy(name) == pytest.approx(sum(policy.busy(p) for p in resident), abs=1e-6)
         assert policy.index.prefixes(name) == {p.prefix_key for p in resident if p.prefix_key is not None}
     waiting = sorted((policy.least_need(p), p.id) for p in s.waiting.values() if p.pending)
     assert [p.id for p in policy.index.waiting()] == [pid for _, pid in waiting]

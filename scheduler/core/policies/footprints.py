@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class _Share:
     backend: str
+    busy: float               # ``FootprintIndex.busy``'s part
     own: float                # its cost less the shared prefix
     shared_key: str | None    # its prefix, counted once on the backend (only when it costs anything)
     prefix_tokens: int
@@ -36,13 +37,15 @@ class _Share:
 
 class FootprintIndex:
     def __init__(self, sched: Scheduler, cost: Callable[[Program], float],
-                 least_need: Callable[[Program], float]) -> None:
+                 least_need: Callable[[Program], float], busy: Callable[[Program], float] | None = None) -> None:
         self.s = sched
         self.cost = cost
         self.least_need = least_need
+        self.busy_of = busy
         sched.touched_programs = set()
         self._share: dict[str, _Share] = {}
         self._own: dict[str, float] = defaultdict(float)
+        self._busy: dict[str, float] = defaultdict(float)
         self._shared: dict[str, dict[str, Counter[int]]] = defaultdict(lambda: defaultdict(Counter))
         self._present: dict[str, Counter[str]] = defaultdict(Counter)
         self._by_need: list[tuple[float, str]] = []   # waiting programs with a request, by least need
@@ -54,6 +57,11 @@ class FootprintIndex:
         self.sync()
         shared = sum(max(c) for c in self._shared[backend].values() if c)
         return self._own[backend] + shared
+
+    def busy(self, backend: str) -> float:
+        """The sum of ``busy`` over the backend's resident programs (0 without ``busy``)."""
+        self.sync()
+        return self._busy[backend]
 
     def prefix_present(self, backend: str, key: str, besides: Program | None = None) -> bool:
         """Is a resident program (other than ``besides``) holding prefix ``key`` on ``backend``?"""
@@ -104,10 +112,12 @@ class FootprintIndex:
     def _add_share(self, p: Program) -> None:
         c = self.cost(p)
         counted = bool(c) and p.prefix_key is not None
-        share = _Share(p.backend or "", c - min(p.prefix_tokens, c) if counted else c,
+        share = _Share(p.backend or "", self.busy_of(p) if self.busy_of is not None else 0.0,
+                       c - min(p.prefix_tokens, c) if counted else c,
                        p.prefix_key if counted else None, p.prefix_tokens, p.prefix_key)
         self._share[p.id] = share
         self._own[share.backend] += share.own
+        self._busy[share.backend] += share.busy
         if share.shared_key is not None:
             self._shared[share.backend][share.shared_key][share.prefix_tokens] += 1
         if share.key is not None:
@@ -118,6 +128,7 @@ class FootprintIndex:
         if share is None:
             return
         self._own[share.backend] -= share.own
+        self._busy[share.backend] -= share.busy
         if share.shared_key is not None:
             counts = self._shared[share.backend][share.shared_key]
             counts[share.prefix_tokens] -= 1

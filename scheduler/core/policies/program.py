@@ -73,7 +73,6 @@ class ProgramPolicy(CapacityPolicy):
         if keep_rule not in ("mean", "threshold"):
             raise ValueError(f"keep_rule is 'mean' or 'threshold', not {keep_rule!r}")
         self.keep_rule = keep_rule
-        self._running: dict[str, tuple[float, int, float]] = {}  # backend -> (now, inflight, tokens)
 
     # ---- accounting -------------------------------------------------------------------
 
@@ -92,7 +91,7 @@ class ProgramPolicy(CapacityPolicy):
 
     def attach(self, sched: Scheduler) -> None:  # type: ignore[name-defined]  # noqa: F821
         super().attach(sched)
-        self.index = FootprintIndex(sched, lambda p: self.cost(p, 0.0), self.least_need)
+        self.index = FootprintIndex(sched, lambda p: self.cost(p, 0.0), self.least_need, self.busy)
 
     def least_need(self, p: Program) -> float:
         """The room ``p`` needs where its shared prefix is already present."""
@@ -154,22 +153,22 @@ class ProgramPolicy(CapacityPolicy):
     def recompute_price(self, p: Program, b: BackendView, now: float) -> float:
         """What recomputing ``p``'s context when its tool returns costs, in token-seconds:
         prefill(c) during which M tokens make no progress (``keep_factor`` scales it). For the
-        threshold rule M is the context of the requests running on ``b`` (what a prefill
-        stalls); the mean rule counted every token ``b`` holds, which kept its figures 2 points
-        higher on heavy tails but made the threshold rule keep too much under memory pressure
-        (-4-7 % steps/min there, seeds 0-2)."""
-        held = self.running_tokens(b, now) if self.keep_rule == "threshold" else self.footprint(b, now)
+        threshold rule M is the context of the other programs using the engine (``busy``); the mean
+        rule counted every token ``b`` holds, decode headroom included, which made the
+        threshold rule keep too much under memory pressure (-4-7 % steps/min there, seeds 0-2)."""
+        if self.keep_rule == "threshold":
+            held = self.index.busy(b.name) - (self.busy(p) if p.id in self.s.resident[b.name] else 0.0)
+        else:
+            held = self.footprint(b, now)
         return self.keep_factor * b.prefill_s_per_token * max(held, p.tokens)
 
-    def running_tokens(self, b: BackendView, now: float) -> float:
-        """The contexts of ``b``'s programs with a call in flight. Cached while neither the time
-        nor ``b``'s in-flight count changes: a tick re-evaluates every kept program of a backend."""
-        cached = self._running.get(b.name)
-        if cached is not None and cached[0] == now and cached[1] == b.inflight:
-            return cached[2]
-        tokens = float(sum(q.tokens for q in self.s.resident[b.name].values() if q.inflight))
-        self._running[b.name] = (now, b.inflight, tokens)
-        return tokens
+    @staticmethod
+    def busy(p: Program) -> float:
+        """The context of a program that uses its engine: one with a call running, or acting and
+        kept (back within seconds, and then stalled by a prefill like the running ones). Counting
+        only the running calls priced a recompute too low where tools are short: OpenHands-like
+        rollouts lost 11 % (``bench/rollout.py``, 4x384)."""
+        return float(p.tokens) if p.inflight or (p.phase is Phase.ACTING and p.kept) else 0.0
 
     def retain(self, p: Program, now: float) -> None:
         """Rank a kept acting program's KV to the end of its expected tool call, or to its keep
