@@ -10,8 +10,9 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   admission mark, so contexts that grow a little do not trip pause/resume churn.
 - **Keep or release at tool start, from learned tool durations.** Holding an acting
   program's c tokens costs c a second (memory denied to waiting programs); releasing them
-  costs a recompute of prefill(c) when the tool returns, a stall of the M tokens of the
-  requests running on its backend (InferCept's waste rule). Keep-or-release is then ski
+  costs a recompute of prefill(c) when the tool returns, a stall of the M tokens of the other
+  programs using its backend: those with a call running (InferCept's waste rule) and those
+  kept through a tool (back within seconds). Keep-or-release is then ski
   rental over the tool's online duration history (``ToolDurations.keep_horizon``): keep while
   keeping until some later time, and releasing then if the tool has not returned, costs less
   in expectation than releasing now. Re-evaluated every second as the tool runs: a short
