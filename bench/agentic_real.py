@@ -637,6 +637,8 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--ta-options", type=json.loads, default={},
                     help='thunderagent options as JSON, e.g. \'{"acting_decay": false}\' (default: the paper setting)')
+    ap.add_argument("--program-options", type=json.loads, default={},
+                    help='program options as JSON, e.g. \'{"keep_rule": "mean"}\' (default: its defaults)')
     args = ap.parse_args()
     if args.programs < 1 or args.kv_tokens < 256:
         ap.error("--programs must be at least 1 and --kv-tokens at least 256")
@@ -646,7 +648,7 @@ def main() -> None:
     family = ScaledFamily(FAMILIES[args.family], scale)
     spread = 10.0
     max_tokens = scale.output_bounds[1]
-    options = {p: (args.ta_options if p == "thunderagent" else {}) for p in args.policies}
+    options = {p: {"thunderagent": args.ta_options, "program": args.program_options}.get(p, {}) for p in args.policies}
 
     def stop_on_term(*_: object) -> None:
         raise KeyboardInterrupt
@@ -703,7 +705,7 @@ def main() -> None:
         "config": {"family": args.family, "seed": args.seed, "programs": args.programs, "kv_tokens": args.kv_tokens,
                    "window_s": window, "finish_s": finish, "start_spread_s": spread, "scale": asdict(scale),
                    "system_tokens": family.system_tokens, "final_context_tokens_first_programs": contexts,
-                   "ta_options": args.ta_options, "server_flags": {p: policy_flags(p) for p in args.policies},
+                   "ta_options": args.ta_options, "program_options": args.program_options, "server_flags": {p: policy_flags(p) for p in args.policies},
                    "quick": args.quick, "server_omp_threads": args.threads or None},
         "calibration": {
             "prefill": [asdict(p) for p in prefill], "decode": [asdict(d) for d in decode],
