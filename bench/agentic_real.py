@@ -705,7 +705,8 @@ def main() -> None:
         "config": {"family": args.family, "seed": args.seed, "programs": args.programs, "kv_tokens": args.kv_tokens,
                    "window_s": window, "finish_s": finish, "start_spread_s": spread, "scale": asdict(scale),
                    "system_tokens": family.system_tokens, "final_context_tokens_first_programs": contexts,
-                   "ta_options": args.ta_options, "program_options": args.program_options, "server_flags": {p: policy_flags(p) for p in args.policies},
+                   "ta_options": args.ta_options, "program_options": args.program_options,
+                   "server_flags": {p: policy_flags(p) for p in args.policies},
                    "quick": args.quick, "server_omp_threads": args.threads or None},
         "calibration": {
             "prefill": [asdict(p) for p in prefill], "decode": [asdict(d) for d in decode],
