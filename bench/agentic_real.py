@@ -685,7 +685,7 @@ def main() -> None:
             offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
             measured[policy] = asyncio.run(run_real(
                 policy, server.url, family, programs=args.programs, seed=args.seed, window_s=window, finish_s=finish,
-                start_spread_s=spread, max_tokens=max_tokens, prefill_s_per_token=fitted.prefill_per_token_s,
+                start_spread_s=spread, max_tokens=max_tokens, prefill_s_per_token=fitted.recompute_s_per_token(),
                 policy_options=options[policy]))
             if os.path.exists(log_path):
                 with open(log_path, errors="replace") as f:

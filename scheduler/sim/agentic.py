@@ -104,7 +104,7 @@ class AgenticSimulation:
         self.cluster = VirtualCluster(engines, preset, seed=seed, kv_capacity_tokens=kv_capacity_tokens,
                                       **flags)
         e0 = self.cluster.engines[0]
-        per_token = e0.cost.prefill_time([(1000, 0)]) / 1000
+        per_token = e0.cost.recompute_s_per_token()
         self.sched = Scheduler(policy, backends=[
             BackendView(e.name, e.capacity, prefill_s_per_token=per_token,
                         ranks_kv=e.radix_eviction_policy == "priority" and not e.priority_scheduling)

@@ -65,6 +65,13 @@ class CostModel:
             total += new * (prefix + new / 2) * self.prefill_attn_per_pair_s
         return total
 
+    def recompute_s_per_token(self, tokens: int = 1000) -> float:
+        """What the scheduler is told a recomputed token costs (``BackendView.prefill_s_per_token``):
+        one prefill of ``tokens`` new tokens, overhead and attention included, per token. The
+        simulator's backends and ``bench/agentic_real.py``'s runtime on the real engine must be
+        told the same figure, or their keep decisions differ for the same traces."""
+        return self.prefill_time([(tokens, 0)]) / tokens
+
     def decode_step_time(self, batch_size: int, context_tokens: int) -> float:
         """One decode forward for ``batch_size`` sequences holding ``context_tokens`` KV in all."""
         return (self.decode_base_s + batch_size * self.decode_per_seq_s
