@@ -8,7 +8,8 @@ costs O(changed · log W), not O(programs).
 
 A program's share of its backend is its cost less the shared prefix, plus that prefix counted
 once per backend (the largest ``prefix_tokens`` among the programs that count, as the radix
-cache stores it once).
+cache stores it once). Beside it, each backend's ``busy`` sum (what the policy says a program
+contributes to it; ``program``: the contexts a prefill would stall) is kept in step the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class _Share:
 
 class FootprintIndex:
     def __init__(self, sched: Scheduler, cost: Callable[[Program], float],
-                 least_need: Callable[[Program], float], busy: Callable[[Program], float] | None = None) -> None:
+                 least_need: Callable[[Program], float], busy: Callable[[Program], float]) -> None:
         self.s = sched
         self.cost = cost
         self.least_need = least_need
@@ -59,7 +60,7 @@ class FootprintIndex:
         return self._own[backend] + shared
 
     def busy(self, backend: str) -> float:
-        """The sum of ``busy`` over the backend's resident programs (0 without ``busy``)."""
+        """The sum of ``busy`` over the backend's resident programs."""
         self.sync()
         return self._busy[backend]
 
@@ -112,7 +113,7 @@ class FootprintIndex:
     def _add_share(self, p: Program) -> None:
         c = self.cost(p)
         counted = bool(c) and p.prefix_key is not None
-        share = _Share(p.backend or "", self.busy_of(p) if self.busy_of is not None else 0.0,
+        share = _Share(p.backend or "", self.busy_of(p),
                        c - min(p.prefix_tokens, c) if counted else c,
                        p.prefix_key if counted else None, p.prefix_tokens, p.prefix_key)
         self._share[p.id] = share
