@@ -290,6 +290,20 @@ def test_program_relieves_growth_down_to_the_admission_mark():
     assert s.policy.footprint(s.backends["b0"], 2) <= 8000
 
 
+def test_program_relieves_with_the_fewest_pauses():
+    """The smallest program that frees the excess alone is paused, not the several shortest."""
+    s = sched("program", 10_000, admit_fraction=0.8)
+    for pid, tokens in (("a", 1500), ("b", 1500), ("c", 1500), ("d", 3000)):
+        arrive(s, 0, pid, tokens, rid=pid, max_tokens=50)
+    assert all(s.programs[p].status is Status.ACTIVE for p in "abcd")
+    for pid, grown in (("a", 2400), ("b", 2400), ("c", 2400), ("d", 5000)):  # 3 x 2,450 + 5,050 > 10,000
+        s.handle(RequestFinished(1, pid, grown - 100, 100, tool="bash"))
+        arrive(s, 1.5, pid, grown, rid=pid + "2", max_tokens=50)
+    out = s.handle(Tick(2))
+    assert [d.program_id for d in out if isinstance(d, Pause)] == ["d"]  # one pause frees 5,050 of 4,400
+    assert s.policy.footprint(s.backends["b0"], 2) == pytest.approx(3 * 2450)
+
+
 # ---- a program restricted to some backends (a model / backend the caller chose) ------------------
 
 
