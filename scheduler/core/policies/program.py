@@ -7,8 +7,9 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   waits. Overload never reaches the engine as eviction, retraction and re-prefill.
 - **Two watermarks.** Admission fills a backend up to ``admit_fraction`` of its KV;
   only growth past the capacity itself makes it pause programs, and then down to the
-  admission mark, so contexts that grow a little do not trip pause/resume churn. It pauses
-  as few programs as will do: the smallest that frees the excess alone, acting ones first.
+  admission mark, so contexts that grow a little do not trip pause/resume churn. It releases
+  acting programs first, as few as will do (the smallest that frees the excess alone), then
+  pauses reasoning ones, shortest first.
 - **Keep or release at tool start, from learned tool durations.** Holding an acting
   program's c tokens costs c a second (memory denied to waiting programs); releasing them
   costs a recompute of prefill(c) when the tool returns, a stall of the M tokens of the other
@@ -243,8 +244,12 @@ class ProgramPolicy(CapacityPolicy):
     def relieve(self, b: BackendView, now: float) -> None:
         """Over capacity (contexts grew): bring the backend back under the *admission*
         watermark, so that growth does not trip it again at once. Stop keeping KV that is
-        not worth keeping, then pause acting programs, then reasoning ones (their current
-        call finishes; the next waits), as few as will do (``_fewest``)."""
+        not worth keeping, then release acting programs, as few as will do (``_fewest``),
+        then pause reasoning ones, shortest first. A paused reasoning program frees nothing
+        until its call ends, and then waits to be restored, smallest first: a short one is
+        back soon, often to KV the engine still holds; a long one would wait longest and be
+        recomputed in full (pausing those as few as will do measured 3-5 % fewer steps/min on
+        ``fast_tools``, seeds 101 and 102)."""
         total = self.footprint(b, now)
         if total <= self.limit(b):
             return
@@ -254,13 +259,16 @@ class ProgramPolicy(CapacityPolicy):
             if p.phase is Phase.ACTING and p.kept and not self.worth_keeping(p, now):
                 self.set_kept(p, False)
                 total -= p.tokens
-        for phase in (Phase.ACTING, Phase.REASONING):
-            candidates = sorted((p for p in programs if p.phase is phase), key=lambda p: self.cost(p, now))
-            for p in _fewest(candidates, lambda p: self.cost(p, now), total - target):
-                total -= self.cost(p, now)
-                self.s.pause(p)
+        acting = sorted((p for p in programs if p.phase is Phase.ACTING), key=lambda p: self.cost(p, now))
+        reasoning = sorted((p for p in programs if p.phase is Phase.REASONING), key=lambda p: p.tokens)
+        for p in _fewest(acting, lambda p: self.cost(p, now), total - target):
+            total -= self.cost(p, now)
+            self.s.pause(p)
+        for p in reasoning:
             if total <= target:
                 return
+            total -= self.cost(p, now)
+            self.s.pause(p)
 
     def restore(self, now: float, tick: bool = False) -> None:
         smallest = self.index.smallest_need()
@@ -328,12 +336,13 @@ class ProgramPolicy(CapacityPolicy):
 
 
 def _fewest(candidates: list[Program], size: Callable[[Program], float], excess: float) -> list[Program]:
-    """Which of ``candidates`` (sorted by ``size``) to pause to free ``excess``: the smallest one
-    that frees it alone, else the largest, and again for the rest. A pause costs the recompute
-    of what it frees (about the same per token whichever program frees it) and takes a program
-    out of the engine's batch; so free the excess with as few programs as will do. Pausing the
-    shortest first, as before 2026-12-05, paused several small programs where one would do:
-    more pauses and 2-4 % fewer steps/min on ``coding`` and ``stochastic`` (docs/scheduler.md)."""
+    """Which acting programs (``candidates``, sorted by ``size``) to release to free ``excess``:
+    the smallest one that frees it alone, else the largest, and again for the rest. Each release
+    costs a recompute of about the same per token freed, whichever program frees it, and one
+    more program that must wait for memory when its tool returns; so free the excess with as
+    few as will do. Releasing the shortest first, as before 2026-12-05, released several small
+    programs where one would do: more pauses and 2-6 % fewer steps/min on ``coding`` and
+    ``stochastic`` (tuning seeds 0-2; docs/scheduler.md)."""
     left = [p for p in candidates if size(p) > 0]  # pausing what holds nothing frees nothing
     sizes = [size(p) for p in left]
     chosen = []
