@@ -248,8 +248,8 @@ class ProgramPolicy(CapacityPolicy):
         then pause reasoning ones, shortest first. A paused reasoning program frees nothing
         until its call ends, and then waits to be restored, smallest first: a short one is
         back soon, often to KV the engine still holds; a long one would wait longest and be
-        recomputed in full (pausing those as few as will do measured 3-5 % fewer steps/min on
-        ``fast_tools``, seeds 101 and 102)."""
+        recomputed in full (pausing those as few as will do measured 5-6 % fewer steps/min on
+        ``fast_tools`` 160, seeds 101 and 102)."""
         total = self.footprint(b, now)
         if total <= self.limit(b):
             return
@@ -341,7 +341,7 @@ def _fewest(candidates: list[Program], size: Callable[[Program], float], excess:
     costs a recompute of about the same per token freed, whichever program frees it, and one
     more program that must wait for memory when its tool returns; so free the excess with as
     few as will do. Releasing the shortest first, as before 2026-12-05, released several small
-    programs where one would do: more pauses and 2-6 % fewer steps/min on ``coding`` and
+    programs where one would do: more pauses and 2-4 % fewer steps/min on ``coding`` and
     ``stochastic`` (tuning seeds 0-2; docs/scheduler.md)."""
     left = [p for p in candidates if size(p) > 0]  # pausing what holds nothing frees nothing
     sizes = [size(p) for p in left]
