@@ -290,15 +290,15 @@ def test_program_relieves_growth_down_to_the_admission_mark():
     assert s.policy.footprint(s.backends["b0"], 2) <= 8000
 
 
-def grown(s: Scheduler, sizes: dict[str, tuple[int, int]], tool: str | None) -> None:
-    """Admit programs at their first size, then finish their calls at the second (in ``tool``, or
-    with the next call already waiting)."""
+def grown(s: Scheduler, sizes: dict[str, tuple[int, int]], *, calling: bool) -> None:
+    """Admit programs at their first size, then finish their calls at the second: left in their
+    tool, or (``calling``) back from it with the next call already waiting."""
     for pid, (first, _) in sizes.items():
         arrive(s, 0, pid, first, rid=pid, max_tokens=50)
     assert all(s.programs[p].status is Status.ACTIVE for p in sizes)
     for pid, (first, second) in sizes.items():
         s.handle(RequestFinished(1, pid, first, second - first, tool="bash"))
-        if tool is None:
+        if calling:
             s.handle(ToolEnded(1.2, pid))
             arrive(s, 1.5, pid, second, rid=pid + "2", max_tokens=50)
 
@@ -306,13 +306,13 @@ def grown(s: Scheduler, sizes: dict[str, tuple[int, int]], tool: str | None) -> 
 def test_program_releases_the_fewest_acting_programs_and_pauses_reasoning_ones_shortest_first():
     sizes = {"a": (1500, 2400), "b": (1500, 2400), "c": (1500, 2400), "d": (3000, 5000)}
     s = sched("program", 10_000, admit_fraction=0.8)
-    grown(s, sizes, tool="bash")  # all in their tool, kept (nobody waits): 3 x 2,400 + 5,000 > 10,000
+    grown(s, sizes, calling=False)  # all in their tool, kept (nobody waits): 3 x 2,400 + 5,000 > 10,000
     out = s.handle(Tick(2))
     assert [d.program_id for d in out if isinstance(d, Pause)] == ["d"]  # one release frees 5,000 of 4,200
     assert s.policy.footprint(s.backends["b0"], 2) == pytest.approx(3 * 2400)
     # reasoning: a paused one finishes its call and waits; a short one is back soonest
     s = sched("program", 10_000, admit_fraction=0.8)
-    grown(s, sizes, tool=None)  # all calling again: 3 x 2,450 + 5,050 > 10,000
+    grown(s, sizes, calling=True)  # all calling again: 3 x 2,450 + 5,050 > 10,000
     out = s.handle(Tick(2))
     assert [d.program_id for d in out if isinstance(d, Pause)] == ["a", "b"]
 

@@ -259,12 +259,11 @@ class ProgramPolicy(CapacityPolicy):
             if p.phase is Phase.ACTING and p.kept and not self.worth_keeping(p, now):
                 self.set_kept(p, False)
                 total -= p.tokens
-        acting = sorted((p for p in programs if p.phase is Phase.ACTING), key=lambda p: self.cost(p, now))
-        reasoning = sorted((p for p in programs if p.phase is Phase.REASONING), key=lambda p: p.tokens)
+        acting = [p for p in programs if p.phase is Phase.ACTING]
         for p in _fewest(acting, lambda p: self.cost(p, now), total - target):
             total -= self.cost(p, now)
             self.s.pause(p)
-        for p in reasoning:
+        for p in sorted((p for p in programs if p.phase is Phase.REASONING), key=lambda p: p.tokens):
             if total <= target:
                 return
             total -= self.cost(p, now)
@@ -336,14 +335,14 @@ class ProgramPolicy(CapacityPolicy):
 
 
 def _fewest(candidates: list[Program], size: Callable[[Program], float], excess: float) -> list[Program]:
-    """Which acting programs (``candidates``, sorted by ``size``) to release to free ``excess``:
+    """Which acting programs (of ``candidates``) to release to free ``excess``:
     the smallest one that frees it alone, else the largest, and again for the rest. Each release
     costs a recompute of about the same per token freed, whichever program frees it, and one
     more program that must wait for memory when its tool returns; so free the excess with as
     few as will do. Releasing the shortest first, as before 2026-12-05, released several small
     programs where one would do: more pauses and 2-4 % fewer steps/min on ``coding`` and
     ``stochastic`` (tuning seeds 0-2; docs/scheduler.md)."""
-    left = [p for p in candidates if size(p) > 0]  # pausing what holds nothing frees nothing
+    left = sorted((p for p in candidates if size(p) > 0), key=size)  # pausing what holds nothing frees nothing
     sizes = [size(p) for p in left]
     chosen = []
     while left and excess > 0:
