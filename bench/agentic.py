@@ -17,8 +17,10 @@ estimates); ``variant`` says which won. Every variant gets asynchronous sandbox 
 (paper §4.4) as ``program`` does. The variants' own figures stay in the JSON
 (``ta-...`` keys). Ratios (``steps_per_min_vs_request``, ``..._vs_thunderagent``) are against
 ``request`` and that best. ``--extras`` adds ``ttl``, ``program-lru-engine`` (``program`` on
-SGLang's default flags: what its Retain lever adds) and ``program-mean`` (its earlier keep rule,
-the tool's mean remaining time against the recompute: docs/scheduler.md).
+SGLang's default flags: what its Retain lever adds), ``program-mean`` (its earlier keep rule,
+the tool's mean remaining time against the recompute) and ``program-aged`` (its tail setting,
+``aging_s=600``: the restore order ages with the time a program's calls have been held;
+docs/scheduler.md).
 
 The report gives steps/min (one step = one reasoning plus one acting period), mean and p95
 program completion time, KV hit rate, recomputed tokens, peak sandbox disk and pauses. Virtual
@@ -54,7 +56,8 @@ TA_VARIANTS: dict[str, dict] = {
     "ta-code-decay": {**_CODE, "acting_decay": "resume"},    # the code with --use-acting-token-decay
 }
 EXTRAS: dict[str, tuple[str, dict | None, dict]] = {"ttl": ("ttl", None, {}), "program-lru-engine": ("program", {}, {}),
-                                                    "program-mean": ("program", None, {"keep_rule": "mean"})}
+                                                    "program-mean": ("program", None, {"keep_rule": "mean"}),
+                                                    "program-aged": ("program", None, {"aging_s": 600.0})}
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.backends:
             runtime = ProgramRuntime({b.name: make_backend(b) for b in settings.backends},
                                      policy=settings.scheduler_policy,
+                                     policy_options=settings.scheduler_policy_options,
                                      idle_release_s=settings.program_idle_release_s,
                                      on_prepare_sandbox=_prepare(sandboxes), on_collect_sandbox=sandboxes.release)
             await runtime.start()

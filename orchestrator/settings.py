@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     # LLM backends as JSON: [{"name": "gpu-0", "kind": "sglang", "url": "http://10.0.0.5:30000"}].
     backends: Annotated[list[BackendConfig], NoDecode] = Field(default_factory=list)
     scheduler_policy: str = "program"
+    # The policy's options as JSON, e.g. {"aging_s": 600} for ``program``'s tail setting
+    # (docs/scheduler.md); checked at start: an option the policy lacks is a configuration error.
+    scheduler_policy_options: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     # A gateway program with nothing in flight (no call, no tool hint) for this long is released,
     # as if its agent had called release: agents that never do would otherwise keep a place in
     # the program table and a sandbox for good. 0 turns it off.
@@ -172,6 +175,22 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"queue names must match {QUEUE_NAME_PATTERN}: {bad}")
         return value
+
+    @field_validator("scheduler_policy_options", mode="before")
+    @classmethod
+    def _parse_policy_options(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _policy_exists(self) -> Settings:
+        """Build the policy once, so a misspelt name or option fails at start, not at the first call."""
+        from scheduler.core import make_policy  # the scheduler core is pure: no I/O at import
+
+        try:
+            make_policy(self.scheduler_policy, **self.scheduler_policy_options)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"ORCH_SCHEDULER_POLICY / ORCH_SCHEDULER_POLICY_OPTIONS: {e}") from None
+        return self
 
     @field_validator("backends", mode="before")
     @classmethod

@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from scheduler.backends.base import (
     Backend, BackendError, BackendUnavailable, GenerateRequest, GenerationChunk, StreamInterrupted, new_rid,
@@ -78,6 +79,7 @@ class ProgramRuntime:
         backends: dict[str, Backend],
         *,
         policy: str = "program",
+        policy_options: dict[str, Any] | None = None,
         observe_interval_s: float = 2.0,
         prefill_s_per_token: float = 4e-5,
         on_prepare_sandbox: SandboxHook | None = None,
@@ -89,7 +91,8 @@ class ProgramRuntime:
             raise ValueError("a runtime needs at least one backend")
         self.backends = backends
         self.sched = Scheduler(policy, backends=[
-            BackendView(name, 0, prefill_s_per_token=prefill_s_per_token) for name in backends])
+            BackendView(name, 0, prefill_s_per_token=prefill_s_per_token) for name in backends],
+            **(policy_options or {}))
         self.observe_interval_s = observe_interval_s
         self.clock = clock
         self.owners: dict[str, str] = {}  # program id -> tenant

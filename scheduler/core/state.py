@@ -58,6 +58,11 @@ class Program:
     allowed: frozenset[str] | None = None  # backends that may serve it; None: any
     last_change: float = 0.0
     settled_tokens: int = 0         # ``tokens`` as of its last call that finished (not estimated)
+    held_s: float = 0.0             # seconds its calls waited for dispatch (for memory), all told
+
+    def held(self, now: float) -> float:
+        """Seconds its calls have waited for dispatch, the one waiting now included."""
+        return self.held_s + (now - self.pending[0].arrived if self.pending else 0.0)
 
     def time_in_tool(self, now: float) -> float:
         return now - self.tool_started if self.phase is Phase.ACTING and self.tool_started is not None else 0.0
@@ -67,7 +72,8 @@ class Program:
                 "tokens": self.tokens, "backend": self.backend, "steps": self.steps, "requests": self.requests,
                 "pending": len(self.pending), "inflight": len(self.inflight), "tool": self.tool,
                 "pinned": self.pinned, "cached_tokens": self.cached_tokens_total,
-                "prompt_tokens": self.prompt_tokens_total, "completion_tokens": self.completion_tokens_total}
+                "prompt_tokens": self.prompt_tokens_total, "completion_tokens": self.completion_tokens_total,
+                "held_s": round(self.held_s, 3)}
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ KUBE_OLDEST, KUBE_NEWEST = "1.27.0", "1.37.0"  # Chart.yaml kubeVersion >=1.27; 
 
 BUNDLED = {  # several replicas on the bundled PostgreSQL and Redis, everything optional turned on
     "replicaCount": 2, "postgresql": {"enabled": True}, "bundledRedis": {"enabled": True},
+    "config": {"schedulerPolicyOptions": {"aging_s": 600}},
     "auth": {"apiKeys": '{"sk-a": "team-a", "sk-b": "team-b"}'},
     "backends": [{"name": "sim", "kind": "sim", "replicas": 3, "sim": {"speed": 5, "capacityTokens": 50000}}],
     "externalBackends": [{"name": "hosted", "kind": "openai", "url": "https://api.example.com/v1", "model": "gpt-x"}],
@@ -77,6 +78,8 @@ BAD_VALUES = {
     "replicas-as-string": ({"replicaCount": "three"}, "at '/replicaCount': got string, want integer"),
     "unknown-top-level-key": ({"replicas": 2}, "additional properties 'replicas' not allowed"),
     "unknown-policy": ({"config": {"schedulerPolicy": "fifo"}}, "at '/config/schedulerPolicy': value must be one of"),
+    "policy-options-as-string": ({"config": {"schedulerPolicyOptions": "aging_s=600"}},
+                                 "at '/config/schedulerPolicyOptions': got string, want object"),
     "backend-kind": ({"backends": [{"name": "gpu", "kind": "vllm"}]}, "at '/backends/0/kind': value must be one of 'sglang', 'sim'"),
     "backend-name": ({"backends": [{"name": "GPU_0", "kind": "sim"}]}, "at '/backends/0/name'"),
     "sglang-without-model": ({"backends": [{"name": "gpu", "kind": "sglang", "image": {"repository": "x"}}]},
@@ -318,6 +321,7 @@ def test_bundled_databases_and_network_policy(results: dict[str, Any], monkeypat
     settings = _settings({**env, "ORCH_DATABASE_URL": "postgresql+asyncpg://u:p@h/d"}, monkeypatch)
     assert [b.name for b in settings.backends] == ["sim-0", "sim-1", "sim-2", "hosted"]
     assert settings.backends[-1].kind == "openai"
+    assert settings.scheduler_policy_options == {"aging_s": 600}  # program's tail setting reaches the service
     policies = {p["metadata"]["name"]: p for p in find(objs, "NetworkPolicy")}
     assert set(policies) == {"orch-orchestrator", "orch-orchestrator-backends", "orch-orchestrator-postgresql",
                              "orch-orchestrator-redis", "orch-orchestrator-sandbox-deny-egress"}

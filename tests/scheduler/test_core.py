@@ -317,6 +317,48 @@ def test_program_releases_the_fewest_acting_programs_and_pauses_reasoning_ones_s
     assert [d.program_id for d in out if isinstance(d, Pause)] == ["a", "b"]
 
 
+@pytest.mark.parametrize("aging_s", [None, 30.0])
+def test_program_restores_smallest_first_or_by_time_held_with_aging(aging_s: float | None):
+    s = sched("program", 10_000, admit_fraction=1.0, aging_s=aging_s)
+    arrive(s, 0, "stay", 5000, rid="stay", max_tokens=100)
+    arrive(s, 0, "hog", 4000, rid="hog", max_tokens=100)
+    assert dispatched(arrive(s, 0, "big", 4000, rid="big", max_tokens=100)) == []  # needs 4,100 of 800
+    assert dispatched(arrive(s, 50, "small", 3500, rid="small", max_tokens=100)) == []
+    assert s.programs["big"].held(60) == pytest.approx(60) and s.programs["small"].held(60) == pytest.approx(10)
+    s.handle(RequestFinished(60, "hog", 4000, 50))
+    out = s.handle(ProgramReleased(60, "hog"))  # 4,900 free: room for one of them, not both
+    # smallest first: 3,500 < 4,000; aged: 4,000 / (1 + 60/30) < 3,500 / (1 + 10/30)
+    assert dispatched(out) == [("small" if aging_s is None else "big", "b0")]
+    winner = s.programs["small" if aging_s is None else "big"]
+    assert winner.held_s == pytest.approx(10 if aging_s is None else 60)  # time held, counted at dispatch
+    assert s.programs["stay"].held_s == 0.0  # dispatched at once
+
+
+def test_program_aging_must_be_positive():
+    with pytest.raises(ValueError, match="aging_s"):
+        make_policy("program", aging_s=0)
+
+
+def test_policy_options_reach_the_runtime_and_bad_ones_stop_the_service_at_start():
+    from pydantic import ValidationError
+
+    from orchestrator.settings import Settings
+    from scheduler.backends.sglang import SGLangBackend
+    from scheduler.runtime import ProgramRuntime
+
+    settings = Settings(scheduler_policy_options='{"aging_s": 600}')
+    runtime = ProgramRuntime({"b": SGLangBackend("http://127.0.0.1:9")}, policy=settings.scheduler_policy,
+                             policy_options=settings.scheduler_policy_options)
+    assert runtime.sched.policy.aging_s == 600
+    for policy, options, says in (
+            ("program", '{"aging_s": -1}', "aging_s must be positive"),
+            ("program", '{"agingS": 600}', "policy 'program' has no option 'agingS'; its options: .*aging_s"),
+            ("request", '{"aging_s": 600}', "policy 'request' has no option 'aging_s'; its options: none"),
+            ("fifo", "{}", "unknown policy 'fifo'")):
+        with pytest.raises(ValidationError, match=says):
+            Settings(scheduler_policy=policy, scheduler_policy_options=options)
+
+
 # ---- a program restricted to some backends (a model / backend the caller chose) ------------------
 
 

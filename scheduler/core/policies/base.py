@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,7 +23,15 @@ def register(name: str) -> Callable[[type[Policy]], type[Policy]]:
 
 
 def make_policy(name: str, **options: Any) -> Policy:
-    return policy_class(name)(**options)
+    """The policy ``name`` with ``options``; an option it does not have is a ``ValueError`` that
+    lists the ones it has (a configuration typo should say what was meant)."""
+    cls = policy_class(name)
+    known = [k for k in inspect.signature(cls).parameters if k != "self"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"policy {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(known) or 'none'}")
+    return cls(**options)
 
 
 def policy_class(name: str) -> type[Policy]:
