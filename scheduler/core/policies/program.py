@@ -36,7 +36,7 @@ Built on ThunderAgent's capacity-driven pause/resume, with these changes:
   one, paused while others finished) comes forward. Smallest first leaves the largest, oldest
   programs for last, which is where the p95 completion time comes from; ``aging_s=600`` brought
   the p95 under the best ThunderAgent's on ``coding`` and ``stochastic`` at 96 programs for
-  1.5-3 % of steps/min (docs/scheduler.md). Off by default. Affinity: a program resumes on the
+  1-3 % of steps/min (docs/scheduler.md). Off by default. Affinity: a program resumes on the
   backend that holds its KV when it fits there, else by best fit; a new program goes to the
   least loaded backend (it grows where it is put), by best fit among equals.
 - **Kept KV outlives released KV on the engine.** Keeping a program's KV is worth nothing
