@@ -188,7 +188,7 @@ class Settings(BaseSettings):
 
         try:
             make_policy(self.scheduler_policy, **self.scheduler_policy_options)
-        except (KeyError, TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:  # unknown name or option, or a value of the wrong type
             raise ValueError(f"ORCH_SCHEDULER_POLICY / ORCH_SCHEDULER_POLICY_OPTIONS: {e}") from None
         return self
 

@@ -225,8 +225,7 @@ class Scheduler:
             self._place(p, p.status, backend)
         b = self.backends[backend]
         self.touch(p)  # it has calls in flight now (``FootprintIndex.busy``)
-        if p.pending:
-            p.held_s += max(0.0, self.now - p.pending[0].arrived)
+        p.held_s = p.held(self.now)  # the call waiting now, if any, stops waiting
         while p.pending:
             r = p.pending.popleft()
             p.inflight.add(r.rid)

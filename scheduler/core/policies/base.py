@@ -26,7 +26,7 @@ def make_policy(name: str, **options: Any) -> Policy:
     """The policy ``name`` with ``options``; an option it does not have is a ``ValueError`` that
     lists the ones it has (a configuration typo should say what was meant)."""
     cls = policy_class(name)
-    known = [k for k in inspect.signature(cls).parameters if k != "self"]
+    known = list(inspect.signature(cls).parameters)  # a class's signature is its __init__'s, less self
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"policy {name!r} has no option {', '.join(map(repr, unknown))}; "
