@@ -22,7 +22,8 @@ Policies: ``request`` (the request-level baseline: FCFS dispatch, SGLang-gateway
 least loaded unless a program's previous backend is in balance), ``thunderagent`` (the best
 per cell of ``bench/agentic.py``'s ``TA_VARIANTS``, all with asynchronous sandbox preparation)
 and ``program``. Every trajectory of a group sends its shared prompt (system + task) as its
-``prefix_key`` (the SDK's ``prefix_key`` for a GRPO group).
+``prefix_key`` (the SDK's ``prefix_key`` for a GRPO group). ``--extras`` adds
+``bench/agentic.py``'s extra runs (``program-aged``, ``program`` with its tail setting, among them).
 
 Per setting, cell and policy: trajectories/min and agent steps/min (one step = one tool call;
 the batch is fixed, so both ratios are the inverse ratio of rollout time), the mean training
@@ -49,7 +50,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.agentic import RUNS, TA_VARIANTS, log, seed_stats, variant_wins, with_ratios
+from bench.agentic import EXTRAS, RUNS, TA_VARIANTS, log, seed_stats, variant_wins, with_ratios
 from scheduler.core import RequestArrived
 from scheduler.sim.agentic import AgenticSimulation, _Prog
 from scheduler.sim.cluster import percentile
@@ -327,8 +328,8 @@ def _simulate(job: tuple) -> dict:
 
 
 def run(settings: list[str], engines: list[int], prompts_per_engine: int, group: int, steps: int, seed: int,
-        preset: str, pool: Executor) -> dict:
-    runs = {**RUNS, **{k: ("thunderagent", None, o) for k, o in TA_VARIANTS.items()}}
+        preset: str, pool: Executor, extras: bool = False) -> dict:
+    runs = {**RUNS, **{k: ("thunderagent", None, o) for k, o in TA_VARIANTS.items()}, **(EXTRAS if extras else {})}
     out: dict = {"config": {"seed": seed, "group": group, "prompts_per_engine": prompts_per_engine,
                             "steps": steps, "preset": preset, "engines": engines, "ta_variants": TA_VARIANTS}}
     t0 = time.perf_counter()
@@ -444,6 +445,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", help="mean and range over these seeds instead")
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--extras", action="store_true", help="also bench/agentic.py's extra runs (program-aged, ...)")
     args = ap.parse_args()
     engines: list[int] = args.engines or (QUICK_ENGINES if args.quick else ENGINES)
     ppe: int = args.prompts_per_engine or (QUICK_PROMPTS_PER_ENGINE if args.quick else PROMPTS_PER_ENGINE)
@@ -452,7 +454,8 @@ def main() -> None:
         ap.error("--engines, --prompts-per-engine, --steps, --group and --workers must be at least 1")
     seeds = args.seeds or [args.seed]
     with ProcessPoolExecutor(args.workers) as pool:
-        runs = {s: run(args.settings, engines, ppe, args.group, steps, s, args.preset, pool) for s in seeds}
+        runs = {s: run(args.settings, engines, ppe, args.group, steps, s, args.preset, pool, args.extras)
+                for s in seeds}
     across = args.seeds is not None
     summary = across_seeds(runs) if across else runs[seeds[0]]
     if args.json:
