@@ -144,11 +144,6 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
-    @field_validator("sandbox_kubernetes", mode="before")
-    @classmethod
-    def _parse_k8s(cls, value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str) else value
-
     @field_validator("api_keys", mode="before")
     @classmethod
     def _parse_keys(cls, value: Any) -> Any:
@@ -162,11 +157,6 @@ class Settings(BaseSettings):
             return {k.strip(): t.strip() for k, t in pairs}
         return value
 
-    @field_validator("tenant_limits", mode="before")
-    @classmethod
-    def _parse_limits(cls, value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str) else value
-
     @field_validator("queues", mode="before")
     @classmethod
     def _parse_queues(cls, value: Any) -> Any:
@@ -175,11 +165,6 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"queue names must match {QUEUE_NAME_PATTERN}: {bad}")
         return value
-
-    @field_validator("scheduler_policy_options", mode="before")
-    @classmethod
-    def _parse_policy_options(cls, value: Any) -> Any:
-        return json.loads(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _policy_exists(self) -> Settings:
@@ -192,9 +177,10 @@ class Settings(BaseSettings):
             raise ValueError(f"ORCH_SCHEDULER_POLICY / ORCH_SCHEDULER_POLICY_OPTIONS: {e}") from None
         return self
 
-    @field_validator("backends", mode="before")
+    @field_validator("sandbox_kubernetes", "tenant_limits", "scheduler_policy_options", "backends", mode="before")
     @classmethod
-    def _parse_backends(cls, value: Any) -> Any:
+    def _parse_json(cls, value: Any) -> Any:
+        """The settings given as JSON in the environment (``NoDecode``: parsed here, not by pydantic-settings)."""
         return json.loads(value) if isinstance(value, str) else value
 
     @field_validator("workflow_modules", mode="before")
